@@ -1,0 +1,43 @@
+"""Flower ClientApp (Message API): decode the task, train the node's members, reply.
+
+The node learns which shard it holds from its node config: ``partition-id``
+and ``num-partitions`` (set by the simulation engine, or by
+``flower-supernode --node-config``), plus an optional ``data-root`` that
+overrides ``data.root``. Trainer state (weights, momentum, RNG, early-stopping
+counters) is kept in ``context.state`` between rounds.
+"""
+
+from __future__ import annotations
+
+import torch
+from flwr.app import ArrayRecord, Context, Message
+from flwr.clientapp import ClientApp
+
+from fedrobust.node import train_node_round
+from fedrobust.partition import num_nodes
+from fedrobust.protocol import decode_task, encode_reply
+
+app = ClientApp()
+
+
+def _threads(num_cpus: float) -> int:
+    return max(1, int(num_cpus))
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    cfg, round_idx = decode_task(msg.content)
+    node = int(context.node_config["partition-id"])
+    partitions = int(context.node_config["num-partitions"])
+    expected = num_nodes(cfg.deployment.name, cfg.deployment.num_nodes)
+    if partitions != expected:
+        raise ValueError(f"node {node}: num-partitions={partitions} but the run expects {expected} node(s)")
+    if "data-root" in context.node_config:
+        cfg.data.root = str(context.node_config["data-root"])
+    torch.set_num_threads(_threads(cfg.engine.num_cpus))
+
+    state = {k[len("trainer.") :]: rec.to_torch_state_dict() for k, rec in context.state.array_records.items() if k.startswith("trainer.")}
+    updates = train_node_round(cfg, node, round_idx, state)
+    for key, value in state.items():
+        context.state[f"trainer.{key}"] = ArrayRecord(value)
+    return Message(encode_reply(updates), reply_to=msg)

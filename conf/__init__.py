@@ -1,0 +1,1 @@
+"""Hydra configuration groups (YAML) for fedrobust; schemas live in fedrobust.config."""

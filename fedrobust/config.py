@@ -1,0 +1,223 @@
+"""Typed configuration: Hydra schemas, composition and validation.
+
+The schemas below are registered in Hydra's ConfigStore, so composing the
+YAML groups in ``conf/`` against them rejects unknown keys and wrong types.
+:func:`validate` then rejects impossible values. Every failure is raised as a
+:class:`ConfigError` whose message is one line that names the key.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hydra import compose, initialize_config_dir
+from hydra.core.config_store import ConfigStore
+from hydra.core.global_hydra import GlobalHydra
+from hydra.errors import HydraException, MissingConfigException
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "CONF_DIR",
+    "load_config",
+    "config_from_json",
+    "config_to_json",
+    "validate",
+]
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+DATASETS = ("digits", "cifar10", "cifar100")
+MODELS = ("cnn", "resnet18", "resnet34", "mobilenetv2", "vgg16")
+DEPLOYMENTS = ("centralized", "deep_ensemble", "distributed_iid", "distributed_dirichlet")
+STRATEGIES = ("plain",)
+ENGINES = ("simulation", "inline")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run. The message is one line naming the key."""
+
+
+@dataclass
+class DataConfig:
+    name: str = "digits"
+    root: str = "data"
+    augment: bool = False  # batched random crop (with padding) and horizontal flip
+    crop_padding: int = 4
+    val_fraction: float = 0.2  # of each node's shard, never augmented
+
+
+@dataclass
+class ModelConfig:
+    name: str = "cnn"
+
+
+@dataclass
+class DeploymentConfig:
+    name: str = "distributed_dirichlet"
+    num_nodes: int = 3
+    alpha: float = 0.9  # Dirichlet concentration (distributed_dirichlet only)
+    partition_seed: int = 123  # fixed independently of train.seed
+
+
+@dataclass
+class StrategyConfig:
+    name: str = "plain"
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 40  # total local epochs, split evenly over the rounds
+    rounds: int = 1
+    batch_size: int = 128
+    patience: int = 10  # early stopping on validation loss
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    progress: bool = True
+
+
+@dataclass
+class EngineConfig:
+    name: str = "simulation"
+    num_cpus: float = 1.0  # per client; torch threads are set to match
+    num_gpus: float = 0.0  # per client (fractions share a GPU)
+    timeout: float = 0.0  # seconds to wait for replies in a round (0 = no limit)
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    deployment: DeploymentConfig = field(default_factory=DeploymentConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    run_dir: str | None = None
+
+
+_GROUP_SCHEMAS = {
+    "data": DataConfig,
+    "model": ModelConfig,
+    "deployment": DeploymentConfig,
+    "strategy": StrategyConfig,
+    "engine": EngineConfig,
+}
+
+
+def _register_schemas() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="base_config", node=Config)
+    for group, schema in _GROUP_SCHEMAS.items():
+        cs.store(group=group, name=f"base_{group}", node=schema)
+
+
+_register_schemas()
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _translate(exc: Exception) -> ConfigError:
+    """Turn a Hydra/OmegaConf composition error into a one-line ConfigError."""
+    if isinstance(exc, MissingConfigException):
+        m = re.search(r"Could not find '([^/']+)/([^']+)'", str(exc))
+        if m:
+            group, value = m.groups()
+            options = ", ".join(o for o in exc.options or [] if not o.startswith("base_"))
+            return ConfigError(f"{group}: unknown value '{value}' (choose from {options})")
+    if isinstance(exc, OmegaConfBaseException):
+        key = getattr(exc, "full_key", None)
+        msg = str(exc).splitlines()[0]
+        if key:
+            return ConfigError(f"{key}: {msg}")
+        return ConfigError(_one_line(msg))
+    cause = exc.__cause__ or exc.__context__
+    if isinstance(cause, OmegaConfBaseException):
+        return _translate(cause)
+    msg = str(exc)
+    m = re.search(r"Key '([^']+)' is not in struct", msg) or re.search(
+        r"Could not override '([^']+)'", msg
+    )
+    first = msg.strip().splitlines()[0] if msg.strip() else type(exc).__name__
+    if m and not first.startswith(m.group(1)):
+        return ConfigError(f"{m.group(1)}: {_one_line(first)}")
+    return ConfigError(_one_line(first))
+
+
+def load_config(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
+    """Compose ``conf/config.yaml`` with Hydra overrides and validate the result."""
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = compose(config_name="config", overrides=list(overrides))
+    except (HydraException, OmegaConfBaseException, ValueError) as exc:
+        raise _translate(exc) from None
+    finally:
+        GlobalHydra.instance().clear()
+    validate(cfg)
+    return cfg
+
+
+def _check(ok: bool, key: str, msg: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {msg}")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Reject values that are well-typed but impossible."""
+    _check(cfg.data.name in DATASETS, "data.name", f"unknown dataset '{cfg.data.name}' (choose from {', '.join(DATASETS)})")
+    _check(cfg.model.name in MODELS, "model.name", f"unknown model '{cfg.model.name}' (choose from {', '.join(MODELS)})")
+    _check(cfg.deployment.name in DEPLOYMENTS, "deployment.name", f"unknown deployment '{cfg.deployment.name}' (choose from {', '.join(DEPLOYMENTS)})")
+    _check(cfg.strategy.name in STRATEGIES, "strategy.name", f"unknown strategy '{cfg.strategy.name}' (choose from {', '.join(STRATEGIES)})")
+    _check(cfg.engine.name in ENGINES, "engine.name", f"unknown engine '{cfg.engine.name}' (choose from {', '.join(ENGINES)})")
+    _check(0.0 < cfg.data.val_fraction < 1.0, "data.val_fraction", f"must be in (0, 1), got {cfg.data.val_fraction}")
+    _check(cfg.data.crop_padding >= 0, "data.crop_padding", f"must be >= 0, got {cfg.data.crop_padding}")
+    _check(cfg.deployment.num_nodes >= 1, "deployment.num_nodes", f"must be >= 1, got {cfg.deployment.num_nodes}")
+    _check(cfg.deployment.alpha > 0, "deployment.alpha", f"must be > 0, got {cfg.deployment.alpha}")
+    _check(cfg.optimizer.lr > 0, "optimizer.lr", f"must be > 0, got {cfg.optimizer.lr}")
+    _check(0.0 <= cfg.optimizer.momentum < 1.0, "optimizer.momentum", f"must be in [0, 1), got {cfg.optimizer.momentum}")
+    _check(cfg.optimizer.weight_decay >= 0, "optimizer.weight_decay", f"must be >= 0, got {cfg.optimizer.weight_decay}")
+    _check(cfg.train.epochs >= 1, "train.epochs", f"must be >= 1, got {cfg.train.epochs}")
+    _check(cfg.train.rounds >= 1, "train.rounds", f"must be >= 1, got {cfg.train.rounds}")
+    _check(cfg.train.rounds <= cfg.train.epochs, "train.rounds", f"must be <= train.epochs ({cfg.train.epochs}), got {cfg.train.rounds}")
+    _check(cfg.train.batch_size >= 1, "train.batch_size", f"must be >= 1, got {cfg.train.batch_size}")
+    _check(cfg.train.patience >= 1, "train.patience", f"must be >= 1, got {cfg.train.patience}")
+    _check(cfg.train.seed >= 0, "train.seed", f"must be >= 0, got {cfg.train.seed}")
+    _check(
+        re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", cfg.train.device) is not None,
+        "train.device",
+        f"must be auto, cpu, cuda, cuda:N or mps, got '{cfg.train.device}'",
+    )
+    _check(cfg.engine.num_cpus > 0, "engine.num_cpus", f"must be > 0, got {cfg.engine.num_cpus}")
+    _check(cfg.engine.num_gpus >= 0, "engine.num_gpus", f"must be >= 0, got {cfg.engine.num_gpus}")
+    _check(cfg.engine.timeout >= 0, "engine.timeout", f"must be >= 0, got {cfg.engine.timeout}")
+
+
+def config_to_json(cfg: DictConfig) -> str:
+    return json.dumps(OmegaConf.to_container(cfg, resolve=True), sort_keys=True)
+
+
+def config_from_json(text: str) -> DictConfig:
+    """Rebuild a typed, validated config from :func:`config_to_json` output."""
+    data: dict[str, Any] = json.loads(text)
+    try:
+        cfg = OmegaConf.merge(OmegaConf.structured(Config), data)
+    except OmegaConfBaseException as exc:
+        raise _translate(exc) from None
+    validate(cfg)
+    return cfg

@@ -1,0 +1,235 @@
+"""Datasets as tensors in [0, 1] pixel space.
+
+``digits`` is scikit-learn's bundled 8x8 digits (no download), split once
+into a fixed stratified train/test split. ``cifar10``/``cifar100`` are read
+from the standard python-format archive under ``data.root``, either extracted
+(``cifar-10-batches-py/``, ``cifar-100-python/``) or as the original
+``.tar.gz``. The archive's pickles are read with a restricted unpickler that
+only admits the numpy types the format uses, and the tarball is read member
+by member without extracting it.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+import tarfile
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+
+__all__ = ["DataError", "ImageDataset", "load_dataset", "to_float"]
+
+DIGITS_TEST_FRACTION = 0.2
+DIGITS_SPLIT_SEED = 0
+
+
+class DataError(RuntimeError):
+    """A dataset that cannot be read. The message says what was expected where."""
+
+
+@dataclass(frozen=True)
+class ImageDataset:
+    """Train and test images (N, C, H, W) with labels, plus normalisation stats.
+
+    Images are uint8 (0..255) or float32 in [0, 1]; :func:`to_float` maps
+    either to float32 in [0, 1].
+    """
+
+    name: str
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    num_classes: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    @property
+    def in_channels(self) -> int:
+        return int(self.x_train.shape[1])
+
+    @property
+    def image_size(self) -> int:
+        return int(self.x_train.shape[-1])
+
+
+def to_float(x: torch.Tensor) -> torch.Tensor:
+    """Images in [0, 1] as float32, whatever their storage type."""
+    if x.dtype == torch.uint8:
+        return x.float().div_(255.0)
+    return x.float()
+
+
+def _channel_stats(x: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    xf = to_float(x)
+    mean = xf.mean(dim=(0, 2, 3))
+    std = xf.std(dim=(0, 2, 3)).clamp_min(1e-3)
+    return tuple(round(v, 4) for v in mean.tolist()), tuple(round(v, 4) for v in std.tolist())
+
+
+def _load_digits() -> ImageDataset:
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    bunch = load_digits()
+    images = (bunch.images / 16.0).astype(np.float32)[:, None]  # (N, 1, 8, 8) in [0, 1]
+    labels = bunch.target.astype(np.int64)
+    x_tr, x_te, y_tr, y_te = train_test_split(
+        images, labels, test_size=DIGITS_TEST_FRACTION, stratify=labels, random_state=DIGITS_SPLIT_SEED
+    )
+    x_train = torch.from_numpy(np.ascontiguousarray(x_tr))
+    mean, std = _channel_stats(x_train)
+    return ImageDataset(
+        name="digits",
+        x_train=x_train,
+        y_train=torch.from_numpy(y_tr),
+        x_test=torch.from_numpy(np.ascontiguousarray(x_te)),
+        y_test=torch.from_numpy(y_te),
+        num_classes=10,
+        mean=mean,
+        std=std,
+    )
+
+
+# ----------------------------------------------------------------- CIFAR ----
+
+@dataclass(frozen=True)
+class _CifarLayout:
+    folder: str
+    tarball: str
+    train_files: tuple[str, ...]
+    test_files: tuple[str, ...]
+    label_key: bytes
+    num_classes: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+_CIFAR = {
+    "cifar10": _CifarLayout(
+        folder="cifar-10-batches-py",
+        tarball="cifar-10-python.tar.gz",
+        train_files=tuple(f"data_batch_{i}" for i in range(1, 6)),
+        test_files=("test_batch",),
+        label_key=b"labels",
+        num_classes=10,
+        mean=(0.4914, 0.4822, 0.4465),
+        std=(0.2470, 0.2435, 0.2616),
+    ),
+    "cifar100": _CifarLayout(
+        folder="cifar-100-python",
+        tarball="cifar-100-python.tar.gz",
+        train_files=("train",),
+        test_files=("test",),
+        label_key=b"fine_labels",
+        num_classes=100,
+        mean=(0.5071, 0.4865, 0.4409),
+        std=(0.2673, 0.2564, 0.2762),
+    ),
+}
+
+_ALLOWED_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+}
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickler for CIFAR batches: plain containers and numpy arrays only."""
+
+    def find_class(self, module: str, name: str):  # noqa: D401
+        if (module, name) in _ALLOWED_GLOBALS:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"forbidden global {module}.{name}")
+
+
+def _unpickle(raw: bytes) -> dict:
+    obj = _ArrayUnpickler(io.BytesIO(raw), encoding="bytes").load()
+    if not isinstance(obj, dict):
+        raise pickle.UnpicklingError("batch is not a dict")
+    return obj
+
+
+def _read_cifar_files(root: Path, layout: _CifarLayout) -> dict[str, bytes]:
+    """Raw bytes of every batch file, from the extracted folder or the tarball."""
+    names = layout.train_files + layout.test_files
+    folder = root / layout.folder
+    tarball = root / layout.tarball
+    if folder.is_dir():
+        missing = [n for n in names if not (folder / n).is_file()]
+        if missing:
+            raise DataError(f"{folder} lacks {', '.join(missing)}; expected the python-format CIFAR batches")
+        return {n: (folder / n).read_bytes() for n in names}
+    if tarball.is_file():
+        try:
+            with tarfile.open(tarball, "r:gz") as tar:
+                out = {}
+                for n in names:
+                    try:
+                        member = tar.getmember(f"{layout.folder}/{n}")
+                    except KeyError:
+                        raise DataError(f"{tarball} lacks {layout.folder}/{n}; expected the python-format CIFAR archive") from None
+                    fh = tar.extractfile(member)
+                    if fh is None:
+                        raise DataError(f"{tarball}: {layout.folder}/{n} is not a regular file")
+                    out[n] = fh.read()
+                return out
+        except (tarfile.TarError, OSError, EOFError) as exc:
+            raise DataError(f"{tarball} is not a readable .tar.gz ({exc}); expected the python-format CIFAR archive") from None
+    raise DataError(f"no CIFAR data under {root}: expected {folder}/ or {tarball} (python-format archive); set data.root")
+
+
+def _decode_batches(raw: dict[str, bytes], files: tuple[str, ...], layout: _CifarLayout, where: Path):
+    xs, ys = [], []
+    for n in files:
+        try:
+            batch = _unpickle(raw[n])
+            data = np.asarray(batch[b"data"], dtype=np.uint8)
+            labels = np.asarray(batch[layout.label_key], dtype=np.int64)
+        except (pickle.UnpicklingError, EOFError, KeyError, ValueError, TypeError, AttributeError) as exc:
+            raise DataError(f"{where}: batch '{n}' is corrupt ({type(exc).__name__}: {exc}); expected a python-format CIFAR pickle") from None
+        if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(labels) != len(data):
+            raise DataError(f"{where}: batch '{n}' has data of shape {data.shape}, expected (N, 3072) with N labels")
+        if labels.size and (labels.min() < 0 or labels.max() >= layout.num_classes):
+            raise DataError(f"{where}: batch '{n}' has labels outside [0, {layout.num_classes})")
+        xs.append(data.reshape(-1, 3, 32, 32))
+        ys.append(labels)
+    return torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys))
+
+
+def _load_cifar(name: str, root: Path) -> ImageDataset:
+    layout = _CIFAR[name]
+    raw = _read_cifar_files(root, layout)
+    where = root / (layout.folder if (root / layout.folder).is_dir() else layout.tarball)
+    x_train, y_train = _decode_batches(raw, layout.train_files, layout, where)
+    x_test, y_test = _decode_batches(raw, layout.test_files, layout, where)
+    return ImageDataset(
+        name=name,
+        x_train=x_train,
+        y_train=y_train,
+        x_test=x_test,
+        y_test=y_test,
+        num_classes=layout.num_classes,
+        mean=layout.mean,
+        std=layout.std,
+    )
+
+
+@lru_cache(maxsize=4)
+def _load_cached(name: str, root: str) -> ImageDataset:
+    if name == "digits":
+        return _load_digits()
+    if name in _CIFAR:
+        return _load_cifar(name, Path(root).expanduser())
+    raise DataError(f"unknown dataset '{name}'")
+
+
+def load_dataset(name: str, root: str | Path = "data") -> ImageDataset:
+    """Load a dataset once per process (the result is cached and must not be mutated)."""
+    return _load_cached(name, str(Path(root).expanduser().resolve()))

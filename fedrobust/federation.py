@@ -1,0 +1,54 @@
+"""The server's side of the protocol, independent of transport.
+
+:func:`collect_members` runs the rounds through a ``train_round`` callable
+(Flower messages or in-process calls), checks that every expected member
+arrives exactly once from the node it belongs to, validates every member's
+arrays against the model before anything else touches them, and returns the
+final members with their full histories.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from omegaconf import DictConfig
+
+from .data import load_dataset
+from .ensemble import InvalidUpdateError, validate_member_weights
+from .node import MemberUpdate, build_member, members_of_node
+from .partition import num_nodes
+
+__all__ = ["collect_members", "TrainRound"]
+
+log = logging.getLogger("fedrobust")
+
+TrainRound = Callable[[int], list[MemberUpdate]]
+
+
+def collect_members(cfg: DictConfig, train_round: TrainRound) -> list[MemberUpdate]:
+    """Run ``cfg.train.rounds`` rounds and return the validated members, ordered by index."""
+    data = load_dataset(cfg.data.name, cfg.data.root)
+    reference = build_member(cfg, data).state_dict()
+    n_nodes = num_nodes(cfg.deployment.name, cfg.deployment.num_nodes)
+    expected = {m: node for node in range(n_nodes) for m in members_of_node(cfg, node)}
+    latest: dict[int, MemberUpdate] = {}
+    for r in range(cfg.train.rounds):
+        log.info("round %d/%d: training %d member(s) on %d node(s)", r + 1, cfg.train.rounds, len(expected), n_nodes)
+        seen: set[int] = set()
+        for u in train_round(r):
+            who = f"node {u.node}"
+            if expected.get(u.member) != u.node:
+                raise InvalidUpdateError(f"{who}: rejected update, member {u.member} does not belong to this node")
+            if u.member in seen:
+                raise InvalidUpdateError(f"{who}: rejected update, member {u.member} arrived twice in round {r + 1}")
+            seen.add(u.member)
+            u.weights = validate_member_weights(u.weights, reference, who)
+            if u.member in latest:
+                u.history = latest[u.member].history + u.history
+            latest[u.member] = u
+        missing = sorted(set(expected) - seen)
+        if missing:
+            nodes = sorted({expected[m] for m in missing})
+            raise RuntimeError(f"round {r + 1}: no reply for member(s) {missing} from node(s) {nodes}")
+    return [latest[m] for m in sorted(latest)]

@@ -1,0 +1,55 @@
+"""Model zoo. Every model starts with :class:`Normalize`, so it takes [0, 1] inputs.
+
+``build_model(name, in_channels, num_classes, mean, std)`` returns a fresh
+model; the input channels, class count and normalisation come from the data.
+The CIFAR variants keep full resolution in the stem (3x3 conv, no max-pool)
+and end in global average pooling, so they also run on small images.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+from .cnn import SmallCNN
+from .mobilenet import MobileNetV2
+from .resnet import resnet18, resnet34
+from .vgg import vgg16_bn
+
+__all__ = ["MODEL_BUILDERS", "Normalize", "build_model"]
+
+
+class Normalize(nn.Module):
+    """``(x - mean) / std`` per channel; mean and std are buffers, so they travel with the weights."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+MODEL_BUILDERS: dict[str, Callable[[int, int], nn.Module]] = {
+    "cnn": SmallCNN,
+    "resnet18": resnet18,
+    "resnet34": resnet34,
+    "mobilenetv2": MobileNetV2,
+    "vgg16": vgg16_bn,
+}
+
+
+def build_model(
+    name: str, in_channels: int, num_classes: int, mean: Sequence[float], std: Sequence[float]
+) -> nn.Sequential:
+    """A model named ``name`` whose first layer normalises its [0, 1] input."""
+    try:
+        body = MODEL_BUILDERS[name](in_channels, num_classes)
+    except KeyError:
+        raise ValueError(f"unknown model '{name}' (choose from {', '.join(MODEL_BUILDERS)})") from None
+    if len(mean) != in_channels or len(std) != in_channels:
+        raise ValueError(f"normalisation has {len(mean)} channels, data has {in_channels}")
+    return nn.Sequential(Normalize(mean, std), body)

@@ -1,0 +1,108 @@
+"""The wire format between ServerApp and ClientApp: typed Flower records only.
+
+Task (server → node), in ``RecordDict["task"]`` (a ``ConfigRecord``):
+``config`` (the resolved run config as JSON), ``round`` and ``num-rounds``.
+
+Reply (node → server), per member ``m`` trained on the node:
+``weights.m`` (``ArrayRecord`` of the state dict) and ``metrics.m``
+(``MetricRecord``: node, member, sample counts, class counts, early-stopping
+state and the per-epoch history as lists).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from omegaconf import DictConfig
+
+from .config import config_from_json, config_to_json
+from .ensemble import InvalidUpdateError
+from .node import MemberUpdate
+from .training import EpochRecord
+
+__all__ = ["decode_reply", "decode_task", "encode_reply", "encode_task"]
+
+_HISTORY = ("epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc")
+
+
+def encode_task(cfg: DictConfig, round_idx: int) -> RecordDict:
+    return RecordDict(
+        {"task": ConfigRecord({"config": config_to_json(cfg), "round": round_idx, "num-rounds": cfg.train.rounds})}
+    )
+
+
+def decode_task(content: RecordDict) -> tuple[DictConfig, int]:
+    task = content["task"]
+    cfg = config_from_json(str(task["config"]))
+    return cfg, int(task["round"])
+
+
+def encode_reply(updates: list[MemberUpdate]) -> RecordDict:
+    rd = RecordDict()
+    for u in updates:
+        rd[f"weights.{u.member}"] = ArrayRecord(u.weights)
+        metrics: dict = {
+            "node": u.node,
+            "member": u.member,
+            "num_train_samples": u.num_train_samples,
+            "num_val_samples": u.num_val_samples,
+            "class_counts": [int(c) for c in u.class_counts],
+            "best_epoch": u.best_epoch,
+            "best_val_loss": float(u.best_val_loss) if np.isfinite(u.best_val_loss) else -1.0,
+            "epochs_trained": u.epochs_trained,
+            "stopped": int(u.stopped),
+        }
+        for name in _HISTORY:
+            values = [getattr(r, name) for r in u.history]
+            metrics[f"history.{name}"] = [int(v) for v in values] if name == "epoch" else [float(v) for v in values]
+        for term in sorted({t for r in u.history for t in r.terms}):
+            metrics[f"history.term.{term}"] = [float(r.terms.get(term, float("nan"))) for r in u.history]
+        rd[f"metrics.{u.member}"] = MetricRecord(metrics)
+    return rd
+
+
+def decode_reply(content: RecordDict, who: str) -> list[MemberUpdate]:
+    """Members in a reply, with weights as numpy arrays (validated later against the model)."""
+    try:
+        members = sorted(int(k.split(".", 1)[1]) for k in content.keys() if k.startswith("metrics."))
+        if not members:
+            raise InvalidUpdateError(f"{who}: rejected reply, it carries no member")
+        updates = []
+        for m in members:
+            metrics = content.metric_records[f"metrics.{m}"]
+            arrays = content.array_records[f"weights.{m}"]
+            weights = {name: arr.numpy() for name, arr in arrays.items()}
+            n = len(metrics["history.epoch"])
+            terms = {k[len("history.term.") :]: metrics[k] for k in metrics if k.startswith("history.term.")}
+            history = [
+                EpochRecord(
+                    epoch=int(metrics["history.epoch"][i]),
+                    lr=float(metrics["history.lr"][i]),
+                    train_loss=float(metrics["history.train_loss"][i]),
+                    train_acc=float(metrics["history.train_acc"][i]),
+                    val_loss=float(metrics["history.val_loss"][i]),
+                    val_acc=float(metrics["history.val_acc"][i]),
+                    terms={t: float(v[i]) for t, v in terms.items()},
+                )
+                for i in range(n)
+            ]
+            updates.append(
+                MemberUpdate(
+                    node=int(metrics["node"]),
+                    member=int(metrics["member"]),
+                    weights=weights,
+                    num_train_samples=int(metrics["num_train_samples"]),
+                    num_val_samples=int(metrics["num_val_samples"]),
+                    class_counts=[int(c) for c in metrics["class_counts"]],
+                    best_epoch=int(metrics["best_epoch"]),
+                    best_val_loss=float(metrics["best_val_loss"]),
+                    epochs_trained=int(metrics["epochs_trained"]),
+                    stopped=bool(metrics["stopped"]),
+                    history=history,
+                )
+            )
+        return updates
+    except InvalidUpdateError:
+        raise
+    except (KeyError, IndexError, TypeError, ValueError) as exc:
+        raise InvalidUpdateError(f"{who}: rejected reply, malformed content ({type(exc).__name__}: {exc})") from None

@@ -1,0 +1,104 @@
+"""Flower ServerApp: send every node its task, collect every member, no averaging.
+
+``app`` is the entry point for ``flwr run .``: it reads Hydra overrides from
+the run config key ``overrides`` and the output folder from ``run-dir``.
+``fedrobust train engine=simulation`` builds its own ServerApp with
+:func:`make_server_app` around an already validated config.
+"""
+
+from __future__ import annotations
+
+import logging
+import shlex
+import time
+from pathlib import Path
+
+from flwr.app import Context, Message, MessageType
+from flwr.serverapp import Grid, ServerApp
+from omegaconf import DictConfig
+
+from .config import load_config
+from .ensemble import InvalidUpdateError
+from .federation import collect_members
+from .node import MemberUpdate
+from .partition import num_nodes
+from .protocol import decode_reply, encode_task
+
+__all__ = ["FlowerRounds", "app", "make_server_app", "serve"]
+
+log = logging.getLogger("fedrobust")
+
+
+class FlowerRounds:
+    """``train_round`` over a Flower Grid: one TRAIN message per node per round."""
+
+    def __init__(self, grid: Grid, cfg: DictConfig, node_wait_s: float = 600.0) -> None:
+        self.grid = grid
+        self.cfg = cfg
+        self.node_ids = self._wait_for_nodes(num_nodes(cfg.deployment.name, cfg.deployment.num_nodes), node_wait_s)
+
+    def _wait_for_nodes(self, expected: int, wait_s: float) -> list[int]:
+        deadline = time.monotonic() + wait_s
+        while True:
+            ids = sorted(self.grid.get_node_ids())
+            if len(ids) >= expected:
+                if len(ids) > expected:
+                    log.warning("%d nodes connected, the run uses %d; extra nodes get no task", len(ids), expected)
+                return ids
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"only {len(ids)} of {expected} node(s) connected after {wait_s:.0f}s")
+            time.sleep(1.0)
+
+    def __call__(self, round_idx: int) -> list[MemberUpdate]:
+        messages = [
+            Message(content=encode_task(self.cfg, round_idx), dst_node_id=nid, message_type=MessageType.TRAIN)
+            for nid in self.node_ids
+        ]
+        timeout = self.cfg.engine.timeout or None
+        replies = list(self.grid.send_and_receive(messages, timeout=timeout))
+        updates: list[MemberUpdate] = []
+        claimed: dict[int, int] = {}
+        for reply in replies:
+            src = reply.metadata.src_node_id
+            if reply.has_error():
+                raise RuntimeError(f"flower node {src} failed in round {round_idx + 1}: {reply.error.reason}")
+            for u in decode_reply(reply.content, f"flower node {src}"):
+                if claimed.setdefault(u.node, src) != src:
+                    raise InvalidUpdateError(f"node {u.node}: claimed by flower nodes {claimed[u.node]} and {src}")
+                updates.append(u)
+        return updates
+
+
+def serve(grid: Grid, cfg: DictConfig, run_dir: Path) -> None:
+    """Collect the members over ``grid`` and write the run directory."""
+    from .run import finalize_run
+
+    members = collect_members(cfg, FlowerRounds(grid, cfg))
+    finalize_run(cfg, run_dir, members)
+
+
+def make_server_app(cfg: DictConfig, run_dir: Path, errors: list[BaseException]) -> ServerApp:
+    """A ServerApp bound to ``cfg``; an exception is appended to ``errors`` for the caller."""
+    server = ServerApp()
+
+    @server.main()
+    def main(grid: Grid, context: Context) -> None:
+        try:
+            serve(grid, cfg, run_dir)
+        except BaseException as exc:  # surfaced by the engine after the simulation stops
+            errors.append(exc)
+
+    return server
+
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    from .run import prepare_run_dir
+
+    overrides = shlex.split(str(context.run_config.get("overrides", "")))
+    cfg = load_config(overrides)
+    run_dir = prepare_run_dir(cfg, str(context.run_config.get("run-dir", "")) or None)
+    serve(grid, cfg, run_dir)

@@ -1,0 +1,50 @@
+"""The interface every training strategy implements."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+
+@dataclass
+class LossTerms:
+    """The loss to backpropagate and its named parts (detached floats, for logging)."""
+
+    total: torch.Tensor
+    terms: dict[str, float] = field(default_factory=dict)
+    logits: torch.Tensor | None = None  # the model's logits on the clean batch, if computed
+
+
+class TrainingStrategy(ABC):
+    """A member's training objective.
+
+    Attributes
+    ----------
+    name : str
+        Config name of the strategy.
+    needs_peers : bool
+        True when :meth:`loss` uses the other members (dispersion). The caller
+        then passes them, frozen and in eval mode, as ``peers``.
+    needs_input_grad : bool
+        True when :meth:`loss` differentiates with respect to the input
+        (curvature, dispersion); the caller leaves autograd enabled for ``x``.
+    """
+
+    name: str = "base"
+    needs_peers: bool = False
+    needs_input_grad: bool = False
+
+    @abstractmethod
+    def loss(
+        self,
+        model: nn.Module,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        *,
+        peers: Sequence[nn.Module] = (),
+    ) -> LossTerms:
+        """Loss of ``model`` on the batch ``(x, y)``; ``x`` is in [0, 1]."""
