@@ -33,25 +33,15 @@ keys:     optimizer.{lr,momentum,weight_decay}  train.{epochs,rounds,batch_size,
 
 
 def _train(overrides: list[str]) -> int:
-    from .run import check_run_dir, prepare_run_dir, setup_logging
+    from .run import check_run_dir, preflight, prepare_run_dir, setup_logging
 
     try:
         cfg = load_config(overrides)
         check_run_dir(cfg.run_dir)
-        if cfg.data.name != "digits":
-            from .data import load_dataset
-
-            load_dataset(cfg.data.name, cfg.data.root)  # fail on a missing archive before creating anything
+        preflight(cfg)
     except ConfigError as exc:
         print(f"fedrobust: error: {exc}", file=sys.stderr)
         return 2
-    except Exception as exc:  # a data error: still nothing created
-        from .data import DataError
-
-        if isinstance(exc, DataError):
-            print(f"fedrobust: error: data: {exc}", file=sys.stderr)
-            return 2
-        raise
     setup_logging()
     run_dir = prepare_run_dir(cfg, cfg.run_dir)
     t0 = time.perf_counter()

@@ -53,6 +53,12 @@ def run_inline(cfg: DictConfig) -> list[MemberUpdate]:
     return collect_members(cfg, train_round)
 
 
+class _DropRunSimulationNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        return "run_simulation" not in msg and "deprecated feature" not in msg.lower()
+
+
 def run_simulation(cfg: DictConfig, run_dir: Path) -> None:
     """Run the federation on Flower's simulation engine; the ServerApp writes ``run_dir``."""
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
@@ -63,6 +69,9 @@ def run_simulation(cfg: DictConfig, run_dir: Path) -> None:
 
     from .server_app import make_server_app
 
+    # We call the Python API on purpose (it lets the CLI own the run directory);
+    # `flwr run .` is supported as well, so drop Flower's deprecation notice.
+    logging.getLogger("flwr").addFilter(_DropRunSimulationNotice())
     errors: list[BaseException] = []
     n = num_nodes(cfg.deployment.name, cfg.deployment.num_nodes)
     backend_config = {

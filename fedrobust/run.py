@@ -52,6 +52,22 @@ def check_run_dir(run_dir: str | None) -> Path:
     return path
 
 
+def preflight(cfg: DictConfig) -> None:
+    """Check the config against the data before anything is written: the archive loads, the shards exist."""
+    from .data import DataError
+    from .node import shards_for
+    from .partition import PartitionError
+
+    try:
+        data = load_dataset(cfg.data.name, cfg.data.root)
+    except DataError as exc:
+        raise ConfigError(f"data: {exc}") from None
+    try:
+        shards_for(cfg, data)
+    except PartitionError as exc:
+        raise ConfigError(str(exc)) from None
+
+
 def setup_logging(run_dir: Path | None = None) -> None:
     logger = logging.getLogger("fedrobust")
     logger.setLevel(logging.INFO)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import math
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -172,7 +173,12 @@ class MemberTrainer:
         """Train up to ``epochs`` more epochs (fewer if early stopping fires)."""
         s = self.settings
         records: list[EpochRecord] = []
-        bar = tqdm(total=epochs, desc=desc, disable=not progress, leave=True, dynamic_ncols=True)
+        # Off a terminal (Ray actors, CI logs) redraw rarely, so the log stays readable.
+        interactive = sys.stderr.isatty()
+        bar = tqdm(
+            total=epochs, desc=desc, disable=not progress, leave=True,
+            dynamic_ncols=interactive, mininterval=0.1 if interactive else 5.0,
+        )
         try:
             for _ in range(epochs):
                 if self.stopped or self.epoch >= s.epochs:

@@ -1,0 +1,84 @@
+"""Bad configurations stop with exit code 2, a one-line message naming the key, and no run directory."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fedrobust.cli import main
+from fedrobust.config import ConfigError, load_config
+
+BAD = [
+    (["optimizer.lr=0"], "optimizer.lr"),
+    (["optimizer.lr=-0.1"], "optimizer.lr"),
+    (["deployment.alpha=0"], "deployment.alpha"),
+    (["deployment.alpha=-1"], "deployment.alpha"),
+    (["deployment.num_nodes=0"], "deployment.num_nodes"),
+    (["deployment.num_nodes=5000"], "deployment.num_nodes"),
+    (["model=nosuchnet"], "model"),
+    (["strategy=nosuchstrategy"], "strategy"),
+    (["data=imagenet"], "data"),
+    (["engine=nosuchengine"], "engine"),
+    (["model.name=nosuchnet"], "model.name"),
+    (["optimizer.learning_rate=0.1"], "optimizer.learning_rate"),
+    (["nosuchkey=1"], "nosuchkey"),
+    (["train.epochs=ten"], "train.epochs"),
+    (["train.batch_size=1.5"], "train.batch_size"),
+    (["train.batch_size=0"], "train.batch_size"),
+    (["optimizer.momentum=1.5"], "optimizer.momentum"),
+    (["optimizer.weight_decay=-1e-4"], "optimizer.weight_decay"),
+    (["train.patience=0"], "train.patience"),
+    (["train.rounds=50", "train.epochs=5"], "train.rounds"),
+    (["train.device=tpu"], "train.device"),
+    (["data.val_fraction=1.0"], "data.val_fraction"),
+    (["data=cifar10", "data.root=does/not/exist"], "data"),
+]
+
+
+@pytest.mark.parametrize("overrides,key", BAD, ids=[" ".join(o) for o, _ in BAD])
+def test_bad_config_exits_2_with_one_line_naming_key(overrides, key, capsys, tmp_path):
+    run_dir = tmp_path / "run"
+    code = main(["train", *overrides, f"run_dir={run_dir}"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1, err
+    assert key in err, err
+    assert not run_dir.exists()
+    assert not (tmp_path / "runs").exists()
+
+
+def test_console_script_exit_code_is_2(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedrobust.cli", "train", "optimizer.lr=0", f"run_dir={run_dir}"],
+        capture_output=True, text=True,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
+    assert "optimizer.lr" in proc.stderr
+    assert not run_dir.exists()
+
+
+def test_existing_run_dir_is_never_overwritten(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "results.json").write_text("precious")
+    assert main(["train", f"run_dir={run_dir}"]) == 2
+    assert "run_dir" in capsys.readouterr().err
+    assert (run_dir / "results.json").read_text() == "precious"
+
+
+def test_defaults_and_user_overrides():
+    cfg = load_config(["optimizer.lr=0.01", "train.epochs=50", "train.seed=3"])
+    assert (cfg.optimizer.lr, cfg.train.epochs, cfg.train.seed) == (0.01, 50, 3)
+    assert cfg.optimizer.momentum == 0.9 and cfg.optimizer.weight_decay == 5e-4
+    assert cfg.train.batch_size == 128 and cfg.train.patience == 10
+    assert (cfg.data.name, cfg.model.name, cfg.deployment.name, cfg.strategy.name, cfg.engine.name) == (
+        "digits", "cnn", "distributed_dirichlet", "plain", "simulation")
+    assert cfg.deployment.num_nodes == 3 and cfg.deployment.alpha == 0.9
+
+
+def test_schema_is_typed():
+    with pytest.raises(ConfigError, match="deployment.num_nodes"):
+        load_config(["deployment.num_nodes=three"])
