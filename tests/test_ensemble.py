@@ -1,0 +1,145 @@
+"""Members are validated before they join; the ensemble averages logits in eval mode."""
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, Context, RecordDict
+
+from clients.client_app import app as client_app
+from fedrobust.config import load_config
+from fedrobust.data import load_dataset
+from fedrobust.ensemble import InvalidUpdateError, LogitAverageEnsemble, validate_member_weights
+from fedrobust.federation import collect_members
+from fedrobust.node import build_member, train_node_round
+from fedrobust.protocol import decode_reply, encode_reply
+from fedrobust.server_app import FlowerRounds
+
+CFG = load_config(["train.progress=false", "train.epochs=1"])
+REFERENCE = build_member(CFG, load_dataset("digits")).state_dict()
+
+
+def _good():
+    return {k: v.clone() for k, v in REFERENCE.items()}
+
+
+@pytest.mark.parametrize(
+    "mutate,match",
+    [
+        (lambda w: w.__setitem__("1.classifier.weight", torch.zeros(3, 3)), "shape"),
+        (lambda w: w["1.classifier.weight"].__setitem__((0, 0), float("nan")), "non-finite"),
+        (lambda w: w["1.classifier.bias"].__setitem__(0, float("inf")), "non-finite"),
+        (lambda w: w.__setitem__("1.classifier.bias", w["1.classifier.bias"].double()), "dtype"),
+        (lambda w: w.pop("1.classifier.bias"), "missing"),
+        (lambda w: w.__setitem__("backdoor", torch.zeros(1)), "unexpected"),
+    ],
+)
+def test_bad_arrays_are_rejected_naming_the_node(mutate, match):
+    w = _good()
+    mutate(w)
+    with pytest.raises(InvalidUpdateError, match=rf"^node 7: .*{match}"):
+        validate_member_weights(w, REFERENCE, "node 7")
+
+
+def test_valid_arrays_pass_as_copies():
+    w = {k: v.numpy() for k, v in _good().items()}
+    out = validate_member_weights(w, REFERENCE, "node 0")
+    assert all(torch.equal(out[k], REFERENCE[k]) for k in REFERENCE)
+
+
+def _fake_round(poison_node, how):
+    def train_round(r):
+        updates = []
+        for node in range(3):
+            (u,) = train_node_round(CFG, node, r, {})
+            if node == poison_node:
+                how(u.weights)
+            # through the wire format, as the ServerApp sees it
+            updates += decode_reply(encode_reply([u]), f"flower node {100 + node}")
+        return updates
+
+    return train_round
+
+
+@pytest.mark.parametrize("how,match", [
+    (lambda w: w.__setitem__("1.classifier.weight", torch.full_like(w["1.classifier.weight"], float("nan"))), "non-finite"),
+    (lambda w: w.__setitem__("1.classifier.weight", torch.zeros(5, 128)), "shape"),
+])
+def test_poisoned_reply_never_enters_the_ensemble(how, match):
+    with pytest.raises(InvalidUpdateError, match=rf"node 2: .*{match}"):
+        collect_members(CFG, _fake_round(2, how))
+
+
+def test_member_claimed_by_the_wrong_node_is_rejected():
+    def train_round(r):
+        (u,) = train_node_round(CFG, 0, r, {})
+        u.node = 1  # node 1 pretends to deliver node 0's member
+        return [u]
+
+    with pytest.raises(InvalidUpdateError, match="node 1: .*does not belong"):
+        collect_members(CFG, train_round)
+
+
+@pytest.fixture
+def task_identity(monkeypatch):
+    """What a real ServerApp process has set before main() runs."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for attr in ("_run_id", "_task_id", "_node_id"):
+        monkeypatch.setattr(TaskIdentity, attr, 1)
+
+
+class _LoopbackGrid:
+    """A Grid that hands each message to the real ClientApp in this process, optionally poisoning replies."""
+
+    def __init__(self, n, poison=None):
+        self.contexts = {
+            100 + i: Context(run_id=1, node_id=100 + i, node_config={"partition-id": i, "num-partitions": n},
+                             state=RecordDict(), run_config={})
+            for i in range(n)
+        }
+        self.poison = poison
+
+    def get_node_ids(self):
+        return list(self.contexts)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        replies = []
+        for msg in messages:
+            nid = msg.metadata.dst_node_id
+            reply = client_app(msg, self.contexts[nid])
+            if self.poison is not None and self.contexts[nid].node_config["partition-id"] == self.poison:
+                rec = reply.content["weights.%d" % self.poison]
+                arr = rec["1.classifier.bias"].numpy().copy()
+                arr[:] = np.nan
+
+
+                rec["1.classifier.bias"] = Array(arr)
+            replies.append(reply)
+        return replies
+
+
+def test_flower_messages_round_trip_through_the_client_app(task_identity):
+    members = collect_members(CFG, FlowerRounds(_LoopbackGrid(3), CFG, node_wait_s=1))
+    assert [m.node for m in members] == [0, 1, 2]
+    inline = [train_node_round(CFG, n, 0, {})[0] for n in range(3)]
+    for a, b in zip(members, inline):
+        assert all(torch.equal(a.weights[k], b.weights[k]) for k in b.weights)
+
+
+def test_flower_reply_with_nan_is_rejected_naming_the_node(task_identity):
+    with pytest.raises(InvalidUpdateError, match=r"node 1: .*'1.classifier.bias'.*non-finite"):
+        collect_members(CFG, FlowerRounds(_LoopbackGrid(3, poison=1), CFG, node_wait_s=1))
+
+
+def test_ensemble_averages_logits_and_stays_in_eval_mode():
+    members = [torch.nn.Linear(4, 3) for _ in range(3)]
+    ens = LogitAverageEnsemble(members)
+    assert isinstance(ens.members, torch.nn.ModuleList)
+    assert not ens.training and all(not m.training for m in ens.members)
+    x = torch.rand(5, 4)
+    expected = sum(m(x) for m in members) / 3
+    assert torch.allclose(ens(x), expected, atol=1e-6)
+    with pytest.raises(RuntimeError):
+        ens.train()
+    ens.eval()
+    assert len(list(ens.parameters())) == 6  # .to() and attacks see every member
