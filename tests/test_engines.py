@@ -1,0 +1,95 @@
+"""Both engines, end to end through the CLI, and the run directory they write."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from fedrobust import load_ensemble
+from fedrobust.cli import main
+
+FAST = ["train.progress=false", "train.epochs=3", "train.batch_size=64"]
+
+
+def _weights(run_dir: Path) -> dict[int, dict[str, torch.Tensor]]:
+    return {
+        int(p.stem.split("_")[1]): torch.load(p, map_location="cpu", weights_only=True)
+        for p in (run_dir / "members").glob("member_*.pt")
+    }
+
+
+def _assert_same_members(a: Path, b: Path):
+    wa, wb = _weights(a), _weights(b)
+    assert sorted(wa) == sorted(wb) == [0, 1, 2]
+    for m in wa:
+        assert wa[m].keys() == wb[m].keys()
+        for k in wa[m]:
+            assert torch.equal(wa[m][k], wb[m][k]), f"member {m}: {k} differs"
+
+
+@pytest.mark.slow
+def test_simulation_and_inline_engines_give_identical_members(tmp_path):
+    sim, inline, sim2 = tmp_path / "sim", tmp_path / "inline", tmp_path / "sim2"
+    assert main(["train", "engine=simulation", *FAST, f"run_dir={sim}"]) == 0
+    assert main(["train", "engine=inline", *FAST, f"run_dir={inline}"]) == 0
+    _assert_same_members(sim, inline)
+    # Two rounds, with the trainer state carried in the Flower Context, continue bit for bit.
+    assert main(["train", "engine=simulation", "train.rounds=2", *FAST, f"run_dir={sim2}"]) == 0
+    _assert_same_members(sim2, inline)
+
+    # the run directory
+    for name in ("config.yaml", "train.log", "partition.csv", "results.json"):
+        assert (sim / name).is_file(), name
+    cfg = OmegaConf.load(sim / "config.yaml")
+    assert cfg.engine.name == "simulation" and cfg.train.epochs == 3
+    results = json.loads((sim / "results.json").read_text())
+    acc = results["ensemble"]["clean_accuracy"]
+    assert isinstance(acc, float) and 0.0 <= acc <= 1.0
+    assert [m["node"] for m in results["members"]] == [0, 1, 2]
+    assert all(m["num_train_samples"] > 0 and 0.0 <= m["clean_accuracy"] <= 1.0 for m in results["members"])
+    ens = load_ensemble(sim)
+    assert len(ens.members) == 3 and not ens.training
+    assert "round 1/1" in (sim / "train.log").read_text()
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(str(sim / "tensorboard"))
+    ea.Reload()
+    tags = set(ea.Tags()["scalars"])
+    for node in range(3):
+        for metric in ("train_loss", "val_loss", "train_acc", "val_acc"):
+            assert f"{metric}/node{node}" in tags
+            assert len(ea.Scalars(f"{metric}/node{node}")) == 3
+    assert ea.Scalars("ensemble/clean_accuracy")[0].value == pytest.approx(acc)
+
+
+@pytest.mark.parametrize(
+    "deployment,nodes,members",
+    [("centralized", 1, 1), ("deep_ensemble", 1, 3), ("distributed_iid", 3, 3), ("distributed_dirichlet", 4, 4)],
+)
+def test_each_deployment_trains_inline(tmp_path, deployment, nodes, members):
+    run = tmp_path / "run"
+    n = "deployment.num_nodes=4" if deployment == "distributed_dirichlet" else "deployment.num_nodes=3"
+    overrides = [] if deployment == "centralized" else [n]
+    assert main(["train", "engine=inline", f"deployment={deployment}", *overrides,
+                 "train.progress=false", "train.epochs=1", f"run_dir={run}"]) == 0
+    results = json.loads((run / "results.json").read_text())
+    assert results["ensemble"]["num_members"] == members
+    assert len({m["node"] for m in results["members"]}) == nodes
+    total = sum(m["num_train_samples"] + m["num_val_samples"] for m in results["members"])
+    if deployment.startswith("distributed"):
+        assert total == 1437  # disjoint shards cover the training set
+    else:
+        assert all(m["num_train_samples"] + m["num_val_samples"] == 1437 for m in results["members"])
+    seeds_differ = deployment == "deep_ensemble"
+    if seeds_differ:
+        w = _weights(run)
+        assert not torch.equal(w[0]["1.classifier.weight"], w[1]["1.classifier.weight"])
+
+
+def test_default_run_dir_is_timestamped_under_runs(tmp_path):
+    assert main(["train", "engine=inline", "deployment=centralized", "train.progress=false", "train.epochs=1"]) == 0
+    (run,) = list((tmp_path / "runs").iterdir())
+    assert (run / "results.json").is_file()
