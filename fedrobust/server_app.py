@@ -32,7 +32,7 @@ log = logging.getLogger("fedrobust")
 class FlowerRounds:
     """``train_round`` over a Flower Grid: one TRAIN message per node per round."""
 
-    def __init__(self, grid: Grid, cfg: DictConfig, node_wait_s: float = 600.0) -> None:
+    def __init__(self, grid: Grid, cfg: DictConfig, node_wait_s: float = 60.0) -> None:
         self.grid = grid
         self.cfg = cfg
         self.node_ids = self._wait_for_nodes(num_nodes(cfg.deployment.name, cfg.deployment.num_nodes), node_wait_s)
@@ -46,7 +46,10 @@ class FlowerRounds:
                     log.warning("%d nodes connected, the run uses %d; extra nodes get no task", len(ids), expected)
                 return ids
             if time.monotonic() > deadline:
-                raise RuntimeError(f"only {len(ids)} of {expected} node(s) connected after {wait_s:.0f}s")
+                raise RuntimeError(
+                    f"only {len(ids)} of {expected} node(s) connected after {wait_s:.0f}s; start more SuperNodes, "
+                    f"or in local simulation run `flwr run . --federation-config num-supernodes={expected}`"
+                )
             time.sleep(1.0)
 
     def __call__(self, round_idx: int) -> list[MemberUpdate]:

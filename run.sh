@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Create or update the project environment (.venv), then run a job in it.
+#   bash run.sh demo [hydra overrides]   train the default ensemble on the embedded digits data
+#   bash run.sh test [pytest args]       run the test suite
+set -euo pipefail
+cd "$(dirname "$0")"
+
+PYTHON="${PYTHON:-python3}"
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+
+# Reinstall only when the dependency declarations change.
+stamp=.venv/.fedrobust-deps
+want="$(cat pyproject.toml constraints.txt | sha256sum | cut -d' ' -f1)"
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+    # torch first, pinned, so that no later resolution pulls a CUDA build onto a CPU machine
+    .venv/bin/python -m pip install --disable-pip-version-check -q -c constraints.txt "torch==2.13.0"
+    .venv/bin/python -m pip install --disable-pip-version-check -q -c constraints.txt -e ".[test]"
+    echo "$want" > "$stamp"
+fi
+
+export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
+export RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO=0
+cmd="${1:-demo}"
+shift || true
+case "$cmd" in
+    demo) exec .venv/bin/fedrobust train "$@" ;;
+    test) exec .venv/bin/python -m pytest "$@" ;;
+    *) echo "usage: bash run.sh {demo|test} [args...]" >&2; exit 2 ;;
+esac
