@@ -196,10 +196,12 @@ class MemberTrainer:
                     self.stopped = self.bad_epochs >= s.patience
                 records.append(EpochRecord(self.epoch, lr, train_loss, train_acc, val_loss, val_acc, terms))
                 self.epoch += 1
+                bar.set_postfix(
+                    loss=f"{train_loss:.3f}", val_loss=f"{val_loss:.3f}", val_acc=f"{val_acc:.3f}", refresh=False
+                )
                 bar.update(1)
-                bar.set_postfix(loss=f"{train_loss:.3f}", val_loss=f"{val_loss:.3f}", val_acc=f"{val_acc:.3f}")
             if self.stopped:
-                bar.set_postfix_str(f"early stop at epoch {self.epoch}, best {self.best_epoch}")
+                bar.set_postfix_str(f"early stop at epoch {self.epoch}, best {self.best_epoch}", refresh=False)
         finally:
             bar.close()
         return records
