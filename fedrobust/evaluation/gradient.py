@@ -1,0 +1,264 @@
+"""Gradient attacks in [0, 1] pixel space, L-infinity: FGSM, BIM, PGD, APGD, MI-FGSM, CWA.
+
+Written here rather than taken from torchattacks/AutoAttack because the
+project needs them to (a) take the loss by name, (b) take a list of models
+(CWA's per-model inner loop), (c) use an explicit ``torch.Generator`` instead
+of resetting the global RNG, and (d) never mutate their inputs. Every attack
+is a small object built with its budget and called on ``(x, y)``; it returns
+``x_adv`` with ``||x_adv - x||_inf <= eps`` and ``0 <= x_adv <= 1``.
+
+CWA (MI-Common-Weakness, Chen et al., ICLR 2024) per outer iteration t:
+
+1. reverse step (the SAM-like inner max of the *training* view):
+   ``x_r = x_t - r * sign(grad L_ens(x_t))`` with ``r = eps/15``; it moves
+   towards a flatter region of the ensemble loss;
+2. cosine-similarity-encouraging inner loop over the K surrogates, in order:
+   ``m_in <- mu * m_in + g_k / ||g_k||_2``, ``x <- x + a_in * m_in``;
+3. outer momentum step with the inner loop's displacement as the gradient:
+   ``m_out <- mu * m_out + d / ||d||_1`` with ``d = x - x_t``,
+   ``x_{t+1} = x_t + eps/5 * sign(m_out)``;
+
+each followed by projection onto the eps-ball and [0, 1]. Differences from
+the official code: the outer step is ``eps/5`` (derived from eps, not fixed
+at 16/255/5), ``||d||_1`` is per image (not over the whole batch), and no
+device is hard-coded. The inner step ``a_in`` is scaled for the image
+dimension D: the official 250 at eps=16/255 and D=3*224*224 moves a unit-L2
+direction by about 10.3 eps per pixel (RMS); we keep that ratio,
+``a_in = 10.3 * eps * sqrt(D)``, so the inner loop behaves the same on 8x8
+digits, 32x32 CIFAR and ImageNet.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+from .losses import attack_loss
+
+__all__ = ["APGD", "BIM", "CWA", "FGSM", "MIFGSM", "PGD", "build_gradient_attack"]
+
+Model = Callable[[torch.Tensor], torch.Tensor]
+
+# Official CWA inner step (250) at eps = 16/255 on 3x224x224 images, as a per-pixel multiple of eps.
+CWA_INNER_RATIO = 250.0 / ((16 / 255) * math.sqrt(3 * 224 * 224))
+
+
+def _project(x_adv: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
+    return torch.min(torch.max(x_adv, x - eps), x + eps).clamp_(0.0, 1.0)
+
+
+def _per_sample_norm(g: torch.Tensor, p: float) -> torch.Tensor:
+    return g.flatten(1).norm(p=p, dim=1).clamp_min(1e-12).view(-1, *([1] * (g.dim() - 1)))
+
+
+def _grad(model: Model, loss_fn, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradient of the summed per-sample loss w.r.t. x, and the per-sample loss."""
+    x = x.detach().requires_grad_(True)
+    with torch.enable_grad():
+        loss = loss_fn(model(x), y)
+        (g,) = torch.autograd.grad(loss.sum(), x)
+    return g, loss.detach()
+
+
+class _GradientAttack:
+    def __init__(self, model: Model | nn.Module, eps: float = 8 / 255, loss: str = "ce") -> None:
+        if eps < 0:
+            raise ValueError(f"eps must be >= 0, got {eps}")
+        self.model = model
+        self.eps = float(eps)
+        self.loss_name = loss
+        self.loss_fn = attack_loss(loss)
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class FGSM(_GradientAttack):
+    """One step of size eps along the gradient sign (Goodfellow et al. 2015)."""
+
+    def __call__(self, x, y):
+        g, _ = _grad(self.model, self.loss_fn, x, y)
+        return _project(x + self.eps * g.sign(), x, self.eps).detach()
+
+
+class BIM(_GradientAttack):
+    """Iterative FGSM from the clean point (Kurakin et al. 2017), step alpha (default 2.5*eps/steps)."""
+
+    def __init__(self, model, eps=8 / 255, steps=10, alpha=None, loss="ce"):
+        super().__init__(model, eps, loss)
+        self.steps = int(steps)
+        self.alpha = alpha if alpha is not None else 2.5 * self.eps / max(self.steps, 1)
+        self.random_start = False
+        self.generator: torch.Generator | None = None
+
+    def __call__(self, x, y):
+        x_adv = x.detach().clone()
+        if self.random_start:
+            noise = torch.rand(x.shape, generator=self.generator, dtype=x.dtype).to(x.device)
+            x_adv = _project(x_adv + (2 * noise - 1) * self.eps, x, self.eps)
+        for _ in range(self.steps):
+            g, _ = _grad(self.model, self.loss_fn, x_adv, y)
+            x_adv = _project(x_adv + self.alpha * g.sign(), x, self.eps)
+        return x_adv.detach()
+
+
+class PGD(BIM):
+    """BIM from a uniform random start in the eps-ball (Madry et al. 2018)."""
+
+    def __init__(self, model, eps=8 / 255, steps=10, alpha=None, loss="ce", seed=0):
+        super().__init__(model, eps, steps, alpha, loss)
+        self.random_start = True
+        self.generator = torch.Generator().manual_seed(seed)
+
+
+class MIFGSM(_GradientAttack):
+    """Momentum iterative FGSM (Dong et al. 2018): g <- mu*g + grad/||grad||_1, step eps/steps."""
+
+    def __init__(self, model, eps=8 / 255, steps=10, alpha=None, mu=1.0, loss="ce"):
+        super().__init__(model, eps, loss)
+        self.steps, self.mu = int(steps), float(mu)
+        self.alpha = alpha if alpha is not None else self.eps / max(self.steps, 1)
+
+    def step(self, x, x_adv, y, momentum):
+        g, _ = _grad(self.model, self.loss_fn, x_adv, y)
+        momentum = self.mu * momentum + g / _per_sample_norm(g, 1)
+        return _project(x_adv + self.alpha * momentum.sign(), x, self.eps), momentum
+
+    def __call__(self, x, y):
+        x_adv, momentum = x.detach().clone(), torch.zeros_like(x)
+        for _ in range(self.steps):
+            x_adv, momentum = self.step(x, x_adv, y, momentum)
+        return x_adv.detach()
+
+
+class CWA:
+    """MI-Common-Weakness on a list of surrogate models (see the module docstring)."""
+
+    def __init__(
+        self,
+        models: Sequence[Model],
+        eps: float = 8 / 255,
+        steps: int = 10,
+        mu: float = 1.0,
+        reverse_step: float | None = None,
+        outer_step: float | None = None,
+        inner_step: float | None = None,
+        loss: str = "ce",
+    ) -> None:
+        if len(models) == 0:
+            raise ValueError("CWA needs at least one surrogate model")
+        self.models = list(models)
+        self.eps, self.steps, self.mu = float(eps), int(steps), float(mu)
+        self.reverse_step = reverse_step if reverse_step is not None else self.eps / 15
+        self.outer_step = outer_step if outer_step is not None else self.eps / 5
+        self.inner_step = inner_step  # None: CWA_INNER_RATIO * eps * sqrt(D), set per input
+        self.loss_fn = attack_loss(loss)
+
+    def _ensemble(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([m(x) for m in self.models]).mean(0)
+
+    def step(self, x, x_adv, y, m_in, m_out):
+        d = x[0].numel()
+        inner = self.inner_step if self.inner_step is not None else CWA_INNER_RATIO * self.eps * math.sqrt(d)
+        # 1. reverse (flattening) step on the ensemble loss
+        g, _ = _grad(self._ensemble, self.loss_fn, x_adv, y)
+        x_r = _project(x_adv - self.reverse_step * g.sign(), x, self.eps)
+        # 2. per-model inner loop, encouraging aligned gradients
+        x_in = x_r
+        for model in self.models:
+            g, _ = _grad(model, self.loss_fn, x_in, y)
+            m_in = self.mu * m_in + g / _per_sample_norm(g, 2)
+            x_in = _project(x_in + inner * m_in, x, self.eps)
+        # 3. outer momentum step from the start of this iteration
+        disp = x_in - x_adv
+        m_out = self.mu * m_out + disp / _per_sample_norm(disp, 1)
+        return _project(x_adv + self.outer_step * m_out.sign(), x, self.eps), m_in, m_out
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        x_adv = x.detach().clone()
+        m_in, m_out = torch.zeros_like(x), torch.zeros_like(x)
+        for _ in range(self.steps):
+            x_adv, m_in, m_out = self.step(x, x_adv, y, m_in, m_out)
+        return x_adv.detach()
+
+
+class APGD(_GradientAttack):
+    """Auto-PGD, L-infinity (Croce & Hein, ICML 2020, Alg. 1).
+
+    Step size starts at 2*eps and is halved at checkpoints w_j when fewer than
+    rho=0.75 of the steps since the last checkpoint increased the loss, or when
+    neither the step size nor the best loss changed; after halving, the
+    iterate restarts from the best point. Momentum alpha=0.75. Returns the
+    best point found per image (the highest loss, or the first misclassified).
+    """
+
+    def __init__(self, model, eps=8 / 255, steps=100, loss="ce", rho=0.75, alpha=0.75, seed=0):
+        super().__init__(model, eps, loss)
+        self.steps, self.rho, self.alpha = int(steps), rho, alpha
+        self.generator = torch.Generator().manual_seed(seed)
+        self.checkpoints = self._checkpoints(self.steps)
+
+    @staticmethod
+    def _checkpoints(n_iter: int) -> list[int]:
+        p = [0.0, 0.22]
+        while p[-1] < 1:
+            p.append(p[-1] + max(p[-1] - p[-2] - 0.03, 0.06))
+        return sorted({math.ceil(q * n_iter) for q in p if q <= 1})
+
+    def __call__(self, x, y):
+        n = x.shape[0]
+        shape = (n,) + (1,) * (x.dim() - 1)
+        noise = torch.rand(x.shape, generator=self.generator, dtype=x.dtype).to(x.device)
+        x_cur = _project(x + (2 * noise - 1) * self.eps, x, self.eps)
+        g, loss = _grad(self.model, self.loss_fn, x_cur, y)
+        eta = torch.full(shape, 2 * self.eps, device=x.device, dtype=x.dtype)
+        x_best, loss_best, g_best = x_cur.clone(), loss.clone(), g.clone()
+        x_prev = x_cur.clone()
+        # first step: plain gradient step
+        x_next = _project(x_cur + eta * g.sign(), x, self.eps)
+        successes = torch.zeros(n, device=x.device)
+        loss_prev = loss.clone()
+        last_ckpt, eta_at_ckpt, best_at_ckpt = 0, eta.clone(), loss_best.clone()
+        ckpts = set(self.checkpoints[1:])
+        for k in range(1, self.steps + 1):
+            x_prev, x_cur = x_cur, x_next
+            g, loss = _grad(self.model, self.loss_fn, x_cur, y)
+            improved = loss > loss_best
+            successes += (loss > loss_prev).float()  # condition 1 counts increases over the previous iterate
+            loss_prev = loss
+            x_best = torch.where(improved.view(shape), x_cur, x_best)
+            g_best = torch.where(improved.view(shape), g, g_best)
+            loss_best = torch.where(improved, loss, loss_best)
+            if k in ckpts:
+                window = k - last_ckpt
+                cond1 = successes < self.rho * window
+                cond2 = (eta.view(n) == eta_at_ckpt.view(n)) & (loss_best == best_at_ckpt)
+                halve = cond1 | cond2
+                eta = torch.where(halve.view(shape), eta / 2, eta)
+                x_cur = torch.where(halve.view(shape), x_best, x_cur)
+                x_prev = torch.where(halve.view(shape), x_best, x_prev)  # no momentum across a restart
+                g = torch.where(halve.view(shape), g_best, g)
+                loss_prev = torch.where(halve, loss_best, loss_prev)
+                successes.zero_()
+                last_ckpt, eta_at_ckpt, best_at_ckpt = k, eta.clone(), loss_best.clone()
+            if k == self.steps:
+                break
+            z = _project(x_cur + eta * g.sign(), x, self.eps)
+            x_next = _project(x_cur + self.alpha * (z - x_cur) + (1 - self.alpha) * (x_cur - x_prev), x, self.eps)
+        return x_best.detach()
+
+
+def build_gradient_attack(name: str, model, eps: float, steps: int, loss: str, seed: int = 0):
+    """A white-box attack by name: fgsm, bim, pgd, apgd."""
+    if name == "fgsm":
+        return FGSM(model, eps, loss)
+    if name == "bim":
+        return BIM(model, eps, steps, loss=loss)
+    if name == "pgd":
+        return PGD(model, eps, steps, loss=loss, seed=seed)
+    if name == "apgd":
+        return APGD(model, eps, steps, loss=loss, seed=seed)
+    raise ValueError(f"unknown white-box attack '{name}' (choose from fgsm, bim, pgd, apgd)")
