@@ -28,7 +28,17 @@ groups:   data={digits,cifar10,cifar100}  model={cnn,resnet18,resnet34,mobilenet
           strategy={plain}  engine={simulation,inline}
 keys:     optimizer.{lr,momentum,weight_decay}  train.{epochs,rounds,batch_size,patience,seed,device,progress}
           deployment.{num_nodes,alpha,partition_seed}  data.{root,augment,crop_padding,val_fraction}
-          engine.{num_cpus,num_gpus,timeout}  run_dir=PATH
+          engine.{num_cpus,num_gpus,timeout}  evaluate=true  attack.*  run_dir=PATH
+"""
+
+
+_EVAL_HELP = """\
+Overrides (key=value) apply to the run's saved config, e.g.:
+  fedrobust evaluate runs/demo attack.eps=0.0627 attack.queries=1000
+  fedrobust evaluate runs/demo attack.surrogates=[cnn,vgg16] attack.whitebox_loss=dlr
+keys: attack.{eps,eps_l2,num_samples,sample_seed,surrogates,surrogate_epochs,transfer,transfer_attacks,
+      transfer_steps,transfer_loss,query,query_attacks,queries,p_init,square_loss,whitebox,whitebox_loss,
+      whitebox_steps,apgd_steps,per_member,tsr,tsr_steps,hessian_samples,power_iters,seed,cache_dir}
 """
 
 
@@ -60,7 +70,45 @@ def _train(overrides: list[str]) -> int:
         print(f"fedrobust: error: {exc}", file=sys.stderr)
         return 1
     log.info("done in %.1fs; results in %s", time.perf_counter() - t0, run_dir / "results.json")
+    if cfg.evaluate:
+        return _run_evaluation(run_dir, cfg)
     return 0
+
+
+def _run_evaluation(run_dir, cfg) -> int:
+    from .evaluation.evaluate import evaluate_run
+
+    t0 = time.perf_counter()
+    try:
+        evaluate_run(run_dir, cfg)
+    except Exception as exc:
+        log.error("evaluation failed: %s", exc)
+        print(f"fedrobust: error: {exc}", file=sys.stderr)
+        return 1
+    log.info("evaluated in %.1fs; results in %s", time.perf_counter() - t0, run_dir / "results.json")
+    return 0
+
+
+def _evaluate(run_dir: str, overrides: list[str]) -> int:
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    from .config import Config, apply_overrides
+    from .run import preflight, setup_logging
+
+    path = Path(run_dir)
+    try:
+        if not (path / "config.yaml").is_file() or not any((path / "members").glob("member_*.pt")):
+            raise ConfigError(f"run_dir: {path} is not a run directory (expected config.yaml and members/member_*.pt)")
+        cfg = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(path / "config.yaml"))
+        cfg = apply_overrides(cfg, overrides)
+        preflight(cfg)
+    except ConfigError as exc:
+        print(f"fedrobust: error: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(path, "evaluate.log")
+    return _run_evaluation(path, cfg)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,9 +119,17 @@ def main(argv: list[str] | None = None) -> int:
         epilog=_TRAIN_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     train.add_argument("overrides", nargs="*", help="Hydra overrides (key=value, group=option)")
+    evaluate = sub.add_parser(
+        "evaluate", help="attack a trained run's ensemble and add the metrics to its results.json",
+        epilog=_EVAL_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    evaluate.add_argument("run_dir", help="a run directory written by fedrobust train")
+    evaluate.add_argument("overrides", nargs="*", help="overrides, e.g. attack.eps=0.1 attack.queries=1000")
     args = parser.parse_args(argv)
     if args.command == "train":
         return _train(args.overrides)
+    if args.command == "evaluate":
+        return _evaluate(args.run_dir, args.overrides)
     return 2
 
 

@@ -97,6 +97,45 @@ class EngineConfig:
     timeout: float = 0.0  # seconds to wait for replies in a round (0 = no limit)
 
 
+TRANSFER_ATTACKS = ("cwa", "mifgsm", "pgd")
+QUERY_ATTACKS = ("square_linf", "square_l2")
+WHITEBOX_ATTACKS = ("fgsm", "bim", "pgd", "apgd")
+ATTACK_LOSSES = ("ce", "margin", "dlr")
+
+
+@dataclass
+class AttackConfig:
+    eps: float = 8 / 255  # L-inf budget in [0, 1] pixel units
+    eps_l2: float = 0.5  # L2 budget for square_l2
+    num_samples: int = 1000  # evaluation sample (the whole test set if smaller)
+    sample_seed: int = 0
+    batch_size: int = 500
+    # surrogate zoo for transfer attacks; empty = the dataset's default zoo
+    surrogates: list[str] = field(default_factory=list)
+    surrogate_epochs: int = 40
+    surrogate_seed: int = 1000
+    transfer: str = "cwa"  # primary transfer attack -> robust_accuracy.transfer
+    transfer_attacks: list[str] = field(default_factory=lambda: list(TRANSFER_ATTACKS))
+    transfer_steps: int = 10
+    transfer_loss: str = "ce"
+    query: str = "square_linf"  # primary query attack -> robust_accuracy.query
+    query_attacks: list[str] = field(default_factory=lambda: list(QUERY_ATTACKS))
+    queries: int = 500
+    p_init: float = 0.8
+    square_loss: str = "margin"  # margin | ce
+    whitebox: list[str] = field(default_factory=lambda: list(WHITEBOX_ATTACKS))
+    whitebox_loss: str = "ce"  # ce | margin | dlr
+    whitebox_steps: int = 10
+    apgd_steps: int = 100
+    per_member: bool = True  # per-member RA (transfer replay and the primary query attack)
+    tsr: bool = True
+    tsr_steps: int = 10
+    hessian_samples: int = 100
+    power_iters: int = 20
+    seed: int = 0
+    cache_dir: str = ""  # "" = $FEDROBUST_CACHE or ~/.cache/fedrobust
+
+
 @dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
@@ -106,6 +145,8 @@ class Config:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
+    attack: AttackConfig = field(default_factory=AttackConfig)
+    evaluate: bool = False  # evaluate the ensemble at the end of training
     run_dir: str | None = None
 
 
@@ -115,6 +156,7 @@ _GROUP_SCHEMAS = {
     "deployment": DeploymentConfig,
     "strategy": StrategyConfig,
     "engine": EngineConfig,
+    "attack": AttackConfig,
 }
 
 
@@ -206,6 +248,49 @@ def validate(cfg: DictConfig) -> None:
     _check(cfg.engine.num_cpus > 0, "engine.num_cpus", f"must be > 0, got {cfg.engine.num_cpus}")
     _check(cfg.engine.num_gpus >= 0, "engine.num_gpus", f"must be >= 0, got {cfg.engine.num_gpus}")
     _check(cfg.engine.timeout >= 0, "engine.timeout", f"must be >= 0, got {cfg.engine.timeout}")
+    validate_attack(cfg.attack)
+
+
+def validate_attack(a: DictConfig) -> None:
+    def one_of(key: str, value: str, allowed: tuple[str, ...]) -> None:
+        _check(value in allowed, f"attack.{key}", f"unknown value '{value}' (choose from {', '.join(allowed)})")
+
+    _check(a.eps > 0, "attack.eps", f"must be > 0, got {a.eps}")
+    _check(a.eps_l2 > 0, "attack.eps_l2", f"must be > 0, got {a.eps_l2}")
+    _check(a.num_samples >= 1, "attack.num_samples", f"must be >= 1, got {a.num_samples}")
+    _check(a.batch_size >= 1, "attack.batch_size", f"must be >= 1, got {a.batch_size}")
+    for name in a.surrogates:
+        one_of("surrogates", name, MODELS)
+    _check(a.surrogate_epochs >= 1, "attack.surrogate_epochs", f"must be >= 1, got {a.surrogate_epochs}")
+    for name in a.transfer_attacks:
+        one_of("transfer_attacks", name, TRANSFER_ATTACKS)
+    one_of("transfer", a.transfer, tuple(a.transfer_attacks) or TRANSFER_ATTACKS)
+    for name in a.query_attacks:
+        one_of("query_attacks", name, QUERY_ATTACKS)
+    one_of("query", a.query, tuple(a.query_attacks) or QUERY_ATTACKS)
+    for name in a.whitebox:
+        one_of("whitebox", name, WHITEBOX_ATTACKS)
+    one_of("transfer_loss", a.transfer_loss, ATTACK_LOSSES)
+    one_of("whitebox_loss", a.whitebox_loss, ATTACK_LOSSES)
+    one_of("square_loss", a.square_loss, ("margin", "ce"))
+    _check(a.queries >= 1, "attack.queries", f"must be >= 1, got {a.queries}")
+    _check(0 < a.p_init <= 1, "attack.p_init", f"must be in (0, 1], got {a.p_init}")
+    for key in ("transfer_steps", "whitebox_steps", "apgd_steps", "tsr_steps", "power_iters"):
+        _check(a[key] >= 1, f"attack.{key}", f"must be >= 1, got {a[key]}")
+    _check(a.hessian_samples >= 0, "attack.hessian_samples", f"must be >= 0, got {a.hessian_samples}")
+
+
+def apply_overrides(cfg: DictConfig, overrides: list[str] | tuple[str, ...]) -> DictConfig:
+    """Apply ``key=value`` overrides to a composed config (no group switches), then validate."""
+    try:
+        for item in overrides:
+            if "=" not in item:
+                raise ConfigError(f"{item}: expected key=value")
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
+    except OmegaConfBaseException as exc:
+        raise _translate(exc) from None
+    validate(cfg)
+    return cfg
 
 
 def config_to_json(cfg: DictConfig) -> str:

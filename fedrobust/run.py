@@ -68,7 +68,7 @@ def preflight(cfg: DictConfig) -> None:
         raise ConfigError(str(exc)) from None
 
 
-def setup_logging(run_dir: Path | None = None) -> None:
+def setup_logging(run_dir: Path | None = None, filename: str = "train.log") -> None:
     logger = logging.getLogger("fedrobust")
     logger.setLevel(logging.INFO)
     logger.propagate = False
@@ -81,7 +81,7 @@ def setup_logging(run_dir: Path | None = None) -> None:
         for h in [h for h in logger.handlers if isinstance(h, logging.FileHandler)]:
             logger.removeHandler(h)
             h.close()
-        fh = logging.FileHandler(run_dir / "train.log")
+        fh = logging.FileHandler(run_dir / filename)
         fh.setFormatter(fmt)
         logger.addHandler(fh)
 

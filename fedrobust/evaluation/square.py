@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from .losses import margin
 
@@ -100,7 +101,7 @@ class SquareAttack:
         return self.run(x, y).x_adv
 
     @torch.no_grad()
-    def run(self, x: torch.Tensor, y: torch.Tensor) -> SquareResult:
+    def run(self, x: torch.Tensor, y: torch.Tensor, progress: bool = False) -> SquareResult:
         g = torch.Generator().manual_seed(self.seed)
         x = x.detach()
         n = x.shape[0]
@@ -108,10 +109,14 @@ class SquareAttack:
         x_best = self._init(x, g)
         loss_best, marg = self._query(x_best, y)
         queries += 1
+        bar = tqdm(total=self.n_queries - 1, desc=f"square {self.norm}", disable=not progress, leave=False)
         for it in range(1, self.n_queries):
             active = (marg <= 0).nonzero().squeeze(1)  # still correctly classified
             if active.numel() == 0:
                 break
+            bar.update(1)
+            if it % 50 == 0:
+                bar.set_postfix(robust=int(active.numel()), refresh=False)
             xa, xb = x[active], x_best[active]
             x_new = self._step_linf(xa, xb, it, g) if self.norm == "linf" else self._step_l2(xa, xb, it, g)
             loss_new, marg_new = self._query(x_new, y[active])
@@ -121,6 +126,7 @@ class SquareAttack:
             x_best[idx] = x_new[better]
             loss_best[idx] = loss_new[better]
             marg[idx] = marg_new[better]
+        bar.close()
         return SquareResult(x_adv=x_best, queries=queries, success=marg > 0)
 
     # ------------------------------------------------------------ internals --

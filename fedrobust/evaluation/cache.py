@@ -1,0 +1,58 @@
+"""Content-addressed cache for heavy artefacts (surrogate zoos, transfer examples).
+
+A key is the SHA-256 of a canonical JSON description of everything the
+artefact depends on. Entries are written to a temporary name and renamed, so
+an interrupted write never leaves a half entry. Tensors are loaded with
+``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["cache_root", "content_key", "load_tensors", "save_tensors", "tensor_fingerprint"]
+
+
+def cache_root(configured: str = "") -> Path:
+    root = configured or os.environ.get("FEDROBUST_CACHE") or str(Path.home() / ".cache" / "fedrobust")
+    return Path(root).expanduser()
+
+
+def content_key(description: dict[str, Any]) -> str:
+    blob = json.dumps(description, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+def tensor_fingerprint(*tensors: torch.Tensor) -> str:
+    h = hashlib.sha256()
+    for t in tensors:
+        t = t.detach().cpu().contiguous()
+        h.update(str((tuple(t.shape), str(t.dtype))).encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()[:24]
+
+
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any] | None = None) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + f".tmp{os.getpid()}")
+    torch.save({k: v.detach().cpu() for k, v in tensors.items()}, tmp)
+    os.replace(tmp, path)
+    if meta is not None:
+        meta_tmp = path.with_suffix(".json.tmp")
+        meta_tmp.write_text(json.dumps(meta, indent=2, default=str))
+        os.replace(meta_tmp, path.with_suffix(".json"))
+
+
+def load_tensors(path: Path) -> dict[str, torch.Tensor] | None:
+    if not path.is_file():
+        return None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # a corrupt entry is recomputed, never trusted
+        return None

@@ -1,0 +1,98 @@
+"""The surrogate zoo for transfer attacks.
+
+Surrogates are trained with the project's own member-training function
+(:func:`fedrobust.training.train_member`) on the full training set (80/20
+train/validation split with the default partition seed), with the default
+hyperparameters of the schema (SGD lr 0.1, momentum 0.9, wd 5e-4, batch 128,
+cosine over ``attack.surrogate_epochs``), whatever the target run used: the
+attacker's models do not depend on the defender's choices.
+
+The zoo is cached by content (dataset fingerprint, architectures, settings,
+seeds), so a second evaluation on the same data trains nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+from strategies import Plain
+
+from ..config import DataConfig, DeploymentConfig, OptimizerConfig, TrainConfig
+from ..data import ImageDataset
+from ..ensemble import LogitAverageEnsemble
+from ..models import build_model
+from ..partition import node_shards
+from ..training import TrainSettings, member_seed, train_member
+from .cache import cache_root, content_key, load_tensors, save_tensors, tensor_fingerprint
+
+__all__ = ["DEFAULT_ZOOS", "default_surrogates", "load_or_train_zoo"]
+
+log = logging.getLogger("fedrobust")
+
+DEFAULT_ZOOS = {
+    "digits": ["cnn", "resnet18", "vgg16"],
+    "cifar10": ["resnet18", "resnet34", "vgg16", "mobilenetv2"],
+    "cifar100": ["resnet18", "resnet34", "vgg16", "mobilenetv2"],
+}
+
+
+def default_surrogates(cfg: DictConfig) -> list[str]:
+    return list(cfg.attack.surrogates) or DEFAULT_ZOOS[cfg.data.name]
+
+
+def _settings(cfg: DictConfig) -> TrainSettings:
+    opt, train, data = OptimizerConfig(), TrainConfig(), DataConfig()
+    return TrainSettings(
+        lr=opt.lr, momentum=opt.momentum, weight_decay=opt.weight_decay,
+        epochs=cfg.attack.surrogate_epochs, batch_size=train.batch_size, patience=train.patience,
+        augment=cfg.data.augment, crop_padding=data.crop_padding,
+    )
+
+
+def load_or_train_zoo(cfg: DictConfig, data: ImageDataset, device: torch.device) -> tuple[LogitAverageEnsemble, str, bool]:
+    """The surrogate ensemble, its cache key, and whether it came from the cache."""
+    archs = default_surrogates(cfg)
+    settings = _settings(cfg)
+    split_seed = DeploymentConfig().partition_seed
+    key = content_key({
+        "kind": "surrogate-zoo", "data": data.name, "data_fp": tensor_fingerprint(data.x_train, data.y_train),
+        "archs": archs, "settings": dataclasses.asdict(settings), "seed": cfg.attack.surrogate_seed,
+        "split_seed": split_seed, "val_fraction": DataConfig().val_fraction,
+    })
+    path = cache_root(cfg.attack.cache_dir) / "surrogates" / f"{key}.pt"
+    cached = load_tensors(path)
+    models: list[nn.Module] = []
+    for i, arch in enumerate(archs):
+        model = build_model(arch, data.in_channels, data.num_classes, data.mean, data.std)
+        prefix = f"{i}.{arch}."
+        if cached is not None:
+            model.load_state_dict({k[len(prefix):]: v for k, v in cached.items() if k.startswith(prefix)})
+        models.append(model)
+    if cached is not None:
+        log.info("surrogates: reused cached zoo %s (%s)", key, ", ".join(archs))
+        return LogitAverageEnsemble(models).to(device), key, True
+
+    (shard,) = node_shards(data.y_train.numpy(), "centralized", 1, 0.9, split_seed, DataConfig().val_fraction)
+    xt, yt = data.x_train[shard.train], data.y_train[shard.train]
+    xv, yv = data.x_train[shard.val], data.y_train[shard.val]
+    state: dict[str, torch.Tensor] = {}
+    t0 = time.perf_counter()
+    for i, (arch, model) in enumerate(zip(archs, models)):
+        seed = member_seed(cfg.attack.surrogate_seed, i)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = build_model(arch, data.in_channels, data.num_classes, data.mean, data.std)
+        weights, _ = train_member(model, xt, yt, xv, yv, Plain(), settings, seed, device=device,
+                                  progress=cfg.train.progress, desc=f"surrogate {i} {arch}")
+        model.load_state_dict(weights)
+        models[i] = model
+        state |= {f"{i}.{arch}.{k}": v for k, v in weights.items()}
+    save_tensors(path, state, {"archs": archs, "settings": dataclasses.asdict(settings), "data": data.name})
+    log.info("surrogates: trained zoo %s (%s) in %.1fs; cached at %s", key, ", ".join(archs), time.perf_counter() - t0, path)
+    return LogitAverageEnsemble(models).to(device), key, False
