@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Create or update the project environment (.venv), then run a job in it.
-#   bash run.sh demo [hydra overrides]   train the default ensemble on the embedded digits data
+#   bash run.sh demo [hydra overrides]   train the default ensemble on the embedded digits data, then attack it
 #   bash run.sh test [pytest args]       run the test suite
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -23,7 +23,7 @@ export RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO=0
 cmd="${1:-demo}"
 shift || true
 case "$cmd" in
-    demo) exec .venv/bin/fedrobust train "$@" ;;
+    demo) exec .venv/bin/fedrobust train evaluate=true "$@" ;;
     test) exec .venv/bin/python -m pytest "$@" ;;
     *) echo "usage: bash run.sh {demo|test} [args...]" >&2; exit 2 ;;
 esac

@@ -12,8 +12,9 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 @pytest.fixture(autouse=True)
 def _isolated_cwd(tmp_path, monkeypatch):
-    """Every test runs in its own folder, so default run dirs never touch the repo."""
+    """Every test runs in its own folder with its own cache, so nothing touches the repo or ~/.cache."""
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("FEDROBUST_CACHE", str(tmp_path / "fedrobust-cache"))
 
 
 def write_cifar(root: Path, name: str = "cifar10", n_train_per_file: int = 6, n_test: int = 8, as_tarball: bool = False, seed: int = 0) -> Path:

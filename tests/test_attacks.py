@@ -1,0 +1,175 @@
+"""Attack properties: budget, range, no input mutation, determinism, honest query counts, strength."""
+
+import math
+
+import pytest
+import torch
+
+from fedrobust.evaluation import APGD, BIM, CWA, FGSM, MIFGSM, PGD, SquareAttack, accuracy
+from fedrobust.evaluation.gradient import CWA_INNER_RATIO
+from fedrobust.evaluation.losses import LOSSES, attack_loss, margin
+from fedrobust.evaluation.square import p_schedule
+from fedrobust.training import TrainSettings, train_member
+from strategies import Plain
+
+EPS = 8 / 255
+
+
+def _synthetic(n, seed):
+    """3x16x16 images whose label is the sign of a fixed random direction: high-dimensional, small margins."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(3 * 16 * 16, generator=torch.Generator().manual_seed(99))
+    x = torch.rand(n, 3, 16, 16, generator=g)
+    y = ((x.flatten(1) - 0.5) @ w > 0).long()
+    return x, y
+
+
+@pytest.fixture(scope="module")
+def models():
+    """Two small undefended models, trained with the project's own training function."""
+    x, y = _synthetic(4400, 0)
+    out = []
+    for seed, hidden in ((1, None), (2, 32)):  # a logistic regression and a small MLP
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            layers = [torch.nn.Linear(768, 2)] if hidden is None else [
+                torch.nn.Linear(768, hidden), torch.nn.Tanh(), torch.nn.Linear(hidden, 2)]
+            m = torch.nn.Sequential(torch.nn.Flatten(), *layers)
+        w, _ = train_member(m, x[:4000], y[:4000], x[4000:], y[4000:], Plain(),
+                            TrainSettings(lr=0.05, epochs=30, batch_size=64, weight_decay=0.0), seed=seed, progress=False)
+        m.load_state_dict(w)
+        out.append(m.eval())
+    return out
+
+
+@pytest.fixture(scope="module")
+def batch():
+    return _synthetic(64, 7)
+
+
+def _attacks(models):
+    m = models[0]
+    return {
+        "fgsm": lambda: FGSM(m, EPS),
+        "bim": lambda: BIM(m, EPS, steps=5),
+        "pgd": lambda: PGD(m, EPS, steps=5, seed=3),
+        "pgd_margin": lambda: PGD(m, EPS, steps=5, loss="margin", seed=3),
+        "apgd": lambda: APGD(m, EPS, steps=12, seed=3),
+        "apgd_dlr": lambda: APGD(m, EPS, steps=12, loss="dlr", seed=3),
+        "mifgsm": lambda: MIFGSM(m, EPS, steps=5),
+        "cwa": lambda: CWA(models, EPS, steps=3),
+        "square_linf": lambda: SquareAttack(m, EPS, "linf", n_queries=40, seed=3),
+        "square_l2": lambda: SquareAttack(m, 0.5, "l2", n_queries=40, seed=3),
+    }
+
+
+NAMES = ["fgsm", "bim", "pgd", "pgd_margin", "apgd", "apgd_dlr", "mifgsm", "cwa", "square_linf", "square_l2"]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_budget_range_no_mutation_and_determinism(models, batch, name):
+    x, y = batch
+    x0, y0 = x.clone(), y.clone()
+    make = _attacks(models)[name]
+    x_adv = make()(x, y)
+    assert torch.equal(x, x0) and torch.equal(y, y0), "inputs were mutated"
+    assert x_adv.shape == x.shape and x_adv.dtype == x.dtype
+    assert float(x_adv.min()) >= 0.0 and float(x_adv.max()) <= 1.0
+    delta = (x_adv - x).flatten(1)
+    if name == "square_l2":
+        assert float(delta.norm(dim=1).max()) <= 0.5 + 1e-5
+    else:
+        assert float(delta.abs().max()) <= EPS + 1e-6
+    assert float(delta.abs().max()) > 0, "the attack did nothing"
+    assert torch.equal(make()(x, y), x_adv), "same seed, different adversarial examples"
+
+
+def test_pgd_drives_robust_accuracy_far_below_clean(models, batch):
+    x, y = _synthetic(300, 11)
+    clean = accuracy(models[0], x, y)
+    robust = accuracy(models[0], PGD(models[0], EPS, steps=10)(x, y), y)
+    assert clean > 0.8
+    assert robust < 0.5 * clean, (clean, robust)
+
+
+def test_attacks_do_not_touch_the_global_rng(models, batch):
+    x, y = batch
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    PGD(models[0], EPS, steps=2)(x, y)
+    SquareAttack(models[0], EPS, n_queries=5)(x, y)
+    APGD(models[0], EPS, steps=3)(x, y)
+    assert torch.equal(torch.rand(3), expected)
+
+
+class _Counting(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.rows = model, 0
+
+    def forward(self, x):
+        self.rows += x.shape[0]
+        return self.model(x)
+
+
+@pytest.mark.parametrize("norm,eps", [("linf", EPS), ("l2", 0.5), ("linf", 1e-4)])
+def test_square_counts_every_forward_pass_and_respects_the_budget(models, batch, norm, eps):
+    x, y = batch
+    counted = _Counting(models[0])
+    budget = 30
+    res = SquareAttack(counted, eps, norm, n_queries=budget, seed=0).run(x, y)
+    assert int(res.queries.sum()) == counted.rows  # every image forward pass is one query
+    assert int(res.queries.max()) <= budget and int(res.queries.min()) >= 1
+    with torch.no_grad():
+        wrong = models[0](res.x_adv).argmax(1) != y
+    assert torch.equal(wrong, res.success)
+    # an image stops at its first success: it never spends the whole budget unless it survived until the end
+    assert bool((res.queries[res.success] <= budget).all())
+    assert bool((res.queries[~res.success] == budget).all())
+
+
+def test_square_stops_images_already_misclassified(models, batch):
+    x, y = batch
+    counted = _Counting(models[0])
+    with torch.no_grad():
+        flipped = 1 - models[0](x).argmax(1)  # every label wrong: the initial query fools every image
+    res = SquareAttack(counted, 1e-4, "linf", n_queries=50).run(x, flipped)
+    assert counted.rows == len(x) and bool((res.queries == 1).all())
+
+
+def test_square_p_schedule_and_stripes():
+    assert p_schedule(0.8, 0, 10000) == 0.8
+    assert p_schedule(0.8, 11, 10000) == 0.4 and p_schedule(0.8, 51, 10000) == 0.2
+    assert p_schedule(0.8, 9000, 10000) == pytest.approx(0.8 / 512)
+    assert p_schedule(0.8, 1, 500) == 0.4  # rescaled: 1/500 of the run is iteration 20 of 10,000
+    x = torch.full((2, 3, 8, 8), 0.5)
+    init = SquareAttack(lambda z: z.flatten(1)[:, :2], 0.1, "linf")._init(x, torch.Generator().manual_seed(0))
+    d = init - x
+    assert torch.allclose(d.abs(), torch.full_like(d, 0.1))
+    assert torch.equal(d, d[:, :, :1, :].expand_as(d))  # vertical stripes: constant down each column
+
+
+def test_losses():
+    logits = torch.tensor([[3.0, 1.0, 0.0], [0.0, 2.0, 1.0]])
+    y = torch.tensor([0, 0])
+    assert torch.allclose(margin(logits, y), torch.tensor([-2.0, 2.0]))
+    dlr = attack_loss("dlr")
+    assert torch.allclose(dlr(logits, y), dlr(10 * logits, y))  # scale invariant
+    assert set(LOSSES) == {"ce", "margin", "dlr"}
+    with pytest.raises(ValueError):
+        attack_loss("hinge")
+
+
+def test_cwa_step_sizes_are_derived_from_eps():
+    cwa = CWA([torch.nn.Identity()], eps=0.04)
+    assert cwa.reverse_step == pytest.approx(0.04 / 15) and cwa.outer_step == pytest.approx(0.04 / 5)
+    # the official 250 at eps=16/255 on 3x224x224 is recovered exactly
+    assert CWA_INNER_RATIO * (16 / 255) * math.sqrt(3 * 224 * 224) == pytest.approx(250.0)
+
+
+def test_apgd_checkpoints():
+    ck = APGD._checkpoints(100)
+    assert ck[0] == 0 and ck[1] == 22 and ck == sorted(ck) and ck[-1] <= 100
+    gaps = [b - a for a, b in zip(ck[1:], ck[2:])]
+    assert all(g >= 6 for g in gaps)  # the window shrinks by 3% down to 6%
