@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import copy
 import math
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -25,12 +24,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from strategies import TrainingStrategy
 
 from .augment import random_crop_flip
 from .data import to_float
+from .progress import progress as progress_bar
 
 __all__ = [
     "EpochRecord",
@@ -173,12 +172,7 @@ class MemberTrainer:
         """Train up to ``epochs`` more epochs (fewer if early stopping fires)."""
         s = self.settings
         records: list[EpochRecord] = []
-        # Off a terminal (Ray actors, CI logs) redraw rarely, so the log stays readable.
-        interactive = sys.stderr.isatty()
-        bar = tqdm(
-            total=epochs, desc=desc, disable=not progress, leave=True,
-            dynamic_ncols=interactive, mininterval=0.1 if interactive else 5.0,
-        )
+        bar = progress_bar(total=epochs, desc=desc, enabled=progress)
         try:
             for _ in range(epochs):
                 if self.stopped or self.epoch >= s.epochs:

@@ -33,6 +33,11 @@ BAD = [
     (["train.device=tpu"], "train.device"),
     (["data.val_fraction=1.0"], "data.val_fraction"),
     (["data=cifar10", "data.root=does/not/exist"], "data"),
+    (["attack.eps=0"], "attack.eps"),
+    (["attack.transfer=square_linf"], "attack.transfer"),
+    (["attack.surrogates=[cnn,resnet50]"], "attack.surrogates"),
+    (["attack.whitebox_loss=hinge"], "attack.whitebox_loss"),
+    (["attack.queries=0"], "attack.queries"),
 ]
 
 

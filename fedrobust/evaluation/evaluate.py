@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
-from tqdm.auto import tqdm
 
 from ..data import ImageDataset, load_dataset, to_float
+from ..progress import interactive, progress as progress_bar
 from ..run import load_ensemble
 from ..training import resolve_device
 from .cache import cache_root, content_key, load_tensors, save_tensors
@@ -95,11 +95,11 @@ def evaluate_run(run_dir: str | Path, cfg: DictConfig, data: ImageDataset | None
     stages = ["surrogates", *(f"transfer:{n}" for n in a.transfer_attacks), *(f"query:{n}" for n in a.query_attacks),
               *(f"whitebox:{n}" for n in a.whitebox)] + (["tsr"] if a.tsr and len(members) > 1 else []) + (
               ["smoothness"] if a.hessian_samples > 0 else [])
-    bar = tqdm(stages, desc="evaluate", disable=not cfg.train.progress)
+    bar = progress_bar(stages, desc="evaluate", enabled=cfg.train.progress)
     zoo = zoo_key = None
     cache_hits = {"surrogates": False, "transfer": {}}
     for stage in bar:
-        bar.set_postfix_str(stage, refresh=True)
+        bar.set_postfix_str(stage, refresh=interactive())
         t0 = time.perf_counter()
         kind, _, name = stage.partition(":")
         if kind == "surrogates":

@@ -30,8 +30,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
+from ..progress import progress as progress_bar
 from .losses import margin
 
 __all__ = ["SquareAttack", "SquareResult", "p_schedule"]
@@ -109,7 +109,7 @@ class SquareAttack:
         x_best = self._init(x, g)
         loss_best, marg = self._query(x_best, y)
         queries += 1
-        bar = tqdm(total=self.n_queries - 1, desc=f"square {self.norm}", disable=not progress, leave=False)
+        bar = progress_bar(total=self.n_queries - 1, desc=f"square {self.norm}", enabled=progress, leave=False)
         for it in range(1, self.n_queries):
             active = (marg <= 0).nonzero().squeeze(1)  # still correctly classified
             if active.numel() == 0:

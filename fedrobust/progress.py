@@ -1,0 +1,21 @@
+"""Progress bars that stay readable off a terminal (Ray actors, CI logs, redirected output)."""
+
+from __future__ import annotations
+
+import sys
+
+from tqdm.auto import tqdm
+
+__all__ = ["interactive", "progress"]
+
+
+def interactive() -> bool:
+    return sys.stderr.isatty()
+
+
+def progress(iterable=None, *, total: int | None = None, desc: str = "", enabled: bool = True, leave: bool = True) -> tqdm:
+    tty = interactive()
+    return tqdm(
+        iterable, total=total, desc=desc, disable=not enabled, leave=leave,
+        dynamic_ncols=tty, mininterval=0.1 if tty else 10.0,
+    )
