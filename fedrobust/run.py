@@ -98,10 +98,12 @@ def prepare_run_dir(cfg: DictConfig, run_dir: str | None) -> Path:
     return path
 
 
-def load_ensemble(run_dir: str | Path, device: torch.device | str = "cpu") -> LogitAverageEnsemble:
-    """Rebuild a run's ensemble from its config and member checkpoints."""
+def load_ensemble(
+    run_dir: str | Path, device: torch.device | str = "cpu", cfg: DictConfig | None = None
+) -> LogitAverageEnsemble:
+    """Rebuild a run's ensemble from its member checkpoints (and its config, unless ``cfg`` is given)."""
     run_dir = Path(run_dir)
-    cfg = OmegaConf.load(run_dir / "config.yaml")
+    cfg = cfg if cfg is not None else OmegaConf.load(run_dir / "config.yaml")
     data = load_dataset(cfg.data.name, cfg.data.root)
     members = []
     for path in sorted((run_dir / "members").glob("member_*.pt"), key=lambda p: int(p.stem.split("_")[1])):

@@ -81,7 +81,7 @@ def evaluate_run(run_dir: str | Path, cfg: DictConfig, data: ImageDataset | None
     a = cfg.attack
     device = resolve_device(cfg.train.device)
     data = data or load_dataset(cfg.data.name, cfg.data.root)
-    target = load_ensemble(run_dir, device)
+    target = load_ensemble(run_dir, device, cfg)
     members = list(target.members)
     idx = evaluation_sample(len(data.y_test), a.num_samples, a.sample_seed)
     (run_dir / "eval_sample.json").write_text(json.dumps({"seed": a.sample_seed, "indices": idx.tolist()}))
