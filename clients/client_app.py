@@ -26,7 +26,7 @@ def _threads(num_cpus: float) -> int:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    cfg, round_idx = decode_task(msg.content)
+    cfg, round_idx, peers = decode_task(msg.content)
     node = int(context.node_config["partition-id"])
     partitions = int(context.node_config["num-partitions"])
     expected = num_nodes(cfg.deployment.name, cfg.deployment.num_nodes)
@@ -37,7 +37,7 @@ def train(msg: Message, context: Context) -> Message:
     torch.set_num_threads(_threads(cfg.engine.num_cpus))
 
     state = {k[len("trainer.") :]: rec.to_torch_state_dict() for k, rec in context.state.array_records.items() if k.startswith("trainer.")}
-    updates = train_node_round(cfg, node, round_idx, state)
+    updates = train_node_round(cfg, node, round_idx, state, peers=peers)
     for key, value in state.items():
         context.state[f"trainer.{key}"] = ArrayRecord(value)
     return Message(encode_reply(updates), reply_to=msg)

@@ -25,7 +25,7 @@ Hydra overrides, e.g.:
 
 groups:   data={digits,cifar10,cifar100}  model={cnn,resnet18,resnet34,mobilenetv2,vgg16}
           deployment={centralized,deep_ensemble,distributed_iid,distributed_dirichlet}
-          strategy={plain}  engine={simulation,inline}
+          strategy={plain,curvature,dispersion,edlcm,adversarial}  engine={simulation,inline}
 keys:     optimizer.{lr,momentum,weight_decay}  train.{epochs,rounds,batch_size,patience,seed,device,progress}
           deployment.{num_nodes,alpha,partition_seed}  data.{root,augment,crop_padding,val_fraction}
           engine.{num_cpus,num_gpus,timeout}  evaluate=true  attack.*  run_dir=PATH
@@ -94,14 +94,15 @@ def _evaluate(run_dir: str, overrides: list[str]) -> int:
 
     from omegaconf import OmegaConf
 
-    from .config import Config, apply_overrides
+    from .config import apply_overrides, structured_base
     from .run import preflight, setup_logging
 
     path = Path(run_dir)
     try:
         if not (path / "config.yaml").is_file() or not any((path / "members").glob("member_*.pt")):
             raise ConfigError(f"run_dir: {path} is not a run directory (expected config.yaml and members/member_*.pt)")
-        cfg = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(path / "config.yaml"))
+        saved = OmegaConf.load(path / "config.yaml")
+        cfg = OmegaConf.merge(structured_base(saved.get("strategy", {}).get("name", "plain")), saved)
         cfg = apply_overrides(cfg, overrides)
         preflight(cfg)
     except ConfigError as exc:

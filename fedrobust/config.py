@@ -36,7 +36,7 @@ CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 DATASETS = ("digits", "cifar10", "cifar100")
 MODELS = ("cnn", "resnet18", "resnet34", "mobilenetv2", "vgg16")
 DEPLOYMENTS = ("centralized", "deep_ensemble", "distributed_iid", "distributed_dirichlet")
-STRATEGIES = ("plain",)
+STRATEGIES = ("plain", "curvature", "dispersion", "edlcm", "adversarial")
 ENGINES = ("simulation", "inline")
 
 
@@ -69,6 +69,46 @@ class DeploymentConfig:
 @dataclass
 class StrategyConfig:
     name: str = "plain"
+
+
+@dataclass
+class CurvatureConfig(StrategyConfig):
+    name: str = "curvature"
+    alpha: float = 1.0
+    h: float | None = None  # None: (8/255) * sqrt(input size), see strategies/hessian.py
+
+
+@dataclass
+class DispersionConfig(StrategyConfig):
+    name: str = "dispersion"
+    beta: float = 0.01
+    h: float | None = None
+
+
+@dataclass
+class EDLCMConfig(StrategyConfig):
+    name: str = "edlcm"
+    alpha: float = 1.0
+    beta: float = 0.01
+    h: float | None = None
+
+
+@dataclass
+class AdversarialConfig(StrategyConfig):
+    name: str = "adversarial"
+    attack: str = "pgd"  # pgd | fgsm
+    eps: float = 8 / 255
+    steps: int = 7
+    eps_start: float = 0.1  # the budget starts at eps_start * eps and rises linearly to eps
+
+
+STRATEGY_SCHEMAS = {
+    "plain": StrategyConfig,
+    "curvature": CurvatureConfig,
+    "dispersion": DispersionConfig,
+    "edlcm": EDLCMConfig,
+    "adversarial": AdversarialConfig,
+}
 
 
 @dataclass
@@ -165,6 +205,9 @@ def _register_schemas() -> None:
     cs.store(name="base_config", node=Config)
     for group, schema in _GROUP_SCHEMAS.items():
         cs.store(group=group, name=f"base_{group}", node=schema)
+    for name, schema in STRATEGY_SCHEMAS.items():
+        if name != "plain":
+            cs.store(group="strategy", name=f"base_{name}", node=schema)
 
 
 _register_schemas()
@@ -249,6 +292,20 @@ def validate(cfg: DictConfig) -> None:
     _check(cfg.engine.num_gpus >= 0, "engine.num_gpus", f"must be >= 0, got {cfg.engine.num_gpus}")
     _check(cfg.engine.timeout >= 0, "engine.timeout", f"must be >= 0, got {cfg.engine.timeout}")
     validate_attack(cfg.attack)
+    validate_strategy(cfg.strategy)
+
+
+def validate_strategy(st: DictConfig) -> None:
+    for key in ("alpha", "beta"):
+        if key in st:
+            _check(st[key] >= 0, f"strategy.{key}", f"must be >= 0, got {st[key]}")
+    if "h" in st and st.h is not None:
+        _check(st.h > 0, "strategy.h", f"must be > 0, got {st.h}")
+    if st.name == "adversarial":
+        _check(st.attack in ("pgd", "fgsm"), "strategy.attack", f"unknown value '{st.attack}' (choose from pgd, fgsm)")
+        _check(st.eps > 0, "strategy.eps", f"must be > 0, got {st.eps}")
+        _check(st.steps >= 1, "strategy.steps", f"must be >= 1, got {st.steps}")
+        _check(0 < st.eps_start <= 1, "strategy.eps_start", f"must be in (0, 1], got {st.eps_start}")
 
 
 def validate_attack(a: DictConfig) -> None:
@@ -293,6 +350,15 @@ def apply_overrides(cfg: DictConfig, overrides: list[str] | tuple[str, ...]) -> 
     return cfg
 
 
+def structured_base(strategy: str = "plain") -> DictConfig:
+    """The typed default config, with the schema of ``strategy`` in ``strategy``."""
+    base = OmegaConf.structured(Config)
+    schema = STRATEGY_SCHEMAS.get(strategy)
+    if schema is not None and schema is not StrategyConfig:
+        base = OmegaConf.merge(base, {"strategy": OmegaConf.structured(schema)})
+    return base
+
+
 def config_to_json(cfg: DictConfig) -> str:
     return json.dumps(OmegaConf.to_container(cfg, resolve=True), sort_keys=True)
 
@@ -301,7 +367,7 @@ def config_from_json(text: str) -> DictConfig:
     """Rebuild a typed, validated config from :func:`config_to_json` output."""
     data: dict[str, Any] = json.loads(text)
     try:
-        cfg = OmegaConf.merge(OmegaConf.structured(Config), data)
+        cfg = OmegaConf.merge(structured_base(data.get("strategy", {}).get("name", "plain")), data)
     except OmegaConfBaseException as exc:
         raise _translate(exc) from None
     validate(cfg)

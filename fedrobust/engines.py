@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from .federation import collect_members
+from .federation import collect_members, peers_of
 from .node import MemberUpdate, train_node_round
 from .partition import num_nodes
 
@@ -43,11 +43,11 @@ def run_inline(cfg: DictConfig) -> list[MemberUpdate]:
     """Train every node's members in this process and return the validated members."""
     states: dict[int, dict] = {node: {} for node in range(num_nodes(cfg.deployment.name, cfg.deployment.num_nodes))}
 
-    def train_round(round_idx: int) -> list[MemberUpdate]:
+    def train_round(round_idx: int, current: dict[int, dict]) -> list[MemberUpdate]:
         updates = []
         with torch_threads(int(cfg.engine.num_cpus)):
             for node, state in states.items():
-                updates += train_node_round(cfg, node, round_idx, state)
+                updates += train_node_round(cfg, node, round_idx, state, peers=peers_of(cfg, node, current))
         return updates
 
     return collect_members(cfg, train_round)

@@ -16,14 +16,23 @@ from omegaconf import DictConfig
 
 from .data import load_dataset
 from .ensemble import InvalidUpdateError, validate_member_weights
-from .node import MemberUpdate, build_member, members_of_node
+from strategies import build_strategy
+
+from .node import MemberUpdate, build_member, initial_weights, members_of_node
 from .partition import num_nodes
 
-__all__ = ["collect_members", "TrainRound"]
+__all__ = ["collect_members", "peers_of", "TrainRound"]
 
 log = logging.getLogger("fedrobust")
 
-TrainRound = Callable[[int], list[MemberUpdate]]
+# (round index, current weights of every member known to the server) -> the members' updates
+TrainRound = Callable[[int, dict[int, dict]], list[MemberUpdate]]
+
+
+def peers_of(cfg: DictConfig, node: int, current: dict[int, dict]) -> dict[int, dict]:
+    """The current weights a node receives: every member that does not live on it."""
+    own = set(members_of_node(cfg, node))
+    return {m: w for m, w in current.items() if m not in own}
 
 
 def collect_members(cfg: DictConfig, train_round: TrainRound) -> list[MemberUpdate]:
@@ -33,10 +42,13 @@ def collect_members(cfg: DictConfig, train_round: TrainRound) -> list[MemberUpda
     n_nodes = num_nodes(cfg.deployment.name, cfg.deployment.num_nodes)
     expected = {m: node for node in range(n_nodes) for m in members_of_node(cfg, node)}
     latest: dict[int, MemberUpdate] = {}
+    needs_peers = build_strategy(cfg.strategy).needs_peers
+    # Members as they are now; nodes receive their peers from here each round.
+    current = initial_weights(cfg, data, sorted(expected)) if needs_peers and n_nodes > 1 else {}
     for r in range(cfg.train.rounds):
         log.info("round %d/%d: training %d member(s) on %d node(s)", r + 1, cfg.train.rounds, len(expected), n_nodes)
         seen: set[int] = set()
-        for u in train_round(r):
+        for u in train_round(r, current):
             who = f"node {u.node}"
             if expected.get(u.member) != u.node:
                 raise InvalidUpdateError(f"{who}: rejected update, member {u.member} does not belong to this node")
@@ -44,6 +56,10 @@ def collect_members(cfg: DictConfig, train_round: TrainRound) -> list[MemberUpda
                 raise InvalidUpdateError(f"{who}: rejected update, member {u.member} arrived twice in round {r + 1}")
             seen.add(u.member)
             u.weights = validate_member_weights(u.weights, reference, who)
+            if u.current is not None:
+                u.current = validate_member_weights(u.current, reference, who)
+                if current:
+                    current[u.member] = u.current
             if u.member in latest:
                 u.history = latest[u.member].history + u.history
             latest[u.member] = u

@@ -26,6 +26,7 @@ from .training import EpochRecord, MemberTrainer, TrainSettings, member_seed, re
 __all__ = [
     "MemberUpdate",
     "build_member",
+    "initial_weights",
     "epochs_per_round",
     "members_of_node",
     "shards_for",
@@ -49,6 +50,7 @@ class MemberUpdate:
     epochs_trained: int
     stopped: bool
     history: list[EpochRecord] = field(default_factory=list)
+    current: dict[str, torch.Tensor] | None = None  # the member as it is now (sent to peers), when the strategy needs peers
 
 
 def members_of_node(cfg: DictConfig, node: int) -> list[int]:
@@ -90,15 +92,26 @@ def shards_for(cfg: DictConfig, data: ImageDataset) -> tuple[NodeShard, ...]:
     return node_shards(data.y_train.numpy(), d.name, d.num_nodes, d.alpha, d.partition_seed, cfg.data.val_fraction)
 
 
+def initial_weights(cfg: DictConfig, data: ImageDataset, members: list[int]) -> dict[int, dict[str, torch.Tensor]]:
+    """Every member's initialisation, exactly as its node builds it (the server sends these as round-1 peers)."""
+    return {m: build_member(cfg, data, member_seed(cfg.train.seed, m)).state_dict() for m in members}
+
+
 def train_node_round(
     cfg: DictConfig,
     node: int,
     round_idx: int,
     state: MutableMapping[str, dict[str, torch.Tensor]],
     *,
+    peers: dict[int, dict[str, torch.Tensor]] | None = None,
     device: torch.device | None = None,
 ) -> list[MemberUpdate]:
-    """Train ``node``'s members for round ``round_idx``; ``state`` carries trainers between rounds."""
+    """Train ``node``'s members for round ``round_idx``; ``state`` carries trainers between rounds.
+
+    ``peers`` holds the current weights of members on other nodes (used by
+    strategies that need peers). Members that share a node train jointly
+    under such a strategy, and independently otherwise.
+    """
     expected = num_nodes(cfg.deployment.name, cfg.deployment.num_nodes)
     if not 0 <= node < expected:
         raise ValueError(f"node {node} is outside this deployment's {expected} node(s)")
@@ -111,30 +124,43 @@ def train_node_round(
     x_tr, y_tr = data.x_train[shard.train], data.y_train[shard.train]
     x_va, y_va = data.x_train[shard.val], data.y_train[shard.val]
     class_counts = np.bincount(y_tr.numpy(), minlength=data.num_classes).tolist()
+    own = members_of_node(cfg, node)
+    peer_models = []
+    if strategy.needs_peers:
+        for m, weights in sorted((peers or {}).items()):
+            if m not in own:
+                peer = build_member(cfg, data)
+                peer.load_state_dict(weights)
+                peer_models.append(peer)
+    joint = strategy.needs_peers and len(own) > 1
+    groups = [own] if joint else [[m] for m in own]
     updates = []
-    for m in members_of_node(cfg, node):
-        seed = member_seed(cfg.train.seed, m)
-        model = build_member(cfg, data, seed)
-        trainer = MemberTrainer(model, x_tr, y_tr, x_va, y_va, strategy, settings, seed, device)
-        key = f"member-{m}"
+    for group in groups:
+        seeds = [member_seed(cfg.train.seed, m) for m in group]
+        models = [build_member(cfg, data, seed) for seed in seeds]
+        trainer = MemberTrainer(models, x_tr, y_tr, x_va, y_va, strategy, settings, seeds[0], device)
+        key = "joint" if joint else f"member-{group[0]}"
         if key in state:
             trainer.load_state_dict(state[key])
-        desc = f"node {node} member {m} r{round_idx + 1}/{cfg.train.rounds}"
-        history = trainer.run(epochs, progress=cfg.train.progress, desc=desc)
+        who = f"members {group[0]}-{group[-1]}" if joint else f"member {group[0]}"
+        desc = f"node {node} {who} r{round_idx + 1}/{cfg.train.rounds}"
+        history = trainer.run(epochs, peers=peer_models, progress=cfg.train.progress, desc=desc)
         state[key] = trainer.state_dict()
-        updates.append(
-            MemberUpdate(
-                node=node,
-                member=m,
-                weights=trainer.best_weights(),
-                num_train_samples=len(shard.train),
-                num_val_samples=len(shard.val),
-                class_counts=class_counts,
-                best_epoch=trainer.best_epoch,
-                best_val_loss=trainer.best_val_loss,
-                epochs_trained=trainer.epoch,
-                stopped=trainer.stopped,
-                history=history,
+        for k, m in enumerate(group):
+            updates.append(
+                MemberUpdate(
+                    node=node,
+                    member=m,
+                    weights=trainer.best_weights(k),
+                    num_train_samples=len(shard.train),
+                    num_val_samples=len(shard.val),
+                    class_counts=class_counts,
+                    best_epoch=trainer.best_epoch,
+                    best_val_loss=trainer.best_val_loss,
+                    epochs_trained=trainer.epoch,
+                    stopped=trainer.stopped,
+                    history=history,
+                    current=trainer.current_weights(k) if strategy.needs_peers else None,
+                )
             )
-        )
     return updates

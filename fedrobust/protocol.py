@@ -3,8 +3,12 @@
 Task (server → node), in ``RecordDict["task"]`` (a ``ConfigRecord``):
 ``config`` (the resolved run config as JSON), ``round`` and ``num-rounds``.
 
+Task entries ``peer.j`` (``ArrayRecord``) carry the current weights of the
+members on other nodes, for strategies that need peers.
+
 Reply (node → server), per member ``m`` trained on the node:
-``weights.m`` (``ArrayRecord`` of the state dict) and ``metrics.m``
+``weights.m`` (``ArrayRecord`` of the best checkpoint), ``current.m`` (the
+member as it is now, for its peers, when the strategy needs peers) and ``metrics.m``
 (``MetricRecord``: node, member, sample counts, class counts, early-stopping
 state and the per-epoch history as lists).
 """
@@ -25,22 +29,32 @@ __all__ = ["decode_reply", "decode_task", "encode_reply", "encode_task"]
 _HISTORY = ("epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc")
 
 
-def encode_task(cfg: DictConfig, round_idx: int) -> RecordDict:
-    return RecordDict(
+def encode_task(cfg: DictConfig, round_idx: int, peers: dict[int, dict] | None = None) -> RecordDict:
+    rd = RecordDict(
         {"task": ConfigRecord({"config": config_to_json(cfg), "round": round_idx, "num-rounds": cfg.train.rounds})}
     )
+    for m, weights in (peers or {}).items():
+        rd[f"peer.{m}"] = ArrayRecord(weights)
+    return rd
 
 
-def decode_task(content: RecordDict) -> tuple[DictConfig, int]:
+def decode_task(content: RecordDict) -> tuple[DictConfig, int, dict[int, dict]]:
     task = content["task"]
     cfg = config_from_json(str(task["config"]))
-    return cfg, int(task["round"])
+    peers = {
+        int(k.split(".", 1)[1]): rec.to_torch_state_dict()
+        for k, rec in content.array_records.items()
+        if k.startswith("peer.")
+    }
+    return cfg, int(task["round"]), peers
 
 
 def encode_reply(updates: list[MemberUpdate]) -> RecordDict:
     rd = RecordDict()
     for u in updates:
         rd[f"weights.{u.member}"] = ArrayRecord(u.weights)
+        if u.current is not None:
+            rd[f"current.{u.member}"] = ArrayRecord(u.current)
         metrics: dict = {
             "node": u.node,
             "member": u.member,
@@ -72,6 +86,8 @@ def decode_reply(content: RecordDict, who: str) -> list[MemberUpdate]:
             metrics = content.metric_records[f"metrics.{m}"]
             arrays = content.array_records[f"weights.{m}"]
             weights = {name: arr.numpy() for name, arr in arrays.items()}
+            current = content.array_records.get(f"current.{m}")
+            current = {name: arr.numpy() for name, arr in current.items()} if current is not None else None
             n = len(metrics["history.epoch"])
             terms = {k[len("history.term.") :]: metrics[k] for k in metrics if k.startswith("history.term.")}
             history = [
@@ -99,6 +115,7 @@ def decode_reply(content: RecordDict, who: str) -> list[MemberUpdate]:
                     epochs_trained=int(metrics["epochs_trained"]),
                     stopped=bool(metrics["stopped"]),
                     history=history,
+                    current=current,
                 )
             )
         return updates

@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 
 from .config import load_config
 from .ensemble import InvalidUpdateError
-from .federation import collect_members
+from .federation import collect_members, peers_of
 from .node import MemberUpdate
 from .partition import num_nodes
 from .protocol import decode_reply, encode_task
@@ -36,6 +36,7 @@ class FlowerRounds:
         self.grid = grid
         self.cfg = cfg
         self.node_ids = self._wait_for_nodes(num_nodes(cfg.deployment.name, cfg.deployment.num_nodes), node_wait_s)
+        self.partition_of: dict[int, int] = {}
 
     def _wait_for_nodes(self, expected: int, wait_s: float) -> list[int]:
         deadline = time.monotonic() + wait_s
@@ -52,11 +53,16 @@ class FlowerRounds:
                 )
             time.sleep(1.0)
 
-    def __call__(self, round_idx: int) -> list[MemberUpdate]:
-        messages = [
-            Message(content=encode_task(self.cfg, round_idx), dst_node_id=nid, message_type=MessageType.TRAIN)
-            for nid in self.node_ids
-        ]
+    def __call__(self, round_idx: int, current: dict[int, dict]) -> list[MemberUpdate]:
+        # A Flower node knows its partition from its own node config; the server learns it from
+        # the first reply. Until then a node also receives its own members' weights and ignores them.
+        messages = []
+        for nid in self.node_ids:
+            part = self.partition_of.get(nid)
+            peers = current if part is None else peers_of(self.cfg, part, current)
+            messages.append(
+                Message(content=encode_task(self.cfg, round_idx, peers), dst_node_id=nid, message_type=MessageType.TRAIN)
+            )
         timeout = self.cfg.engine.timeout or None
         replies = list(self.grid.send_and_receive(messages, timeout=timeout))
         updates: list[MemberUpdate] = []
@@ -68,6 +74,7 @@ class FlowerRounds:
             for u in decode_reply(reply.content, f"flower node {src}"):
                 if claimed.setdefault(u.node, src) != src:
                     raise InvalidUpdateError(f"node {u.node}: claimed by flower nodes {claimed[u.node]} and {src}")
+                self.partition_of[src] = u.node
                 updates.append(u)
         return updates
 

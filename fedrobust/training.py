@@ -105,11 +105,17 @@ def evaluate_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_siz
 
 
 class MemberTrainer:
-    """Trains one member; call :meth:`run` once, or once per round."""
+    """Trains one member, or several jointly; call :meth:`run` once, or once per round.
+
+    With several models (all members of one node under a strategy that needs
+    peers), every batch goes through ``strategy.joint_loss`` and one optimiser
+    steps all of them; early stopping then watches the members' mean
+    validation loss and keeps their checkpoints from the same epoch.
+    """
 
     def __init__(
         self,
-        model: nn.Module,
+        model: nn.Module | Sequence[nn.Module],
         x_train: torch.Tensor,
         y_train: torch.Tensor,
         x_val: torch.Tensor,
@@ -120,13 +126,17 @@ class MemberTrainer:
         device: torch.device | str = "cpu",
     ) -> None:
         self.device = torch.device(device)
-        self.model = model.to(self.device)
+        self.models = [m.to(self.device) for m in ([model] if isinstance(model, nn.Module) else model)]
+        if len(self.models) > 1 and not hasattr(strategy, "joint_loss"):
+            raise ValueError(f"strategy '{strategy.name}' cannot train members jointly")
         self.x_train, self.y_train = x_train.to(self.device), y_train.to(self.device)
         self.x_val, self.y_val = x_val.to(self.device), y_val.to(self.device)
         self.strategy = strategy
         self.settings = settings
+        self.seed = seed
+        self.params = [p for m in self.models for p in m.parameters()]
         self.optimizer = torch.optim.SGD(
-            self.model.parameters(), lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay
+            self.params, lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay
         )
         self.generator = torch.Generator().manual_seed(seed)  # batching and augmentation
         self.epoch = 0
@@ -134,15 +144,47 @@ class MemberTrainer:
         self.stopped = False
         self.best_val_loss = math.inf
         self.best_epoch = -1
-        self.best_state = copy.deepcopy(self.model.state_dict())
+        self.best_states = [copy.deepcopy(m.state_dict()) for m in self.models]
+        self._peer_diffs: list[torch.Tensor] | None = None
+
+    @property
+    def model(self) -> nn.Module:
+        return self.models[0]
 
     # ------------------------------------------------------------ training --
+    def _prepare_peers(self, peers: Sequence[nn.Module]) -> None:
+        """Without augmentation, the frozen peers' directions depend only on the image: compute them once."""
+        self._peer_diffs = None
+        if not peers or not self.strategy.needs_peers or self.settings.augment:
+            return
+        if len(peers) * self.x_train.numel() * 4 > 2**30:  # keep the cache under 1 GiB
+            return
+        chunks: list[list[torch.Tensor]] = [[] for _ in peers]
+        for start in range(0, len(self.x_train), 512):
+            xb = to_float(self.x_train[start : start + 512])
+            for k, d in enumerate(self.strategy.peer_differences(peers, xb, self.y_train[start : start + 512])):
+                chunks[k].append(d)
+        self._peer_diffs = [torch.cat(c) for c in chunks]
+
+    def _batch_loss(self, xb, yb, idx, peers):
+        if len(self.models) > 1:
+            out, logits = self.strategy.joint_loss(self.models, xb, yb)
+            correct = sum(int((z.argmax(1) == yb).sum()) for z in logits) / len(logits)
+            return out, correct
+        if self._peer_diffs is not None:
+            out = self.strategy.loss(self.model, xb, yb, peers=peers, peer_diffs=[d[idx] for d in self._peer_diffs])
+        else:
+            out = self.strategy.loss(self.model, xb, yb, peers=peers)
+        correct = int((out.logits.argmax(1) == yb).sum()) if out.logits is not None else 0
+        return out, correct
+
     def _train_epoch(self, peers: Sequence[nn.Module]) -> tuple[float, float, dict[str, float]]:
         s = self.settings
-        self.model.train()
+        for m in self.models:
+            m.train()
         n = len(self.x_train)
         perm = torch.randperm(n, generator=self.generator).to(self.device)
-        loss_sum, correct, seen = 0.0, 0, 0
+        loss_sum, correct, seen = 0.0, 0.0, 0
         term_sums: dict[str, float] = {}
         for start in range(0, n, s.batch_size):
             idx = perm[start : start + s.batch_size]
@@ -152,19 +194,22 @@ class MemberTrainer:
             if s.augment:
                 xb = random_crop_flip(xb, s.crop_padding, self.generator)
             yb = self.y_train[idx]
-            out = self.strategy.loss(self.model, xb, yb, peers=peers)
+            out, batch_correct = self._batch_loss(xb, yb, idx, peers)
             self.optimizer.zero_grad(set_to_none=True)
             out.total.backward()
             self.optimizer.step()
             b = len(idx)
             loss_sum += float(out.total.detach()) * b
             seen += b
-            if out.logits is not None:
-                correct += int((out.logits.argmax(1) == yb).sum())
+            correct += batch_correct
             for k, v in out.terms.items():
                 term_sums[k] = term_sums.get(k, 0.0) + v * b
         seen = max(seen, 1)
         return loss_sum / seen, correct / seen, {k: v / seen for k, v in term_sums.items()}
+
+    def _validate(self) -> tuple[float, float]:
+        scores = [evaluate_model(m, self.x_val, self.y_val) for m in self.models]
+        return sum(v[0] for v in scores) / len(scores), sum(v[1] for v in scores) / len(scores)
 
     def run(
         self, epochs: int, *, peers: Sequence[nn.Module] = (), progress: bool = True, desc: str = "member"
@@ -172,6 +217,11 @@ class MemberTrainer:
         """Train up to ``epochs`` more epochs (fewer if early stopping fires)."""
         s = self.settings
         records: list[EpochRecord] = []
+        peers = list(peers)
+        for p in peers:
+            p.to(self.device).eval().requires_grad_(False)
+        if not self.stopped and self.epoch < s.epochs:
+            self._prepare_peers(peers)
         bar = progress_bar(total=epochs, desc=desc, enabled=progress)
         try:
             for _ in range(epochs):
@@ -180,11 +230,17 @@ class MemberTrainer:
                 lr = cosine_lr(s.lr, self.epoch, s.epochs)
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr
+                hook_terms = {}
+                if hasattr(self.strategy, "begin_epoch"):
+                    hook_terms = self.strategy.begin_epoch(
+                        self.model, self.epoch, s.epochs, to_float(self.x_val), self.y_val, self.seed
+                    ) or {}
                 train_loss, train_acc, terms = self._train_epoch(peers)
-                val_loss, val_acc = evaluate_model(self.model, self.x_val, self.y_val)
+                terms |= hook_terms
+                val_loss, val_acc = self._validate()
                 if val_loss < self.best_val_loss:
                     self.best_val_loss, self.best_epoch, self.bad_epochs = val_loss, self.epoch, 0
-                    self.best_state = copy.deepcopy(self.model.state_dict())
+                    self.best_states = [copy.deepcopy(m.state_dict()) for m in self.models]
                 else:
                     self.bad_epochs += 1
                     self.stopped = self.bad_epochs >= s.patience
@@ -198,18 +254,24 @@ class MemberTrainer:
                 bar.set_postfix_str(f"early stop at epoch {self.epoch}, best {self.best_epoch}", refresh=False)
         finally:
             bar.close()
+            self._peer_diffs = None
         return records
 
-    def best_weights(self) -> dict[str, torch.Tensor]:
-        """The best-validation checkpoint, on CPU."""
-        return {k: v.detach().cpu().clone() for k, v in self.best_state.items()}
+    def best_weights(self, k: int = 0) -> dict[str, torch.Tensor]:
+        """Member ``k``'s best-validation checkpoint, on CPU."""
+        return {name: v.detach().cpu().clone() for name, v in self.best_states[k].items()}
+
+    def current_weights(self, k: int = 0) -> dict[str, torch.Tensor]:
+        return {name: v.detach().cpu().clone() for name, v in self.models[k].state_dict().items()}
 
     # --------------------------------------------------------- persistence --
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Everything needed to resume, as a flat dict of CPU tensors."""
-        state = {f"model.{k}": v.detach().cpu() for k, v in self.model.state_dict().items()}
-        state |= {f"best.{k}": v.detach().cpu() for k, v in self.best_state.items()}
-        for i, p in enumerate(self.model.parameters()):
+        state: dict[str, torch.Tensor] = {}
+        for k, (m, best) in enumerate(zip(self.models, self.best_states)):
+            state |= {f"model.{k}.{n}": v.detach().cpu() for n, v in m.state_dict().items()}
+            state |= {f"best.{k}.{n}": v.detach().cpu() for n, v in best.items()}
+        for i, p in enumerate(self.params):
             buf = self.optimizer.state.get(p, {}).get("momentum_buffer")
             if buf is not None:
                 state[f"momentum.{i}"] = buf.detach().cpu()
@@ -219,13 +281,15 @@ class MemberTrainer:
         return state
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        model_state = {k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")}
-        self.model.load_state_dict(model_state)
-        self.best_state = {k[len("best.") :]: v.to(self.device).clone() for k, v in state.items() if k.startswith("best.")}
-        params = list(self.model.parameters())
-        for k, v in state.items():
-            if k.startswith("momentum."):
-                self.optimizer.state[params[int(k.split(".")[1])]]["momentum_buffer"] = v.to(self.device).clone()
+        for k, m in enumerate(self.models):
+            prefix, best_prefix = f"model.{k}.", f"best.{k}."
+            m.load_state_dict({n[len(prefix) :]: v for n, v in state.items() if n.startswith(prefix)})
+            self.best_states[k] = {
+                n[len(best_prefix) :]: v.to(self.device).clone() for n, v in state.items() if n.startswith(best_prefix)
+            }
+        for n, v in state.items():
+            if n.startswith("momentum."):
+                self.optimizer.state[self.params[int(n.split(".")[1])]]["momentum_buffer"] = v.to(self.device).clone()
         self.generator.set_state(state["rng"].to(torch.uint8).cpu())
         epoch, bad, stopped, best_epoch = (int(v) for v in state["counters"])
         self.epoch, self.bad_epochs, self.stopped, self.best_epoch = epoch, bad, bool(stopped), best_epoch

@@ -47,7 +47,7 @@ def test_valid_arrays_pass_as_copies():
 
 
 def _fake_round(poison_node, how):
-    def train_round(r):
+    def train_round(r, current):
         updates = []
         for node in range(3):
             (u,) = train_node_round(CFG, node, r, {})
@@ -70,7 +70,7 @@ def test_poisoned_reply_never_enters_the_ensemble(how, match):
 
 
 def test_member_claimed_by_the_wrong_node_is_rejected():
-    def train_round(r):
+    def train_round(r, current):
         (u,) = train_node_round(CFG, 0, r, {})
         u.node = 1  # node 1 pretends to deliver node 0's member
         return [u]

@@ -1,0 +1,78 @@
+"""Adversarial training with a dynamic budget and an adaptive clean/adversarial weight (paper 002).
+
+* Dynamic budget (Alg. 1): the training epsilon starts at ``eps_start * eps``
+  (eps/10 by default) and rises linearly to ``eps`` at the last epoch.
+* Adaptive loss (sec. 3.2): ``L = a * ce(x) + (1 - a) * ce(x_adv)`` with
+  ``a = acc_adv / (acc_adv + acc_clean)`` measured on the validation split at
+  the start of each epoch, so training leans on adversarial examples while
+  the member is not robust, and back on clean ones as it becomes robust.
+
+The attack is step 2's :class:`~fedrobust.evaluation.gradient.PGD` (step
+``2.5 * eps / steps``, random start) or FGSM, run in train mode with
+batch-norm running statistics frozen. Its random start is seeded by the
+member's seed and the epoch, so a run resumes exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import LossTerms, TrainingStrategy
+from .hessian import frozen_running_stats
+
+__all__ = ["Adversarial"]
+
+
+class Adversarial(TrainingStrategy):
+    name = "adversarial"
+
+    def __init__(self, attack: str = "pgd", eps: float = 8 / 255, steps: int = 7, eps_start: float = 0.1) -> None:
+        if attack not in ("pgd", "fgsm"):
+            raise ValueError(f"attack must be 'pgd' or 'fgsm', got '{attack}'")
+        if eps <= 0 or steps < 1 or not 0 < eps_start <= 1:
+            raise ValueError(f"need eps > 0, steps >= 1, 0 < eps_start <= 1; got {eps}, {steps}, {eps_start}")
+        self.attack_name, self.eps, self.steps, self.eps_start = attack, float(eps), int(steps), float(eps_start)
+        self.current_eps = self.eps
+        self.clean_weight = 0.5
+        self._seed = 0
+
+    def epsilon_at(self, epoch: int, total_epochs: int) -> float:
+        frac = epoch / max(total_epochs - 1, 1)
+        return self.eps * (self.eps_start + (1.0 - self.eps_start) * frac)
+
+    def _attack(self, model: nn.Module, eps: float):
+        from fedrobust.evaluation.gradient import FGSM, PGD
+
+        if self.attack_name == "fgsm":
+            return FGSM(model, eps)
+        return PGD(model, eps, self.steps, seed=self._seed)
+
+    def _craft(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float) -> torch.Tensor:
+        with frozen_running_stats(model):
+            return self._attack(model, eps)(x, y)
+
+    def begin_epoch(self, model: nn.Module, epoch: int, total_epochs: int, x_val, y_val, seed: int) -> dict[str, float]:
+        from fedrobust.evaluation.metrics import accuracy
+
+        self._seed = seed * 100003 + epoch
+        self.current_eps = self.epsilon_at(epoch, total_epochs)
+        was_training = model.training
+        model.eval()
+        acc_clean = accuracy(model, x_val, y_val)
+        acc_adv = accuracy(model, self._attack(model, self.current_eps)(x_val, y_val), y_val)
+        model.train(was_training)
+        self.clean_weight = acc_adv / (acc_adv + acc_clean) if acc_adv + acc_clean > 0 else 0.5
+        return {"eps": self.current_eps, "clean_weight": self.clean_weight, "val_adv_acc": acc_adv}
+
+    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, peers: Sequence[nn.Module] = ()) -> LossTerms:
+        x_adv = self._craft(model, x, y, self.current_eps)
+        logits = model(x)
+        ce_clean = F.cross_entropy(logits, y)
+        ce_adv = F.cross_entropy(model(x_adv), y)
+        a = self.clean_weight
+        total = a * ce_clean + (1.0 - a) * ce_adv
+        return LossTerms(total, {"ce_clean": float(ce_clean.detach()), "ce_adv": float(ce_adv.detach())}, logits.detach())

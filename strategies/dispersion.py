@@ -1,0 +1,114 @@
+"""Dispersion regularisation: ``ce + beta * sum_{i<j} cos(Hg_i, Hg_j)`` (EDLCM eq. 10).
+
+Two forms, one objective:
+
+* **Federated** (one member per node). The server sends every node its
+  peers' current members each round; client i freezes them and computes
+  their ``Hg_j`` on its own batch, so its loss is
+  ``ce_i + beta * sum_{j != i} mean_n cos(Hg_i, Hg_j)``: the pairs that involve
+  its own member, with the peers' directions as constants. This is block-
+  coordinate descent on the joint objective: each node moves its own member
+  against the peers' last-round members, so the peers it sees are at most one
+  round stale. Communication: every node receives N-1 members and sends 1 per
+  round, N^2 member transfers in all (N(N-1) to the nodes, N back).
+* **Joint** (all members on one node: deep ensemble, centralized with N>1).
+  The members train together on the same batch and the pairwise terms are
+  exact, differentiable in both members of each pair.
+
+Without augmentation the peers' ``Hg_j`` depend only on the image (the peers
+are frozen and in eval mode), so the trainer computes them once per round for
+the whole shard and slices them per batch (see ``peer_differences``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import LossTerms, TrainingStrategy
+from .curvature import curvature_penalty
+from .hessian import default_h, gradient_difference
+
+__all__ = ["Dispersion", "pairwise_cosine", "dispersion_term"]
+
+
+def pairwise_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-sample cosine similarity of two batches of directions, in [-1, 1]."""
+    return F.cosine_similarity(a.flatten(1), b.flatten(1), dim=1, eps=1e-12)
+
+
+def dispersion_term(diffs: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``sum_{i<j} mean_n cos(diffs_i, diffs_j)`` (EDLCM eq. 10)."""
+    total = diffs[0].new_zeros(())
+    for i in range(len(diffs)):
+        for j in range(i + 1, len(diffs)):
+            total = total + pairwise_cosine(diffs[i], diffs[j]).mean()
+    return total
+
+
+class Dispersion(TrainingStrategy):
+    """Dispersion only (``alpha = 0``); :class:`strategies.edlcm.EDLCM` adds the curvature term."""
+
+    name = "dispersion"
+    needs_peers = True
+    needs_input_grad = True
+
+    def __init__(self, beta: float = 0.01, h: float | None = None, alpha: float = 0.0) -> None:
+        if alpha < 0 or beta < 0:
+            raise ValueError(f"alpha and beta must be >= 0, got alpha={alpha}, beta={beta}")
+        if h is not None and h <= 0:
+            raise ValueError(f"h must be > 0, got {h}")
+        self.alpha, self.beta, self.h = float(alpha), float(beta), h
+
+    def _h(self, x: torch.Tensor) -> float:
+        return self.h if self.h is not None else default_h(x)
+
+    @torch.no_grad()
+    def peer_differences(self, peers: Sequence[nn.Module], x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
+        """The frozen peers' gradient differences on ``(x, y)`` (constants for the loss)."""
+        out = []
+        for peer in peers:
+            was_training = peer.training
+            peer.eval()
+            out.append(gradient_difference(peer, x, y, self._h(x), create_graph=False)[1])
+            peer.train(was_training)
+        return out
+
+    def loss(
+        self,
+        model: nn.Module,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        *,
+        peers: Sequence[nn.Module] = (),
+        peer_diffs: Sequence[torch.Tensor] | None = None,
+    ) -> LossTerms:
+        logits, diff = gradient_difference(model, x, y, self._h(x), create_graph=True)
+        if peer_diffs is None:
+            peer_diffs = self.peer_differences(peers, x, y)
+        ce = F.cross_entropy(logits, y)
+        disp = sum((pairwise_cosine(diff, d).mean() for d in peer_diffs), ce.new_zeros(()))
+        curv = curvature_penalty(diff)
+        total = ce + self.alpha * curv + self.beta * disp
+        terms = {"ce": float(ce.detach()), "dispersion": float(disp.detach())}
+        if self.alpha > 0:
+            terms["curvature"] = float(curv.detach())
+        return LossTerms(total, terms, logits.detach())
+
+    def joint_loss(self, models: Sequence[nn.Module], x: torch.Tensor, y: torch.Tensor) -> tuple[LossTerms, list[torch.Tensor]]:
+        """All members on one batch with exact pairwise terms; returns the terms and each member's logits."""
+        h = self._h(x)
+        pairs = [gradient_difference(m, x, y, h, create_graph=True) for m in models]
+        logits = [p[0] for p in pairs]
+        diffs = [p[1] for p in pairs]
+        ce = torch.stack([F.cross_entropy(z, y) for z in logits])
+        curv = torch.stack([curvature_penalty(d) for d in diffs])
+        disp = dispersion_term(diffs)
+        total = ce.sum() + self.alpha * curv.sum() + self.beta * disp
+        terms = {"ce": float(ce.detach().mean()), "dispersion": float(disp.detach())}
+        if self.alpha > 0:
+            terms["curvature"] = float(curv.detach().mean())
+        return LossTerms(total, terms), [z.detach() for z in logits]

@@ -1,0 +1,14 @@
+"""EDLCM: curvature + dispersion, ``ce + alpha * L_r + beta * L_g`` (EDLCM eq. 11), alpha=1, beta=0.01."""
+
+from __future__ import annotations
+
+from .dispersion import Dispersion
+
+__all__ = ["EDLCM"]
+
+
+class EDLCM(Dispersion):
+    name = "edlcm"
+
+    def __init__(self, alpha: float = 1.0, beta: float = 0.01, h: float | None = None) -> None:
+        super().__init__(beta=beta, h=h, alpha=alpha)
