@@ -43,17 +43,22 @@ def default_h(x: torch.Tensor) -> float:
 
 @contextlib.contextmanager
 def frozen_running_stats(model: nn.Module) -> Iterator[None]:
-    """Run forward passes without changing batch-norm running statistics."""
+    """Run forward passes without changing batch-norm running statistics.
+
+    The buffers are swapped for copies and the originals put back afterwards
+    (by assignment, not in place), so tensors that autograd saved stay valid
+    for double backpropagation.
+    """
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-    saved = [(m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()) for m in norms]
+    saved = [(m.running_mean, m.running_var, m.num_batches_tracked) for m in norms]
+    for m in norms:
+        m.running_mean, m.running_var = m.running_mean.clone(), m.running_var.clone()
+        m.num_batches_tracked = m.num_batches_tracked.clone()
     try:
         yield
     finally:
-        with torch.no_grad():
-            for m, (mean, var, count) in zip(norms, saved):
-                m.running_mean.copy_(mean)
-                m.running_var.copy_(var)
-                m.num_batches_tracked.copy_(count)
+        for m, (mean, var, count) in zip(norms, saved):
+            m.running_mean, m.running_var, m.num_batches_tracked = mean, var, count
 
 
 def sign_direction(grad: torch.Tensor) -> torch.Tensor:
