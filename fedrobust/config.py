@@ -121,7 +121,7 @@ class OptimizerConfig:
 @dataclass
 class TrainConfig:
     epochs: int = 40  # total local epochs, split evenly over the rounds
-    rounds: int = 1
+    rounds: int | None = None  # None: 1, or 10 (at most epochs) when the strategy exchanges peers
     batch_size: int = 128
     patience: int = 10  # early stopping on validation loss
     seed: int = 0
@@ -254,8 +254,20 @@ def load_config(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
         raise _translate(exc) from None
     finally:
         GlobalHydra.instance().clear()
+    resolve_defaults(cfg)
     validate(cfg)
     return cfg
+
+
+PEER_STRATEGIES = ("dispersion", "edlcm")
+PEER_ROUNDS = 10
+
+
+def resolve_defaults(cfg: DictConfig) -> None:
+    """Fill the values whose default depends on other keys, so that the saved config is concrete."""
+    if cfg.train.rounds is None:
+        rounds = PEER_ROUNDS if cfg.strategy.name in PEER_STRATEGIES else 1
+        cfg.train.rounds = max(1, min(rounds, cfg.train.epochs))
 
 
 def _check(ok: bool, key: str, msg: str) -> None:
