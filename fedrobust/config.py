@@ -76,6 +76,7 @@ class CurvatureConfig(StrategyConfig):
     name: str = "curvature"
     alpha: float = 1.0
     h: float | None = None  # None: (8/255) * sqrt(input size), see strategies/hessian.py
+    every: int = 1  # opt-in lazy regularisation: penalty on 1 batch in `every`, scaled by `every`
 
 
 @dataclass
@@ -83,6 +84,7 @@ class DispersionConfig(StrategyConfig):
     name: str = "dispersion"
     beta: float = 0.01
     h: float | None = None
+    every: int = 1  # opt-in lazy regularisation: penalty on 1 batch in `every`, scaled by `every`
 
 
 @dataclass
@@ -91,6 +93,7 @@ class EDLCMConfig(StrategyConfig):
     alpha: float = 1.0
     beta: float = 0.01
     h: float | None = None
+    every: int = 1  # opt-in lazy regularisation: penalty on 1 batch in `every`, scaled by `every`
 
 
 @dataclass
@@ -311,6 +314,8 @@ def validate_strategy(st: DictConfig) -> None:
     for key in ("alpha", "beta"):
         if key in st:
             _check(st[key] >= 0, f"strategy.{key}", f"must be >= 0, got {st[key]}")
+    if "every" in st:
+        _check(st.every >= 1, "strategy.every", f"must be >= 1, got {st.every}")
     if "h" in st and st.h is not None:
         _check(st.h > 0, "strategy.h", f"must be > 0, got {st.h}")
     if st.name == "adversarial":

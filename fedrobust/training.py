@@ -186,7 +186,10 @@ class MemberTrainer:
         perm = torch.randperm(n, generator=self.generator).to(self.device)
         loss_sum, correct, seen = 0.0, 0.0, 0
         term_sums: dict[str, float] = {}
-        for start in range(0, n, s.batch_size):
+        term_seen: dict[str, int] = {}
+        batches = math.ceil(n / s.batch_size)
+        for b_idx, start in enumerate(range(0, n, s.batch_size)):
+            self.strategy.begin_batch(self.epoch * batches + b_idx)
             idx = perm[start : start + s.batch_size]
             if len(idx) < 2:  # batch norm cannot train on a single sample
                 continue
@@ -204,8 +207,9 @@ class MemberTrainer:
             correct += batch_correct
             for k, v in out.terms.items():
                 term_sums[k] = term_sums.get(k, 0.0) + v * b
+                term_seen[k] = term_seen.get(k, 0) + b
         seen = max(seen, 1)
-        return loss_sum / seen, correct / seen, {k: v / seen for k, v in term_sums.items()}
+        return loss_sum / seen, correct / seen, {k: v / term_seen[k] for k, v in term_sums.items()}
 
     def _validate(self) -> tuple[float, float]:
         scores = [evaluate_model(m, self.x_val, self.y_val) for m in self.models]

@@ -38,6 +38,9 @@ class TrainingStrategy(ABC):
     needs_peers: bool = False
     needs_input_grad: bool = False
 
+    def begin_batch(self, step: int) -> None:
+        """Called by the trainer before every batch with the member's global step (epoch * batches + batch)."""
+
     @abstractmethod
     def loss(
         self,

@@ -18,6 +18,8 @@ Two forms, one objective:
 Without augmentation the peers' ``Hg_j`` depend only on the image (the peers
 are frozen and in eval mode), so the trainer computes them once per round for
 the whole shard and slices them per batch (see ``peer_differences``).
+
+``every=k`` is the opt-in lazy form described in :mod:`strategies.curvature`.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from torch import nn
 from .base import LossTerms, TrainingStrategy
 from .curvature import curvature_penalty
 from .hessian import default_h, gradient_difference
+from .plain import Plain
 
 __all__ = ["Dispersion", "pairwise_cosine", "dispersion_term"]
 
@@ -56,12 +59,22 @@ class Dispersion(TrainingStrategy):
     needs_peers = True
     needs_input_grad = True
 
-    def __init__(self, beta: float = 0.01, h: float | None = None, alpha: float = 0.0) -> None:
+    def __init__(self, beta: float = 0.01, h: float | None = None, alpha: float = 0.0, every: int = 1) -> None:
         if alpha < 0 or beta < 0:
             raise ValueError(f"alpha and beta must be >= 0, got alpha={alpha}, beta={beta}")
         if h is not None and h <= 0:
             raise ValueError(f"h must be > 0, got {h}")
-        self.alpha, self.beta, self.h = float(alpha), float(beta), h
+        if every < 1:
+            raise ValueError(f"every must be >= 1, got {every}")
+        self.alpha, self.beta, self.h, self.every = float(alpha), float(beta), h, int(every)
+        self._step = 0
+
+    def begin_batch(self, step: int) -> None:
+        self._step = step
+
+    @property
+    def _lazy_skip(self) -> bool:
+        return self._step % self.every != 0
 
     def _h(self, x: torch.Tensor) -> float:
         return self.h if self.h is not None else default_h(x)
@@ -86,13 +99,15 @@ class Dispersion(TrainingStrategy):
         peers: Sequence[nn.Module] = (),
         peer_diffs: Sequence[torch.Tensor] | None = None,
     ) -> LossTerms:
+        if self._lazy_skip:
+            return Plain().loss(model, x, y)
         logits, diff = gradient_difference(model, x, y, self._h(x), create_graph=True)
         if peer_diffs is None:
             peer_diffs = self.peer_differences(peers, x, y)
         ce = F.cross_entropy(logits, y)
         disp = sum((pairwise_cosine(diff, d).mean() for d in peer_diffs), ce.new_zeros(()))
         curv = curvature_penalty(diff)
-        total = ce + self.alpha * curv + self.beta * disp
+        total = ce + self.every * (self.alpha * curv + self.beta * disp)
         terms = {"ce": float(ce.detach()), "dispersion": float(disp.detach())}
         if self.alpha > 0:
             terms["curvature"] = float(curv.detach())
@@ -100,6 +115,10 @@ class Dispersion(TrainingStrategy):
 
     def joint_loss(self, models: Sequence[nn.Module], x: torch.Tensor, y: torch.Tensor) -> tuple[LossTerms, list[torch.Tensor]]:
         """All members on one batch with exact pairwise terms; returns the terms and each member's logits."""
+        if self._lazy_skip:
+            outs = [Plain().loss(m, x, y) for m in models]
+            total = torch.stack([o.total for o in outs]).sum()
+            return LossTerms(total, {"ce": sum(o.terms["ce"] for o in outs) / len(outs)}), [o.logits for o in outs]
         h = self._h(x)
         pairs = [gradient_difference(m, x, y, h, create_graph=True) for m in models]
         logits = [p[0] for p in pairs]
@@ -107,7 +126,7 @@ class Dispersion(TrainingStrategy):
         ce = torch.stack([F.cross_entropy(z, y) for z in logits])
         curv = torch.stack([curvature_penalty(d) for d in diffs])
         disp = dispersion_term(diffs)
-        total = ce.sum() + self.alpha * curv.sum() + self.beta * disp
+        total = ce.sum() + self.every * (self.alpha * curv.sum() + self.beta * disp)
         terms = {"ce": float(ce.detach().mean()), "dispersion": float(disp.detach())}
         if self.alpha > 0:
             terms["curvature"] = float(curv.detach().mean())

@@ -10,5 +10,5 @@ __all__ = ["EDLCM"]
 class EDLCM(Dispersion):
     name = "edlcm"
 
-    def __init__(self, alpha: float = 1.0, beta: float = 0.01, h: float | None = None) -> None:
-        super().__init__(beta=beta, h=h, alpha=alpha)
+    def __init__(self, alpha: float = 1.0, beta: float = 0.01, h: float | None = None, every: int = 1) -> None:
+        super().__init__(beta=beta, h=h, alpha=alpha, every=every)

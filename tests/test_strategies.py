@@ -103,6 +103,22 @@ def test_alpha_beta_zero_reproduce_plain_exactly():
             assert torch.equal(v, other.model.state_dict()[k]), (zero.name, k)
 
 
+def test_lazy_regularisation_applies_the_scaled_penalty_on_one_batch_in_k():
+    model = _smooth(2)
+    x, y = _batch(6, 2)
+    pairs = ((Curvature(alpha=0.7, h=0.05, every=3), Curvature(alpha=0.7, h=0.05)), (EDLCM(h=0.05, every=3), EDLCM(h=0.05)))
+    for strategy, exact in pairs:
+        term = "curvature"
+        strategy.begin_batch(4)  # 4 % 3 != 0: plain cross-entropy
+        skipped = strategy.loss(model, x, y)
+        assert torch.equal(skipped.total, Plain().loss(model, x, y).total) and term not in skipped.terms
+        strategy.begin_batch(6)  # 6 % 3 == 0: the regulariser, scaled by 3
+        lazy = strategy.loss(model, x, y)
+        full = exact.loss(model, x, y)
+        reg = full.total - torch.nn.functional.cross_entropy(model(x), y)
+        assert float(lazy.total) == pytest.approx(float(full.total + 2 * reg), rel=1e-10)
+
+
 def test_regularisers_change_training_and_leave_bn_statistics_alone():
     plain, curv = _digits_trainer(Plain()), _digits_trainer(Curvature(alpha=1.0))
     sd_p, sd_c = plain.model.state_dict(), curv.model.state_dict()
