@@ -24,7 +24,7 @@ from ..run import load_ensemble
 from ..training import resolve_device
 from .cache import cache_root, content_key, load_tensors, save_tensors
 from .gradient import CWA, MIFGSM, PGD, build_gradient_attack
-from .metrics import accuracy, transferability
+from .metrics import accuracy, predict, transferability
 from .smoothness import gradient_cosine, hessian_lambda_max
 from .square import SquareAttack
 from .surrogates import load_or_train_zoo
@@ -97,6 +97,10 @@ def evaluate_run(run_dir: str | Path, cfg: DictConfig, data: ImageDataset | None
               ["smoothness"] if a.hessian_samples > 0 else [])
     bar = progress_bar(stages, desc="evaluate", enabled=cfg.train.progress)
     zoo = zoo_key = None
+    surrogate_acc = 0.0
+    tsr_entry: dict | None = None
+    smooth: dict | None = None
+    lambda_values = cosine_values = None
     cache_hits = {"surrogates": False, "transfer": {}}
     for stage in bar:
         bar.set_postfix_str(stage, refresh=interactive())
@@ -104,7 +108,7 @@ def evaluate_run(run_dir: str | Path, cfg: DictConfig, data: ImageDataset | None
         kind, _, name = stage.partition(":")
         if kind == "surrogates":
             zoo, zoo_key, cache_hits["surrogates"] = load_or_train_zoo(cfg, data, device)
-            attacks["_surrogate_clean_accuracy"] = accuracy(zoo, x, y)
+            surrogate_acc = accuracy(zoo, x, y)
         elif kind == "transfer":
             x_adv, hit = _transfer_examples(name, zoo, zoo_key, x, y, idx, cfg)
             cache_hits["transfer"][name] = hit
@@ -126,7 +130,7 @@ def evaluate_run(run_dir: str | Path, cfg: DictConfig, data: ImageDataset | None
                 x_adv_parts.append(res.x_adv)
                 q_parts.append(res.queries)
             x_adv, queries = torch.cat(x_adv_parts), torch.cat(q_parts)
-            fooled = (torch.cat([target(x_adv[i:i + 1000]).argmax(1) for i in range(0, len(x_adv), 1000)]) != y)
+            fooled = predict(target, x_adv) != y
             ra = 1.0 - float(fooled.float().mean())
             attacks[f"query_{name}"] = {"kind": "query", "robust_accuracy": ra, "asr": 1 - ra, "eps": eps, "norm": norm,
                              "queries": a.queries, "loss": a.square_loss, "p_init": a.p_init,
@@ -146,16 +150,16 @@ def evaluate_run(run_dir: str | Path, cfg: DictConfig, data: ImageDataset | None
         elif kind == "tsr":
             tsr, matrix = transferability(
                 members, x, y, lambda src: (lambda xb, yb: _batched(PGD(src, a.eps, a.tsr_steps, seed=a.seed), xb, yb, a.batch_size)))
-            attacks["_tsr"] = {"value": tsr, "matrix": matrix, "attack": "pgd", "steps": a.tsr_steps, "eps": a.eps}
+            tsr_entry = {"value": tsr, "matrix": matrix, "attack": "pgd", "steps": a.tsr_steps, "eps": a.eps}
         elif kind == "smoothness":
             n = min(a.hessian_samples, len(x))
             gen = torch.Generator().manual_seed(a.seed)
             lam_t = hessian_lambda_max(target, x[:n], y[:n], a.power_iters, generator=gen)
             lam_s = hessian_lambda_max(zoo, x[:n], y[:n], a.power_iters, generator=torch.Generator().manual_seed(a.seed))
             cos = gradient_cosine(zoo, target, x[:n], y[:n])
-            attacks["_smoothness"] = {"lambda_max": _summary(lam_t), "lambda_max_surrogates": _summary(lam_s),
-                                      "grad_cosine_surrogate_target": _summary(cos), "power_iters": a.power_iters,
-                                      "_values": {"lambda_max": lam_t.tolist(), "grad_cosine": cos.tolist()}}
+            smooth = {"lambda_max": _summary(lam_t), "lambda_max_surrogates": _summary(lam_s),
+                      "grad_cosine_surrogate_target": _summary(cos), "power_iters": a.power_iters}
+            lambda_values, cosine_values = lam_t, cos
         timings[stage] = round(time.perf_counter() - t0, 3)
         log.info("%s done in %.1fs", stage, timings[stage])
     bar.close()
@@ -166,17 +170,16 @@ def evaluate_run(run_dir: str | Path, cfg: DictConfig, data: ImageDataset | None
             "transfer": attacks[f"transfer_{a.transfer}"]["robust_accuracy"],
             "query": attacks[f"query_{a.query}"]["robust_accuracy"],
         },
-        "attacks": {k: v for k, v in attacks.items() if not k.startswith("_")},
+        "attacks": attacks,
     }
-    if "_tsr" in attacks:
-        ensemble["tsr"] = attacks["_tsr"]
-    smooth = attacks.get("_smoothness")
-    if smooth:
-        ensemble["smoothness"] = {k: v for k, v in smooth.items() if not k.startswith("_")}
+    if tsr_entry is not None:
+        ensemble["tsr"] = tsr_entry
+    if smooth is not None:
+        ensemble["smoothness"] = smooth
     evaluation = {
         "num_samples": len(idx), "sample_seed": a.sample_seed, "eps": a.eps, "primary_transfer": a.transfer,
         "primary_query": a.query, "surrogates": list(cfg.attack.surrogates) or None, "surrogate_zoo": zoo_key,
-        "surrogate_clean_accuracy": attacks["_surrogate_clean_accuracy"], "cache_hits": cache_hits,
+        "surrogate_clean_accuracy": surrogate_acc, "cache_hits": cache_hits,
         "seconds": timings, "total_seconds": round(time.perf_counter() - t_start, 2),
     }
     results_path = run_dir / "results.json"
@@ -189,7 +192,7 @@ def evaluate_run(run_dir: str | Path, cfg: DictConfig, data: ImageDataset | None
     results["evaluation"] = evaluation
     results["attack_config"] = OmegaConf.to_container(cfg.attack, resolve=True)
     results_path.write_text(json.dumps(results, indent=2))
-    _tensorboard(run_dir, ensemble, member_ra, smooth)
+    _tensorboard(run_dir, ensemble, member_ra, lambda_values, cosine_values)
     log.info("evaluation: RA_T (%s) %.4f, RA_Q (%s) %.4f, clean %.4f on the sample; %.1fs",
              a.transfer, ensemble["robust_accuracy"]["transfer"], a.query, ensemble["robust_accuracy"]["query"],
              ensemble["clean_accuracy_sample"], evaluation["total_seconds"])
@@ -217,7 +220,7 @@ def _table(ensemble: dict, member_ra: list[dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
-def _tensorboard(run_dir: Path, ensemble: dict, member_ra: list[dict[str, float]], smooth: dict | None) -> None:
+def _tensorboard(run_dir: Path, ensemble: dict, member_ra: list[dict[str, float]], lambda_values, cosine_values) -> None:
     from torch.utils.tensorboard import SummaryWriter
 
     with SummaryWriter(str(run_dir / "tensorboard")) as tb:
@@ -233,8 +236,9 @@ def _tensorboard(run_dir: Path, ensemble: dict, member_ra: list[dict[str, float]
                 tb.add_scalar(f"member_robust_accuracy/{name}_member{m}", ra, 0)
         if "tsr" in ensemble:
             tb.add_scalar("tsr/members_pgd", ensemble["tsr"]["value"], 0)
-        if smooth:
-            tb.add_histogram("smoothness/lambda_max", torch.tensor(smooth["_values"]["lambda_max"]), 0)
-            tb.add_histogram("smoothness/grad_cosine", torch.tensor(smooth["_values"]["grad_cosine"]), 0)
+        if "smoothness" in ensemble:
+            smooth = ensemble["smoothness"]
+            tb.add_histogram("smoothness/lambda_max", lambda_values.cpu(), 0)
+            tb.add_histogram("smoothness/grad_cosine", cosine_values.cpu(), 0)
             tb.add_scalar("smoothness/lambda_max_median", smooth["lambda_max"]["median"], 0)
             tb.add_scalar("smoothness/grad_cosine_mean", smooth["grad_cosine_surrogate_target"]["mean"], 0)

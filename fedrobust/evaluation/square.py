@@ -153,20 +153,17 @@ class SquareAttack:
             for vw in range(start, w - s + 1, s):
                 pattern = _meta_pseudo_gaussian(s, g, x.device) if s > 1 else torch.ones(1, 1, device=x.device)
                 delta[:, :, vh : vh + s, vw : vw + s] += pattern * self._rand_sign((n, c, 1, 1), g, x.device)
-        return (x + self._to_l2_ball(delta)).clamp(0.0, 1.0)
-
-    def _to_l2_ball(self, delta: torch.Tensor) -> torch.Tensor:
         norms = delta.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
-        return delta * (self.eps / norms)
+        return (x + delta * (self.eps / norms)).clamp(0.0, 1.0)  # the init uses the whole L2 budget
 
-    def _window(self, it: int, h: int, w: int, c: int, g: torch.Generator, minimum: int) -> int:
+    def _window(self, it: int, h: int, w: int, minimum: int) -> int:
         p = p_schedule(self.p_init, it, self.n_queries)
         s = int(round(math.sqrt(p * h * w)))
         return min(max(s, minimum), h - 1 if h > 1 else 1)
 
     def _step_linf(self, x, x_best, it, g):
         n, c, h, w = x.shape
-        s = self._window(it, h, w, c, g, 1)
+        s = self._window(it, h, w, 1)
         vh = int(torch.randint(0, h - s + 1, (1,), generator=g))
         vw = int(torch.randint(0, w - s + 1, (1,), generator=g))
         win = (slice(None), slice(None), slice(vh, vh + s), slice(vw, vw + s))
@@ -184,7 +181,7 @@ class SquareAttack:
 
     def _step_l2(self, x, x_best, it, g):
         n, c, h, w = x.shape
-        s = self._window(it, h, w, c, g, 3)
+        s = self._window(it, h, w, 3)
         if s % 2 == 0 and s + 1 <= h:
             s += 1
         s = min(s, h)

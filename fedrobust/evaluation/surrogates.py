@@ -68,13 +68,12 @@ def load_or_train_zoo(cfg: DictConfig, data: ImageDataset, device: torch.device)
     path = cache_root(cfg.attack.cache_dir) / "surrogates" / f"{key}.pt"
     cached = load_tensors(path)
     models: list[nn.Module] = []
-    for i, arch in enumerate(archs):
-        model = build_model(arch, data.in_channels, data.num_classes, data.mean, data.std)
-        prefix = f"{i}.{arch}."
-        if cached is not None:
-            model.load_state_dict({k[len(prefix):]: v for k, v in cached.items() if k.startswith(prefix)})
-        models.append(model)
     if cached is not None:
+        for i, arch in enumerate(archs):
+            model = build_model(arch, data.in_channels, data.num_classes, data.mean, data.std)
+            prefix = f"{i}.{arch}."
+            model.load_state_dict({k[len(prefix):]: v for k, v in cached.items() if k.startswith(prefix)})
+            models.append(model)
         log.info("surrogates: reused cached zoo %s (%s)", key, ", ".join(archs))
         return LogitAverageEnsemble(models).to(device), key, True
 
@@ -83,7 +82,7 @@ def load_or_train_zoo(cfg: DictConfig, data: ImageDataset, device: torch.device)
     xv, yv = data.x_train[shard.val], data.y_train[shard.val]
     state: dict[str, torch.Tensor] = {}
     t0 = time.perf_counter()
-    for i, (arch, model) in enumerate(zip(archs, models)):
+    for i, arch in enumerate(archs):
         seed = member_seed(cfg.attack.surrogate_seed, i)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -91,7 +90,7 @@ def load_or_train_zoo(cfg: DictConfig, data: ImageDataset, device: torch.device)
         weights, _ = train_member(model, xt, yt, xv, yv, Plain(), settings, seed, device=device,
                                   progress=cfg.train.progress, desc=f"surrogate {i} {arch}")
         model.load_state_dict(weights)
-        models[i] = model
+        models.append(model)
         state |= {f"{i}.{arch}.{k}": v for k, v in weights.items()}
     save_tensors(path, state, {"archs": archs, "settings": dataclasses.asdict(settings), "data": data.name})
     log.info("surrogates: trained zoo %s (%s) in %.1fs; cached at %s", key, ", ".join(archs), time.perf_counter() - t0, path)
