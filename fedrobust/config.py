@@ -179,6 +179,41 @@ class AttackConfig:
     cache_dir: str = ""  # "" = $FEDROBUST_CACHE or ~/.cache/fedrobust
 
 
+def _paper_space() -> dict[str, Any]:
+    """The main paper's search space (Table 1)."""
+    return {
+        "optimizer": {
+            "lr": {"type": "float", "low": 1e-4, "high": 0.4, "log": True},
+            "momentum": {"type": "float", "low": 0.8, "high": 0.99},
+            "weight_decay": {"type": "float", "low": 1e-6, "high": 1e-2, "log": True},
+        },
+        "train": {"batch_size": {"type": "categorical", "choices": [32, 64, 128, 256, 512, 1024, 2048]}},
+    }
+
+
+@dataclass
+class TuneConfig:
+    n_trials: int = 100  # completed trials the study ends with
+    population_size: int = 20  # NSGA-II population (the paper: 20 x 5 generations)
+    max_concurrent: int = 2  # trials running at once
+    seed: int = 0  # NSGA-II sampler seed
+    objectives: str = "robustness"  # robustness: max (RA_T, RA_Q) | accuracy: max (val accuracy, min(RA_T, RA_Q))
+    max_accuracy_drop: float = 0.05  # constraint: CA >= baseline CA - drop
+    baseline_accuracy: float | None = None  # None: train the centralized baseline once per study
+    storage: str = ""  # "" = sqlite:///<study_dir>/study.db, or any Optuna RDB URL
+    study_name: str = "fedrobust"
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.0
+    max_failures: int = 10  # stop when this many trials raised (not counting re-queued ones)
+    # config key -> {type: float|int|categorical, low, high, log, choices}; nested by group
+    space: dict[str, Any] = field(default_factory=_paper_space)
+
+
+@dataclass
+class RayConfig:
+    address: str | None = None  # None: a local Ray instance; "auto" or ray://host:port for a cluster
+
+
 @dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
@@ -191,6 +226,9 @@ class Config:
     attack: AttackConfig = field(default_factory=AttackConfig)
     evaluate: bool = False  # evaluate the ensemble at the end of training
     run_dir: str | None = None
+    tune: TuneConfig = field(default_factory=TuneConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    study_dir: str | None = None  # fedrobust tune: where the study, its trials and reports live
 
 
 _GROUP_SCHEMAS = {
@@ -308,6 +346,23 @@ def validate(cfg: DictConfig) -> None:
     _check(cfg.engine.timeout >= 0, "engine.timeout", f"must be >= 0, got {cfg.engine.timeout}")
     validate_attack(cfg.attack)
     validate_strategy(cfg.strategy)
+    validate_tune(cfg.tune)
+
+
+TUNE_OBJECTIVES = ("robustness", "accuracy")
+
+
+def validate_tune(t: DictConfig) -> None:
+    _check(t.n_trials >= 1, "tune.n_trials", f"must be >= 1, got {t.n_trials}")
+    _check(t.population_size >= 2, "tune.population_size", f"must be >= 2, got {t.population_size}")
+    _check(t.max_concurrent >= 1, "tune.max_concurrent", f"must be >= 1, got {t.max_concurrent}")
+    _check(t.objectives in TUNE_OBJECTIVES, "tune.objectives", f"unknown value '{t.objectives}' (choose from {', '.join(TUNE_OBJECTIVES)})")
+    _check(0 <= t.max_accuracy_drop <= 1, "tune.max_accuracy_drop", f"must be in [0, 1], got {t.max_accuracy_drop}")
+    if t.baseline_accuracy is not None:
+        _check(0 <= t.baseline_accuracy <= 1, "tune.baseline_accuracy", f"must be in [0, 1], got {t.baseline_accuracy}")
+    _check(t.cpus_per_trial > 0, "tune.cpus_per_trial", f"must be > 0, got {t.cpus_per_trial}")
+    _check(t.gpus_per_trial >= 0, "tune.gpus_per_trial", f"must be >= 0, got {t.gpus_per_trial}")
+    _check(t.max_failures >= 0, "tune.max_failures", f"must be >= 0, got {t.max_failures}")
 
 
 def validate_strategy(st: DictConfig) -> None:

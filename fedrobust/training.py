@@ -199,7 +199,7 @@ class MemberTrainer:
             yb = self.y_train[idx]
             out, batch_correct = self._batch_loss(xb, yb, idx, peers)
             self.optimizer.zero_grad(set_to_none=True)
-            out.total.backward()
+            out.total.backward(inputs=self.params)  # no gradients for the inputs a strategy differentiated
             self.optimizer.step()
             b = len(idx)
             loss_sum += float(out.total.detach()) * b

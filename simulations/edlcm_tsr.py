@@ -5,7 +5,11 @@ Trains (or reuses) two digits ensembles with the default deployment
 ``strategy=edlcm``, same training seeds, then prints the TSR between members
 (PGD, 10 steps) at several budgets, and each ensemble's clean accuracy.
 
-Usage: python simulations/edlcm_tsr.py [--out runs/edlcm_tsr] [--seeds 0 1 2] [extra train overrides...]
+``--every 1 2`` also trains EDLCM in its lazy form (``strategy.every=2``: the
+regulariser on one batch in two, scaled by two) to compare it with the
+every-batch form at the same seeds.
+
+Usage: python simulations/edlcm_tsr.py [--out runs/edlcm_tsr] [--seeds 0 1 2] [--every 1 2] [extra train overrides...]
 """
 
 from __future__ import annotations
@@ -37,20 +41,26 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="runs/edlcm_tsr")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--every", type=int, nargs="+", default=[1], help="EDLCM strategy.every values to train")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args()
     torch.set_num_threads(2)
     rows = []
     for seed in args.seeds:
-        for strategy in ("plain", "edlcm"):
-            run = Path(args.out) / f"{strategy}-seed{seed}"
+        cells = [("plain", "plain", [])] + [
+            ("edlcm" if k == 1 else f"edlcm/{k}", "edlcm" if k == 1 else f"edlcm-every{k}", [f"strategy.every={k}"])
+            for k in args.every
+        ]
+        for strategy, stem, extra in cells:
+            run = Path(args.out) / f"{stem}-seed{seed}"
             if not (run / "results.json").is_file():  # resumable: finished cells are skipped
-                code = fedrobust(["train", "engine=inline", f"strategy={strategy}", f"train.seed={seed}",
-                                  "train.progress=false", *args.overrides, f"run_dir={run}"])
+                code = fedrobust(["train", "engine=inline", f"strategy={strategy.split('/')[0]}", f"train.seed={seed}",
+                                  "train.progress=false", *extra, *args.overrides, f"run_dir={run}"])
                 if code != 0:
                     raise SystemExit(code)
             acc = json.loads((run / "results.json").read_text())["ensemble"]["clean_accuracy"]
             rows.append((strategy, seed, acc, [tsr(run, e) for e in EPS]))
+    print("edlcm/k: strategy.every=k (lazy regularisation)")
     head = f"{'strategy':9s} {'seed':>4s} {'clean':>6s} " + " ".join(f"TSR@{e:.4f}".rjust(12) for e in EPS)
     print(head)
     for strategy, seed, acc, values in rows:
