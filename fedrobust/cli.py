@@ -112,6 +112,58 @@ def _evaluate(run_dir: str, overrides: list[str]) -> int:
     return _run_evaluation(path, cfg)
 
 
+_TUNE_HELP = """\
+Hydra overrides plus study_dir=PATH, e.g.:
+  fedrobust tune study_dir=studies/dirichlet tune.n_trials=12 tune.population_size=4 tune.max_concurrent=2
+  fedrobust tune study_dir=studies/edlcm strategy=edlcm '+tune.space.strategy.alpha={type:float,low:0.1,high:10,log:true}'
+  fedrobust tune study_dir=studies/cluster ray.address=auto tune.cpus_per_trial=4 tune.gpus_per_trial=1
+Running the same command again resumes the study.
+keys: tune.{n_trials,population_size,max_concurrent,seed,objectives,max_accuracy_drop,baseline_accuracy,
+      storage,study_name,cpus_per_trial,gpus_per_trial,max_failures,space}  ray.address  study_dir
+"""
+
+
+def _tune(overrides: list[str]) -> int:
+    from .run import preflight, setup_logging
+    from .tuning.study import run_study
+
+    try:
+        cfg = load_config(overrides)
+        if not cfg.study_dir:
+            raise ConfigError("study_dir: required, e.g. fedrobust tune study_dir=studies/demo")
+        preflight(cfg)
+    except ConfigError as exc:
+        print(f"fedrobust: error: {exc}", file=sys.stderr)
+        return 2
+    setup_logging()
+    try:
+        run_study(cfg)
+    except ConfigError as exc:
+        print(f"fedrobust: error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        log.error("tuning failed: %s", exc)
+        print(f"fedrobust: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _report(path: str) -> int:
+    from pathlib import Path
+
+    from .run import setup_logging
+    from .tuning.report import report
+
+    setup_logging()
+    try:
+        out = report(Path(path))
+    except ConfigError as exc:
+        print(f"fedrobust: error: {exc}", file=sys.stderr)
+        return 2
+    print(out)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fedrobust", description="Robust federated ensembles.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -126,7 +178,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     evaluate.add_argument("run_dir", help="a run directory written by fedrobust train")
     evaluate.add_argument("overrides", nargs="*", help="overrides, e.g. attack.eps=0.1 attack.queries=1000")
+    tune = sub.add_parser(
+        "tune", help="NSGA-II hyperparameter study on Ray (resumable)",
+        epilog=_TUNE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    tune.add_argument("overrides", nargs="*", help="Hydra overrides and study_dir=PATH")
+    rep = sub.add_parser("report", help="plots and a Markdown summary of a study or sweep directory")
+    rep.add_argument("path", help="a study_dir written by fedrobust tune, or a sweep directory from simulations/")
     args = parser.parse_args(argv)
+    if args.command == "tune":
+        return _tune(args.overrides)
+    if args.command == "report":
+        return _report(args.path)
     if args.command == "train":
         return _train(args.overrides)
     if args.command == "evaluate":

@@ -59,8 +59,13 @@ class _DropRunSimulationNotice(logging.Filter):
         return "run_simulation" not in msg and "deprecated feature" not in msg.lower()
 
 
-def run_simulation(cfg: DictConfig, run_dir: Path) -> None:
-    """Run the federation on Flower's simulation engine; the ServerApp writes ``run_dir``."""
+def run_simulation(cfg: DictConfig, run_dir: Path, *, num_cpus: int | None = None, private_ray: bool = False) -> None:
+    """Run the federation on Flower's simulation engine; the ServerApp writes ``run_dir``.
+
+    ``num_cpus`` caps the CPUs the simulation's Ray instance offers (default:
+    all); ``private_ray`` starts a new local Ray instance even where another
+    one is running (a tuning trial inside the tuner's Ray cluster).
+    """
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     from flwr.simulation import run_simulation as flwr_run_simulation
@@ -76,8 +81,10 @@ def run_simulation(cfg: DictConfig, run_dir: Path) -> None:
     n = num_nodes(cfg.deployment.name, cfg.deployment.num_nodes)
     backend_config = {
         "client_resources": {"num_cpus": cfg.engine.num_cpus, "num_gpus": cfg.engine.num_gpus},
-        "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False, "logging_level": "error"},
+        "init_args": {"num_cpus": num_cpus or os.cpu_count() or 1, "include_dashboard": False, "logging_level": "error"},
     }
+    if private_ray:
+        backend_config["init_args"]["address"] = "local"
     if cfg.engine.num_gpus > 0:
         backend_config["init_args"]["num_gpus"] = torch.cuda.device_count()
     log.info("simulation engine: %d virtual SuperNode(s), %s CPU / %s GPU per client", n, cfg.engine.num_cpus, cfg.engine.num_gpus)

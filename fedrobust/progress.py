@@ -13,9 +13,10 @@ def interactive() -> bool:
     return sys.stderr.isatty()
 
 
-def progress(iterable=None, *, total: int | None = None, desc: str = "", enabled: bool = True, leave: bool = True) -> tqdm:
+def progress(iterable=None, *, total: int | None = None, desc: str = "", enabled: bool = True, leave: bool = True,
+             initial: int = 0) -> tqdm:
     tty = interactive()
     return tqdm(
-        iterable, total=total, desc=desc, disable=not enabled, leave=leave,
+        iterable, total=total, desc=desc, disable=not enabled, leave=leave, initial=initial,
         dynamic_ncols=tty, mininterval=0.1 if tty else 10.0,
     )

@@ -1,0 +1,173 @@
+"""What a study leaves in its directory: trials.csv, pareto.json, recommended.md, plots, TensorBoard HParams."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .space import SHORT_NAMES
+
+__all__ = ["pareto_front", "write_trials_csv", "write_pareto", "write_recommended", "plot_front", "read_trials_csv"]
+
+OBJECTIVE_NAMES = {"robustness": ("ra_t", "ra_q"), "accuracy": ("val_accuracy", "min_ra")}
+LABELS = {"ra_t": "RA_T (transfer)", "ra_q": "RA_Q (query)", "val_accuracy": "validation accuracy",
+          "min_ra": "min(RA_T, RA_Q)", "ca": "clean accuracy"}
+
+
+def pareto_front(points: Sequence[Sequence[float]]) -> list[int]:
+    """Indices of the points no other point dominates (all objectives maximised)."""
+    front = []
+    for i, p in enumerate(points):
+        dominated = any(
+            all(a >= b for a, b in zip(q, p)) and any(a > b for a, b in zip(q, p)) for j, q in enumerate(points) if j != i
+        )
+        if not dominated:
+            front.append(i)
+    return front
+
+
+def _fmt(v: Any) -> Any:
+    return "" if v is None else v
+
+
+def write_trials_csv(path: Path, rows: list[dict[str, Any]], param_names: list[str]) -> None:
+    cols = ["number", "state", *param_names, "ca", "val_accuracy", "ra_t", "ra_q", "feasible", "best_epoch",
+            "duration_s", "requeued_from", "run_dir"]
+    tmp = path.with_suffix(".csv.tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({c: _fmt(r.get(c)) for c in cols})
+    tmp.replace(path)
+
+
+def read_trials_csv(path: Path) -> list[dict[str, Any]]:
+    def conv(v: str) -> Any:
+        if v == "":
+            return None
+        if v in ("True", "False"):
+            return v == "True"
+        try:
+            return int(v)
+        except ValueError:
+            try:
+                return float(v)
+            except ValueError:
+                return v
+
+    with open(path, newline="") as f:
+        return [{k: conv(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def objective_values(row: dict[str, Any], objectives: str) -> tuple[float, float]:
+    if objectives == "accuracy":
+        return row["val_accuracy"], min(row["ra_t"], row["ra_q"])
+    return row["ra_t"], row["ra_q"]
+
+
+def front_rows(rows: list[dict[str, Any]], objectives: str) -> list[dict[str, Any]]:
+    feasible = [r for r in rows if r["state"] == "COMPLETE" and r.get("feasible")]
+    return [feasible[i] for i in pareto_front([objective_values(r, objectives) for r in feasible])]
+
+
+def write_pareto(path: Path, rows: list[dict[str, Any]], param_names: list[str], objectives: str,
+                 baseline: float, min_accuracy: float) -> list[dict[str, Any]]:
+    front = sorted(front_rows(rows, objectives), key=lambda r: r["number"])
+    doc = {
+        "objectives": list(OBJECTIVE_NAMES[objectives]),
+        "baseline_accuracy": baseline,
+        "min_accuracy": min_accuracy,
+        "trials": [{"number": r["number"], "params": {p: r[p] for p in param_names},
+                    "ca": r["ca"], "val_accuracy": r["val_accuracy"], "ra_t": r["ra_t"], "ra_q": r["ra_q"],
+                    "run_dir": r.get("run_dir")} for r in front],
+    }
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(doc, indent=2))
+    tmp.replace(path)
+    return front
+
+
+def _short(name: str) -> str:
+    return SHORT_NAMES.get(name, name)
+
+
+def _value(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.3g}" if (abs(v) < 1e-2 or abs(v) >= 1e3) and v != 0 else f"{v:.4g}"
+    return str(v)
+
+
+def recommended(front: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
+    """Picks from the front: best RA_T, best RA_Q, and the best min(RA_T, RA_Q) (the balanced choice)."""
+    if not front:
+        return []
+    picks = [("best RA_T", max(front, key=lambda r: (r["ra_t"], r["ra_q"]))),
+             ("best RA_Q", max(front, key=lambda r: (r["ra_q"], r["ra_t"]))),
+             ("balanced: best min(RA_T, RA_Q)", max(front, key=lambda r: (min(r["ra_t"], r["ra_q"]), r["ca"])))]
+    return picks
+
+
+def write_recommended(path: Path, front: list[dict[str, Any]], param_names: list[str], title: str,
+                      baseline: float, min_accuracy: float) -> str:
+    head = ["choice", "trial", *(_short(p) for p in param_names), "epochs", "CA", "RA_T", "RA_Q"]
+    lines = [f"# Recommended configurations: {title}", "",
+             f"Feasible: clean accuracy >= {min_accuracy:.4f} (centralized baseline {baseline:.4f} minus the allowed drop). "
+             f"{len(front)} configuration(s) on the Pareto front.", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for label, r in recommended(front):
+        cells = [label, str(r["number"]), *(_value(r[p]) for p in param_names),
+                 f"{r['best_epoch']:.0f}" if r.get("best_epoch") is not None else "",
+                 f"{r['ca']:.4f}", f"{r['ra_t']:.4f}", f"{r['ra_q']:.4f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    if front:
+        lines += ["", "Whole front:", "", "| trial | " + " | ".join(_short(p) for p in param_names) + " | CA | RA_T | RA_Q |",
+                  "|" + "---|" * (len(param_names) + 4)]
+        for r in sorted(front, key=lambda r: r["ra_t"]):
+            lines.append(f"| {r['number']} | " + " | ".join(_value(r[p]) for p in param_names)
+                         + f" | {r['ca']:.4f} | {r['ra_t']:.4f} | {r['ra_q']:.4f} |")
+    text = "\n".join(lines) + "\n"
+    path.write_text(text)
+    return text
+
+
+def plot_front(study_dir: Path, rows: list[dict[str, Any]], objectives: str, title: str) -> list[Path]:
+    """Scatter of every completed trial with the feasible Pareto front, as PNG and PDF."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = OBJECTIVE_NAMES[objectives]
+    done = [r for r in rows if r["state"] == "COMPLETE"]
+    front = front_rows(rows, objectives)
+    fig, ax = plt.subplots(figsize=(5.2, 4.2))
+    feas = [objective_values(r, objectives) for r in done if r.get("feasible")]
+    infeas = [objective_values(r, objectives) for r in done if not r.get("feasible")]
+    if infeas:
+        ax.scatter(*zip(*infeas), marker="x", color="0.6", label="infeasible (clean accuracy too low)")
+    if feas:
+        ax.scatter(*zip(*feas), color="tab:blue", alpha=0.6, label="feasible")
+    if front:
+        pts = sorted(objective_values(r, objectives) for r in front)
+        ax.plot(*zip(*pts), "-o", color="tab:red",
+                label="Pareto front")
+    ax.set_xlabel(LABELS[names[0]])
+    ax.set_ylabel(LABELS[names[1]])
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    paths = [study_dir / "pareto.png", study_dir / "pareto.pdf"]
+    for p in paths:
+        fig.savefig(p, dpi=150)
+    plt.close(fig)
+    return paths
+
+
+def finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and math.isfinite(v)

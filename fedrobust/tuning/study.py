@@ -1,0 +1,319 @@
+"""``fedrobust tune``: an NSGA-II study (Optuna) whose trials run in parallel on Ray.
+
+The study lives in Optuna storage (SQLite in ``study_dir`` unless
+``tune.storage`` names an RDB URL), so running the same command again
+resumes it: completed trials are kept; a trial that was running when the
+tuner died is marked failed and its parameters are queued again, unless it
+had already written its evaluated result, which is then recorded as is.
+Trials are asked for and told by this process only (Optuna's ask-and-tell);
+Ray only runs them, so one lock file per study directory is enough to keep
+two tuners apart.
+
+Objectives, both maximised: RA_T and RA_Q (``tune.objectives=robustness``),
+or validation accuracy and min(RA_T, RA_Q) (``accuracy``). The constraint
+``CA >= baseline - tune.max_accuracy_drop`` is recorded on each trial with
+``Trial.set_constraint`` (Optuna 5's replacement for the deprecated
+``constraints_func`` argument; NSGA-II reads the same value), so infeasible
+trials are dominated by feasible ones.
+The baseline is the centralized deployment's clean accuracy with the
+study's base hyperparameters, trained once per study (or
+``tune.baseline_accuracy``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import optuna
+from omegaconf import DictConfig, OmegaConf
+
+from ..config import ConfigError
+from ..progress import interactive
+from ..progress import progress as progress_bar
+from . import outputs
+from .space import SHORT_NAMES, SearchSpace
+from .trial import apply_values, execute, load_scores
+
+__all__ = ["run_study", "open_study", "trial_rows", "StudyLocked"]
+
+log = logging.getLogger("fedrobust")
+
+CONSTRAINT_ATTR = "constraint"  # (min accuracy - CA): <= 0 is feasible
+
+
+class StudyLocked(ConfigError):
+    pass
+
+
+@contextlib.contextmanager
+def study_lock(study_dir: Path):
+    study_dir.mkdir(parents=True, exist_ok=True)
+    f = open(study_dir / ".lock", "w")
+    try:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise StudyLocked(f"study_dir: {study_dir} is in use by another fedrobust tune") from None
+        yield
+    finally:
+        f.close()  # also releases the lock; the OS releases it if this process is killed
+
+
+def storage_url(cfg: DictConfig, study_dir: Path) -> str:
+    return cfg.tune.storage or f"sqlite:///{(study_dir / 'study.db').resolve()}"
+
+
+def open_study(cfg: DictConfig, study_dir: Path) -> optuna.Study:
+    sampler = optuna.samplers.NSGAIISampler(
+        population_size=cfg.tune.population_size, seed=cfg.tune.seed)
+    return optuna.create_study(
+        storage=storage_url(cfg, study_dir), study_name=cfg.tune.study_name, sampler=sampler,
+        directions=["maximize", "maximize"], load_if_exists=True,
+    )
+
+
+def _base_cfg_for_trials(cfg: DictConfig, cache_dir: str) -> DictConfig:
+    base = OmegaConf.merge(cfg, {})
+    base.evaluate = True
+    base.train.progress = False
+    base.attack.cache_dir = cache_dir
+    base.run_dir = None
+    return base
+
+
+def _study_config(cfg: DictConfig) -> dict[str, Any]:
+    """What must not change between runs of one study (everything but its size and parallelism)."""
+    data = OmegaConf.to_container(cfg, resolve=True)
+    for key in ("n_trials", "max_concurrent", "cpus_per_trial", "gpus_per_trial", "max_failures"):
+        data["tune"].pop(key, None)
+    for key in ("study_dir", "run_dir", "ray"):
+        data.pop(key, None)
+    data["train"].pop("progress", None)
+    data["attack"].pop("cache_dir", None)
+    return data
+
+
+def _check_same_study(study_dir: Path, cfg: DictConfig) -> None:
+    path = study_dir / "study_config.json"
+    current = _study_config(cfg)
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        if saved != current:
+            diff = sorted(_diff_keys(saved, current))
+            raise ConfigError(
+                f"study_dir: {study_dir} holds a study with another configuration ({', '.join(diff[:4])} differ); "
+                "use another study_dir or the same overrides")
+    else:
+        path.write_text(json.dumps(current, indent=2, sort_keys=True))
+        (study_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+
+
+def _diff_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in set(a) | set(b):
+            out += _diff_keys(a.get(k), b.get(k), f"{prefix}{k}.")
+        return out
+    return [] if a == b else [prefix.rstrip(".")]
+
+
+def baseline_accuracy(cfg: DictConfig, study_dir: Path) -> float:
+    """The centralized baseline's clean accuracy with the base hyperparameters (trained once, then read back)."""
+    if cfg.tune.baseline_accuracy is not None:
+        return float(cfg.tune.baseline_accuracy)
+    path = study_dir / "baseline" / "results.json"
+    if path.is_file():
+        return float(json.loads(path.read_text())["ensemble"]["clean_accuracy"])
+    from ..engines import run_inline
+    from ..run import finalize_run, prepare_run_dir
+
+    base = OmegaConf.merge(cfg, {})
+    base.deployment.name = "centralized"
+    base.deployment.num_nodes = 1
+    base.engine.name = "inline"
+    base.evaluate = False
+    base.train.progress = False
+    if (study_dir / "baseline").exists():
+        import shutil
+
+        shutil.rmtree(study_dir / "baseline")  # an attempt killed before it finished
+    log.info("training the centralized baseline (the accuracy constraint's reference)")
+    run_dir = prepare_run_dir(base, str(study_dir / "baseline"))
+    results = finalize_run(base, run_dir, run_inline(base))
+    return float(results["ensemble"]["clean_accuracy"])
+
+
+def trial_rows(study: optuna.Study, param_names: list[str]) -> list[dict[str, Any]]:
+    rows = []
+    for t in study.get_trials(deepcopy=False):
+        u = t.user_attrs
+        duration = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete and t.datetime_start else None
+        row = {"number": t.number, "state": t.state.name, **{p: t.params.get(p) for p in param_names},
+               "ca": u.get("ca"), "val_accuracy": u.get("val_accuracy"), "ra_t": u.get("ra_t"), "ra_q": u.get("ra_q"),
+               "feasible": (u.get(CONSTRAINT_ATTR, math.inf) <= 0) if t.state.name == "COMPLETE" else None,
+               "best_epoch": u.get("best_epoch"), "duration_s": round(duration, 2) if duration is not None else None,
+               "requeued_from": u.get("requeued_from"), "run_dir": u.get("run_dir")}
+        rows.append(row)
+    return rows
+
+
+def _tell_complete(study: optuna.Study, trial: optuna.Trial, scores: dict[str, Any], min_acc: float, objectives: str) -> None:
+    for key in ("ca", "val_accuracy", "ra_t", "ra_q", "best_epoch"):
+        trial.set_user_attr(key, scores[key])
+    trial.set_user_attr(CONSTRAINT_ATTR, min_acc - scores["ca"])
+    trial.set_constraint("clean_accuracy", min_acc - scores["ca"])
+    study.tell(trial, list(outputs.objective_values(scores, objectives)))
+
+
+def _requeue_stale(study: optuna.Study, space: SearchSpace, trials_dir: Path, min_acc: float, objectives: str) -> int:
+    """Running trials left by a dead tuner: record those that finished, queue the others again."""
+    n = 0
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        run_dir = trials_dir / f"trial_{t.number:04d}"
+        handle = optuna.Trial(study, t._trial_id)
+        scores = load_scores(run_dir)
+        if scores is not None:
+            log.info("trial %d had finished before the tuner stopped: recorded", t.number)
+            _tell_complete(study, handle, scores, min_acc, objectives)
+            continue
+        study.tell(handle, state=optuna.trial.TrialState.FAIL)
+        study.enqueue_trial(t.params, user_attrs={"requeued_from": t.number}, skip_if_exists=False)
+        n += 1
+    if n:
+        log.info("re-queued %d trial(s) that were running when the tuner stopped", n)
+    return n
+
+
+def _prepare_zoo(cfg: DictConfig) -> None:
+    """Train (or find) the surrogate zoo and its transfer examples once, before trials share them."""
+    from ..data import load_dataset
+    from ..evaluation.surrogates import load_or_train_zoo
+    from ..training import resolve_device
+
+    data = load_dataset(cfg.data.name, cfg.data.root)
+    load_or_train_zoo(cfg, data, resolve_device(cfg.train.device))
+
+
+def _front_text(rows: list[dict[str, Any]], objectives: str) -> str:
+    front = sorted(outputs.front_rows(rows, objectives), key=lambda r: outputs.objective_values(r, objectives))
+    return ", ".join(f"#{r['number']} ({outputs.objective_values(r, objectives)[0]:.3f}, "
+                     f"{outputs.objective_values(r, objectives)[1]:.3f})" for r in front) or "none yet"
+
+
+def write_outputs(study_dir: Path, cfg: DictConfig, study: optuna.Study, space: SearchSpace, baseline: float,
+                  *, final: bool) -> list[dict[str, Any]]:
+    rows = trial_rows(study, space.names)
+    min_acc = baseline - cfg.tune.max_accuracy_drop
+    outputs.write_trials_csv(study_dir / "trials.csv", rows, space.names)
+    front = outputs.write_pareto(study_dir / "pareto.json", rows, space.names, cfg.tune.objectives, baseline, min_acc)
+    if final:
+        title = f"{cfg.data.name}, {cfg.deployment.name} (N={cfg.deployment.num_nodes}), {cfg.strategy.name}"
+        outputs.write_recommended(study_dir / "recommended.md", front, space.names, title, baseline, min_acc)
+        outputs.plot_front(study_dir, rows, cfg.tune.objectives, title)
+    return rows
+
+
+def _hparams(study_dir: Path, number: int, values: dict[str, Any], scores: dict[str, Any], feasible: bool) -> None:
+    from torch.utils.tensorboard import SummaryWriter
+
+    hp = {SHORT_NAMES.get(k, k): v for k, v in values.items()}
+    with SummaryWriter(str(study_dir / "tensorboard")) as w:
+        w.add_hparams(hp, {"hparam/ca": scores["ca"], "hparam/ra_t": scores["ra_t"], "hparam/ra_q": scores["ra_q"],
+                           "hparam/val_accuracy": scores["val_accuracy"], "hparam/feasible": float(feasible)},
+                      run_name=f"trial_{number:04d}")
+
+
+def run_study(cfg: DictConfig) -> list[dict[str, Any]]:
+    """Run (or resume) the study until ``tune.n_trials`` trials have completed; return the trial rows."""
+    if not cfg.study_dir:
+        raise ConfigError("study_dir: required, e.g. study_dir=studies/digits-dirichlet")
+    study_dir = Path(cfg.study_dir).expanduser().resolve()
+    space = SearchSpace.from_config(cfg)
+    for path in space.names:  # every value of the space must give a valid config
+        d = space.distributions[path]
+        for v in (getattr(d, "choices", None) or (d.low, d.high)):
+            apply_values(cfg, {path: v})
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    with study_lock(study_dir):
+        _check_same_study(study_dir, cfg)
+        from ..evaluation.cache import cache_root
+
+        base = _base_cfg_for_trials(cfg, str(cache_root(cfg.attack.cache_dir).resolve()))
+        baseline = baseline_accuracy(base, study_dir)
+        min_acc = baseline - cfg.tune.max_accuracy_drop
+        log.info("baseline clean accuracy %.4f: trials need >= %.4f", baseline, min_acc)
+        study = open_study(cfg, study_dir)
+        trials_dir = study_dir / "trials"
+        trials_dir.mkdir(exist_ok=True)
+        _requeue_stale(study, space, trials_dir, min_acc, cfg.tune.objectives)
+        _prepare_zoo(base)
+        return _loop(cfg, base, study, space, study_dir, trials_dir, baseline, min_acc)
+
+
+def _count(study: optuna.Study, state: optuna.trial.TrialState) -> int:
+    return len(study.get_trials(deepcopy=False, states=(state,)))
+
+
+def _loop(cfg, base, study, space, study_dir, trials_dir, baseline, min_acc) -> list[dict[str, Any]]:
+    from .pool import TrialPool
+
+    t = cfg.tune
+    cfg_yaml = OmegaConf.to_yaml(base)
+    events = str(study_dir / "executions.jsonl")
+    complete = _count(study, optuna.trial.TrialState.COMPLETE)
+    failed = 0
+    bar = progress_bar(total=t.n_trials, initial=min(complete, t.n_trials), desc="trials", enabled=cfg.train.progress)
+    handles: dict[int, tuple[optuna.Trial, dict[str, Any]]] = {}
+    pool = None
+    try:
+        if complete < t.n_trials:
+            pool = TrialPool(execute, address=cfg.ray.address, cpus=t.cpus_per_trial, gpus=t.gpus_per_trial,
+                             max_concurrent=t.max_concurrent)
+        while complete < t.n_trials:
+            while pool.free > 0 and complete + len(pool.running) < t.n_trials:
+                trial = study.ask()
+                values = space.suggest(trial)
+                run_dir = trials_dir / f"trial_{trial.number:04d}"
+                trial.set_user_attr("run_dir", str(run_dir))
+                handles[trial.number] = (trial, values)
+                pool.submit(trial.number, cfg_yaml, values, str(run_dir), max(1, int(t.cpus_per_trial)), events, trial.number)
+                log.info("trial %d started: %s", trial.number,
+                         ", ".join(f"{SHORT_NAMES.get(k, k)}={outputs._value(v)}" for k, v in values.items()))
+            for number, scores, error in pool.wait(timeout=None):
+                trial, values = handles.pop(number)
+                if error is not None:
+                    failed += 1
+                    trial.set_user_attr("error", " ".join(str(error).split())[:500])
+                    study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                    log.warning("trial %d failed: %s", number, " ".join(str(error).split())[:300])
+                    if failed > t.max_failures:
+                        raise RuntimeError(f"{failed} trials failed (tune.max_failures={t.max_failures}); "
+                                           f"see {trials_dir}/trial_*/train.log")
+                    continue
+                _tell_complete(study, trial, scores, min_acc, t.objectives)
+                complete += 1
+                feasible = scores["ca"] >= min_acc
+                _hparams(study_dir, number, values, scores, feasible)
+                rows = write_outputs(study_dir, cfg, study, space, baseline, final=False)
+                log.info("trial %d done: CA %.4f%s, RA_T %.4f, RA_Q %.4f | front: %s", number, scores["ca"],
+                         "" if feasible else " (infeasible)", scores["ra_t"], scores["ra_q"],
+                         _front_text(rows, t.objectives))
+                bar.update(1)
+                bar.set_postfix_str(f"running {len(pool.running)}, failed {failed}, "
+                                    f"front {len(outputs.front_rows(rows, t.objectives))}", refresh=interactive())
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.close()
+    rows = write_outputs(study_dir, cfg, study, space, baseline, final=True)
+    log.info("study done: %d completed trial(s); Pareto front: %s", complete, _front_text(rows, t.objectives))
+    log.info("outputs: %s", ", ".join(str(study_dir / n) for n in
+                                       ("trials.csv", "pareto.json", "recommended.md", "pareto.png", "tensorboard")))
+    return rows

@@ -1,0 +1,149 @@
+"""One trial: train an ensemble with some config keys changed, attack it, return its scores.
+
+Runs in a Ray worker (or in-process). A trial owns its run directory; a
+directory left by a killed attempt of the same trial is replaced, one that
+already holds an evaluated result is returned as it is.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+__all__ = ["execute", "load_scores", "apply_values"]
+
+
+def apply_values(cfg, values: dict[str, Any]):
+    """The config with ``values`` (config key -> value) set, validated."""
+    from ..config import validate
+
+    cfg = OmegaConf.merge(cfg, {})  # a copy
+    for key, value in values.items():
+        OmegaConf.update(cfg, key, value, merge=False)
+    validate(cfg)
+    return cfg
+
+
+def load_scores(run_dir: Path) -> dict[str, Any] | None:
+    """A finished trial's scores from its ``results.json``, or None if it has not been evaluated."""
+    path = Path(run_dir) / "results.json"
+    if not path.is_file():
+        return None
+    try:
+        results = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None
+    ens = results.get("ensemble", {})
+    ra = ens.get("robust_accuracy")
+    if not ra or "val_accuracy" not in ens:
+        return None
+    members = results.get("members", [])
+    return {
+        "ca": ens["clean_accuracy"],
+        "val_accuracy": ens["val_accuracy"],
+        "ra_t": ra["transfer"],
+        "ra_q": ra["query"],
+        "best_epoch": sum(m.get("best_epoch", 0) for m in members) / max(len(members), 1) + 1,
+        "seconds": results.get("trial_seconds"),
+    }
+
+
+def _log_event(log_path: str | None, **event: Any) -> None:
+    if log_path:
+        line = json.dumps({**event, "pid": os.getpid(), "time": time.time()}) + "\n"
+        fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, line.encode())  # one small O_APPEND write: whole lines even from parallel workers
+        finally:
+            os.close(fd)
+
+
+def _val_accuracy(cfg, run_dir: Path) -> float:
+    """Ensemble accuracy on the union of the nodes' validation splits (never the test set)."""
+    import torch
+
+    from ..data import load_dataset, to_float
+    from ..node import shards_for
+    from ..run import load_ensemble
+    from ..training import resolve_device
+
+    data = load_dataset(cfg.data.name, cfg.data.root)
+    idx = torch.cat([torch.as_tensor(s.val) for s in shards_for(cfg, data)]).unique()
+    device = resolve_device(cfg.train.device)
+    ens = load_ensemble(run_dir, device, cfg).eval()
+    correct = 0
+    with torch.no_grad():
+        for i in range(0, len(idx), 1024):
+            j = idx[i : i + 1024]
+            correct += int((ens(to_float(data.x_train[j]).to(device)).argmax(1).cpu() == data.y_train[j]).sum())
+    return correct / max(len(idx), 1)
+
+
+def _simulate_in_child(cfg, run_path: Path, threads: int) -> None:
+    """Flower's simulation engine in a child process with its own local Ray instance.
+
+    Inside a Ray task the simulation would ask the tuner's cluster for its
+    clients' CPUs, which the running trials hold; a private instance sized to
+    this trial's CPUs avoids that deadlock.
+    """
+    import subprocess
+    import sys
+
+    from ..config import config_to_json
+
+    spec = run_path / "trial_config.json"
+    spec.write_text(config_to_json(cfg))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
+    cmd = [sys.executable, "-m", "fedrobust.tuning.simulate", str(spec), str(run_path), str(max(1, int(threads)))]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        tail = " ".join((done.stderr or done.stdout).strip().splitlines()[-3:])
+        raise RuntimeError(f"simulation engine failed (exit {done.returncode}): {tail}")
+
+
+def execute(cfg_yaml: str, values: dict[str, Any], run_dir: str, threads: int = 1,
+            events: str | None = None, key: Any = None) -> dict[str, Any]:
+    """Train and evaluate one configuration in ``run_dir``; return its scores."""
+    import torch
+
+    from ..evaluation.evaluate import evaluate_run
+    from ..run import finalize_run, prepare_run_dir
+
+    path = Path(run_dir)
+    done = load_scores(path)
+    if done is not None:
+        return {**done, "recovered": True}
+    torch.set_num_threads(max(1, int(threads)))
+    cfg = apply_values(OmegaConf.create(cfg_yaml), values)
+    cfg.train.progress = False
+    if path.exists():
+        shutil.rmtree(path)  # a killed attempt of this same trial
+    _log_event(events, event="start", key=key)
+    t0 = time.perf_counter()
+    run_path = prepare_run_dir(cfg, str(path))
+    if cfg.engine.name == "inline":
+        from ..engines import run_inline
+
+        finalize_run(cfg, run_path, run_inline(cfg))
+    else:
+        _simulate_in_child(cfg, run_path, threads)
+    val_acc = _val_accuracy(cfg, run_path)
+    evaluate_run(run_path, cfg)
+    results_path = run_path / "results.json"
+    results = json.loads(results_path.read_text())
+    results["ensemble"]["val_accuracy"] = val_acc
+    results["trial_seconds"] = round(time.perf_counter() - t0, 2)
+    results["trial_values"] = values
+    tmp = results_path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(results, indent=2))
+    os.replace(tmp, results_path)  # the trial counts as done only once this file is whole
+    _log_event(events, event="end", key=key)
+    scores = load_scores(run_path)
+    assert scores is not None
+    return {**scores, "recovered": False}
