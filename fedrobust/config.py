@@ -238,6 +238,7 @@ _GROUP_SCHEMAS = {
     "strategy": StrategyConfig,
     "engine": EngineConfig,
     "attack": AttackConfig,
+    "tune": TuneConfig,
 }
 
 

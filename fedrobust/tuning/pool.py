@@ -29,7 +29,8 @@ class TrialPool:
             kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False}
             if address:
                 kwargs["address"] = address
-            else:
+            else:  # a new local instance, even if another one runs on this machine
+                kwargs["address"] = "local"
                 kwargs["num_cpus"] = max(os.cpu_count() or 1, int(cpus * max_concurrent + 0.999))
                 kwargs["num_gpus"] = int(gpus * max_concurrent + 0.999) if gpus else None
             warnings.filterwarnings("ignore", message=".*RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO.*", category=FutureWarning)

@@ -1,0 +1,126 @@
+"""``fedrobust report DIR``: plots and a Markdown summary of a study (``fedrobust tune``) or a sweep (``simulations/``).
+
+Sweeps: one figure per swept hyperparameter with RA_T, RA_Q and clean
+accuracy against its value, one line per deployment, averaged over seeds
+and numbers of nodes as the main paper does (the band is ± one standard
+deviation). Studies: the Pareto front and the recommended configurations.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from ..config import ConfigError
+from . import outputs
+
+__all__ = ["report", "sweep_table"]
+
+LOG_X = {"lr", "weight_decay", "batch_size"}
+METRICS = (("ra_t", "RA_T (transfer)"), ("ra_q", "RA_Q (query)"), ("ca", "clean accuracy"))
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def sweep_table(rows: list[dict[str, Any]]) -> dict[str, dict[str, dict[Any, dict[str, tuple[float, float, int]]]]]:
+    """param -> deployment -> value -> metric -> (mean, std, n) over seeds and node counts."""
+    acc: dict = defaultdict(lambda: defaultdict(lambda: defaultdict(lambda: defaultdict(list))))
+    for r in rows:
+        if r.get("status") != "done":
+            continue
+        for key, _ in METRICS:
+            acc[r["param"]][r["deployment"]][r["value"]][key].append(float(r[key]))
+    out: dict = {}
+    for param, by_dep in acc.items():
+        out[param] = {}
+        for dep, by_value in by_dep.items():
+            out[param][dep] = {}
+            for value in sorted(by_value):
+                out[param][dep][value] = {k: (*_mean_std(v), len(v)) for k, v in by_value[value].items()}
+    return out
+
+
+def _plot_sweep(path: Path, param: str, by_dep: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    for dep, by_value in sorted(by_dep.items()):
+        xs = list(by_value)
+        for ax, (key, label) in zip(axes, METRICS):
+            m = [by_value[x][key][0] for x in xs]
+            s = [by_value[x][key][1] for x in xs]
+            ax.plot(xs, m, "-o", label=dep, markersize=4)
+            ax.fill_between(xs, [a - b for a, b in zip(m, s)], [a + b for a, b in zip(m, s)], alpha=0.15)
+            ax.set_ylabel(label)
+    for ax in axes:
+        ax.set_xlabel(param)
+        if param in LOG_X:
+            ax.set_xscale("log", base=2 if param == "batch_size" else 10)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+def _sweep_report(d: Path) -> str:
+    rows = outputs.read_trials_csv(d / "cells.csv")
+    name = json.loads((d / "sweep.json").read_text()).get("name", d.name) if (d / "sweep.json").is_file() else d.name
+    done = sum(r["status"] == "done" for r in rows)
+    table = sweep_table(rows)
+    lines = [f"# Sweep {name}", "", f"{done}/{len(rows)} cells done. Each value: mean ± std over seeds and node counts.", ""]
+    for param, by_dep in table.items():
+        png = d / f"sweep_{param}.png"
+        _plot_sweep(png, param, by_dep)
+        lines += [f"## {param}", "", f"![{param}]({png.name})", ""]
+        deps = sorted(by_dep)
+        lines.append(f"| {param} | " + " | ".join(f"{dep}: RA_T / RA_Q / CA" for dep in deps) + " |")
+        lines.append("|" + "---|" * (len(deps) + 1))
+        values = sorted({v for dep in deps for v in by_dep[dep]})
+        for v in values:
+            cells = []
+            for dep in deps:
+                e = by_dep[dep].get(v)
+                cells.append("–" if e is None else " / ".join(f"{e[k][0]:.4f}" for k, _ in METRICS))
+            lines.append(f"| {outputs._value(v)} | " + " | ".join(cells) + " |")
+        lines.append("")
+    text = "\n".join(lines)
+    (d / "report.md").write_text(text)
+    return text
+
+
+def _study_report(d: Path) -> str:
+    rows = outputs.read_trials_csv(d / "trials.csv")
+    header = list(rows[0]) if rows else []
+    params = header[header.index("state") + 1 : header.index("ca")] if rows else []
+    pareto = json.loads((d / "pareto.json").read_text())
+    objectives = "accuracy" if pareto["objectives"][0] == "val_accuracy" else "robustness"
+    title = d.name
+    outputs.plot_front(d, rows, objectives, title)
+    front = outputs.front_rows(rows, objectives)
+    rec = outputs.write_recommended(d / "recommended.md", front, params, title, pareto["baseline_accuracy"], pareto["min_accuracy"])
+    states = defaultdict(int)
+    for r in rows:
+        states[r["state"]] += 1
+    lines = [f"# Study {title}", "", "Trials: " + ", ".join(f"{n} {s.lower()}" for s, n in sorted(states.items())) + ".", "",
+             "![Pareto front](pareto.png)", "", rec.split("\n", 2)[2]]
+    text = "\n".join(lines)
+    (d / "report.md").write_text(text)
+    return text
+
+
+def report(d: Path) -> str:
+    """Render the directory's plots and ``report.md``; return the Markdown."""
+    if (d / "cells.csv").is_file():
+        return _sweep_report(d)
+    if (d / "trials.csv").is_file() and (d / "pareto.json").is_file():
+        return _study_report(d)
+    raise ConfigError(f"path: {d} is neither a study directory (trials.csv, pareto.json) nor a sweep (cells.csv)")

@@ -1,0 +1,182 @@
+"""NSGA-II studies on Ray: outputs, the Pareto front, resuming after SIGKILL, sweeps and reports."""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pytest
+
+from fedrobust.cli import main as cli
+from fedrobust.config import ConfigError, load_config
+from fedrobust.tuning import SearchSpace, pareto_front
+from fedrobust.tuning.outputs import read_trials_csv
+from fedrobust.tuning.report import report
+
+# A digits study small enough for the suite: a few epochs, one small surrogate, few queries.
+TINY = [
+    "engine=inline", "train.epochs=2", "train.progress=false", "attack.num_samples=60", "attack.surrogates=[cnn]",
+    "attack.surrogate_epochs=3", "attack.transfer_attacks=[cwa]", "attack.transfer_steps=3",
+    "attack.query_attacks=[square_linf]", "attack.queries=20", "attack.whitebox=[]", "attack.tsr=false",
+    "attack.hessian_samples=0", "attack.per_member=false",
+]
+
+
+def _dominates(a, b) -> bool:
+    return all(x >= y for x, y in zip(a, b)) and any(x > y for x, y in zip(a, b))
+
+
+def test_pareto_front_is_the_set_of_non_dominated_points():
+    rng = np.random.default_rng(0)
+    pts = [tuple(p) for p in rng.integers(0, 6, (60, 2)).astype(float)]  # ties on purpose
+    front = set(pareto_front(pts))
+    for i, p in enumerate(pts):
+        assert (i in front) == (not any(_dominates(q, p) for q in pts)), (i, p)
+    assert pareto_front([(1.0, 1.0), (1.0, 1.0)]) == [0, 1]  # equal points do not dominate each other
+
+
+def test_default_space_is_the_papers_and_strategy_keys_can_join_it():
+    d = SearchSpace.from_config(load_config([])).distributions
+    assert d["optimizer.lr"] == optuna.distributions.FloatDistribution(1e-4, 0.4, log=True)
+    assert d["optimizer.momentum"] == optuna.distributions.FloatDistribution(0.8, 0.99)
+    assert d["optimizer.weight_decay"] == optuna.distributions.FloatDistribution(1e-6, 1e-2, log=True)
+    assert d["train.batch_size"].choices == (32, 64, 128, 256, 512, 1024, 2048)
+    cfg = load_config(["strategy=edlcm", "+tune.space.strategy.beta={type:float,low:0.001,high:0.1,log:true}"])
+    assert "strategy.beta" in SearchSpace.from_config(cfg).distributions
+    with pytest.raises(ConfigError, match=r"^tune\.space\.strategy\.beta: 'strategy\.beta' is not a key"):
+        SearchSpace.from_config(load_config(["+tune.space.strategy.beta={type:float,low:0.001,high:0.1}"]))
+    with pytest.raises(ConfigError, match=r"^tune\.space\.optimizer\.lr: unknown type 'uniform'"):
+        SearchSpace.from_config(load_config(["tune.space.optimizer.lr={type:uniform,low:0.1,high:0.2}"]))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ([], "study_dir: required"),
+    (["study_dir=s", "tune.population_size=1"], "tune.population_size: must be >= 2"),
+    (["study_dir=s", "tune.objectives=speed"], "tune.objectives: unknown value 'speed'"),
+    (["study_dir=s", "tune.space.optimizer.lr={type:float,low:0.5,high:0.1}"], "tune.space.optimizer.lr:"),
+])
+def test_bad_tune_configs_exit_2_with_one_line(overrides, message, capsys):
+    assert cli(["tune", *overrides]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("fedrobust: error: " + message) and "\n" not in err
+    assert not Path("s/study.db").exists()
+
+
+@pytest.mark.slow
+def test_study_of_12_trials_on_two_ray_workers(tmp_path):
+    study = tmp_path / "study"
+    args = ["tune", f"study_dir={study}", "tune.n_trials=12", "tune.population_size=4", "tune.max_concurrent=2",
+            "tune.max_accuracy_drop=0.3", *TINY]
+    assert cli(args) == 0
+    rows = read_trials_csv(study / "trials.csv")
+    complete = [r for r in rows if r["state"] == "COMPLETE"]
+    assert len(complete) == 12 and all(r["state"] == "COMPLETE" for r in rows)
+
+    # pareto.json is the non-dominated subset of the feasible rows of trials.csv, computed here independently
+    doc = json.loads((study / "pareto.json").read_text())
+    baseline = json.loads((study / "baseline" / "results.json").read_text())["ensemble"]["clean_accuracy"]
+    assert doc["min_accuracy"] == pytest.approx(baseline - 0.3)
+    for r in complete:
+        assert r["feasible"] == (r["ca"] >= doc["min_accuracy"])
+    feasible = [r for r in complete if r["ca"] >= doc["min_accuracy"]]
+    expected = {r["number"] for r in feasible
+                if not any(_dominates((q["ra_t"], q["ra_q"]), (r["ra_t"], r["ra_q"])) for q in feasible)}
+    assert {t["number"] for t in doc["trials"]} == expected and expected
+
+    # the NSGA-II sampler ran with the study's population, and the optuna storage agrees with the csv
+    st = optuna.load_study(study_name="fedrobust", storage=f"sqlite:///{study / 'study.db'}")
+    assert {t.number: t.values for t in st.get_trials() if t.values} == {
+        r["number"]: [r["ra_t"], r["ra_q"]] for r in complete}
+    for name in ("pareto.png", "pareto.pdf", "recommended.md"):
+        assert (study / name).stat().st_size > 0
+    assert len([p for p in (study / "tensorboard").iterdir() if p.is_dir()]) == 12  # one HParams run per trial
+    assert "| balanced: best min(RA_T, RA_Q) |" in (study / "recommended.md").read_text()
+
+    # running the same command again completes nothing new and runs nothing
+    before = (study / "executions.jsonl").read_text()
+    assert cli(args) == 0
+    assert (study / "executions.jsonl").read_text() == before
+    # another configuration in the same study_dir is refused
+    assert cli([*args, "optimizer.lr=0.5"]) == 2
+    md = report(study)
+    assert "![Pareto front](pareto.png)" in md and (study / "report.md").is_file()
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_sigkill_mid_study_then_resume_runs_no_completed_trial_twice(tmp_path):
+    study = tmp_path / "study"
+    cmd = [sys.executable, "-m", "fedrobust.cli", "tune", f"study_dir={study}", "tune.n_trials=6",
+           "tune.population_size=2", "tune.max_concurrent=2", "tune.baseline_accuracy=0.5", "train.epochs=4", *TINY]
+    events = study / "executions.jsonl"
+
+    def ends() -> int:
+        return events.read_text().count('"end"') if events.is_file() else 0
+
+    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 240
+        while ends() < 2 and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+        assert proc.poll() is None and ends() >= 2, "the study ended before it could be killed"
+        time.sleep(0.5)
+    finally:
+        _kill_group(proc)  # the tuner and its Ray workers, all at once
+    killed_at = read_trials_csv(study / "trials.csv")
+    assert sum(r["state"] == "COMPLETE" for r in killed_at) < 6
+
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = read_trials_csv(study / "trials.csv")
+    complete = [r for r in rows if r["state"] == "COMPLETE"]
+    assert len(complete) == 6
+    log = [json.loads(line) for line in events.read_text().splitlines()]
+    starts = collections.Counter(e["key"] for e in log if e["event"] == "start")
+    finished = collections.Counter(e["key"] for e in log if e["event"] == "end")
+    for r in complete:
+        assert starts[r["number"]] == 1 and finished[r["number"]] == 1, r["number"]
+    assert sum(finished.values()) == 6  # no trial's work was done twice
+    # the trials killed while running were failed and their parameters queued again
+    failed = {r["number"]: r for r in rows if r["state"] == "FAIL"}
+    requeued = [r for r in rows if r["requeued_from"] is not None]
+    assert failed and {r["requeued_from"] for r in requeued} == set(failed)
+    for r in requeued:
+        src = failed[r["requeued_from"]]
+        assert all(r[k] == src[k] for k in ("optimizer.lr", "optimizer.momentum", "train.batch_size"))
+
+
+@pytest.mark.slow
+def test_sweep_runs_its_cells_once_and_report_plots_them(tmp_path):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "simulations"))
+    import rq12
+
+    out = tmp_path / "sweep"
+    argv = ["--out", str(out), "--params", "lr", "--lr", "0.01", "0.1", "--deployments", "distributed_dirichlet",
+            "centralized", "--nodes", "3", "--seeds", "0", *TINY]
+    assert rq12.main(argv) == 0
+    rows = read_trials_csv(out / "cells.csv")
+    assert len(rows) == 4 and all(r["status"] == "done" for r in rows)
+    assert {(r["deployment"], r["num_nodes"], r["lr"]) for r in rows} == {
+        ("distributed_dirichlet", 3, 0.01), ("distributed_dirichlet", 3, 0.1), ("centralized", 1, 0.01), ("centralized", 1, 0.1)}
+    before = (out / "executions.jsonl").read_text()
+    assert rq12.main(argv) == 0  # resumed: nothing left to run
+    assert (out / "executions.jsonl").read_text() == before
+    md = report(out)
+    assert (out / "sweep_lr.png").stat().st_size > 0
+    assert "| lr | centralized: RA_T / RA_Q / CA | distributed_dirichlet: RA_T / RA_Q / CA |" in md
+    assert cli(["report", str(tmp_path / "nothing")]) == 2
