@@ -257,6 +257,12 @@ def run_study(cfg: DictConfig) -> list[dict[str, Any]]:
         return _loop(cfg, base, study, space, study_dir, trials_dir, baseline, min_acc)
 
 
+def _cost(base: DictConfig, values: dict[str, Any]) -> float:
+    """Relative cost of a trial: optimiser steps, epochs / batch size."""
+    epochs = values.get("train.epochs", base.train.epochs)
+    return float(epochs) / float(values.get("train.batch_size", base.train.batch_size))
+
+
 def _count(study: optuna.Study, state: optuna.trial.TrialState) -> int:
     return len(study.get_trials(deepcopy=False, states=(state,)))
 
@@ -276,14 +282,23 @@ def _loop(cfg, base, study, space, study_dir, trials_dir, baseline, min_acc) -> 
         if complete < t.n_trials:
             pool = TrialPool(execute, address=cfg.ray.address, cpus=t.cpus_per_trial, gpus=t.gpus_per_trial,
                              max_concurrent=t.max_concurrent)
+        pending: list[tuple[optuna.Trial, dict[str, Any]]] = []  # asked, not launched yet
         while complete < t.n_trials:
-            while pool.free > 0 and complete + len(pool.running) < t.n_trials:
+            # Ask up to one window ahead, then launch the costliest asked trial into each free slot
+            # (longest first shortens the tail where few trials are left; NSGA-II assigns generations
+            # from completed trials only, so asking a little ahead does not change its populations).
+            while (len(pending) + len(pool.running) < 2 * t.max_concurrent
+                   and complete + len(pool.running) + len(pending) < t.n_trials):
                 trial = study.ask()
                 values = space.suggest(trial)
-                run_dir = trials_dir / f"trial_{trial.number:04d}"
-                trial.set_user_attr("run_dir", str(run_dir))
+                trial.set_user_attr("run_dir", str(trials_dir / f"trial_{trial.number:04d}"))
+                pending.append((trial, values))
+            while pool.free > 0 and pending:
+                trial, values = max(pending, key=lambda p: _cost(base, p[1]))
+                pending.remove((trial, values))
                 handles[trial.number] = (trial, values)
-                pool.submit(trial.number, cfg_yaml, values, str(run_dir), max(1, int(t.cpus_per_trial)), events, trial.number)
+                pool.submit(trial.number, cfg_yaml, values, str(trials_dir / f"trial_{trial.number:04d}"),
+                            max(1, int(t.cpus_per_trial)), events, trial.number)
                 log.info("trial %d started: %s", trial.number,
                          ", ".join(f"{SHORT_NAMES.get(k, k)}={outputs._value(v)}" for k, v in values.items()))
             for number, scores, error in pool.wait(timeout=None):
@@ -306,7 +321,7 @@ def _loop(cfg, base, study, space, study_dir, trials_dir, baseline, min_acc) -> 
                          "" if feasible else " (infeasible)", scores["ra_t"], scores["ra_q"],
                          _front_text(rows, t.objectives))
                 bar.update(1)
-                bar.set_postfix_str(f"running {len(pool.running)}, failed {failed}, "
+                bar.set_postfix_str(f"running {len(pool.running)}, queued {len(pending)}, failed {failed}, "
                                     f"front {len(outputs.front_rows(rows, t.objectives))}", refresh=interactive())
     finally:
         bar.close()
