@@ -125,21 +125,24 @@ def _diff_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
 
 
 def baseline_accuracy(cfg: DictConfig, study_dir: Path) -> float:
-    """The centralized baseline's clean accuracy with the base hyperparameters (trained once, then read back)."""
+    """Clean accuracy of the centralized baseline: one member, plain training, the study's base
+    hyperparameters (trained once per study, then read back)."""
     if cfg.tune.baseline_accuracy is not None:
         return float(cfg.tune.baseline_accuracy)
     path = study_dir / "baseline" / "results.json"
     if path.is_file():
         return float(json.loads(path.read_text())["ensemble"]["clean_accuracy"])
+    from ..config import config_from_json
     from ..engines import run_inline
     from ..run import finalize_run, prepare_run_dir
 
-    base = OmegaConf.merge(cfg, {})
-    base.deployment.name = "centralized"
-    base.deployment.num_nodes = 1
-    base.engine.name = "inline"
-    base.evaluate = False
-    base.train.progress = False
+    data = OmegaConf.to_container(cfg, resolve=True)
+    data["strategy"] = {"name": "plain"}  # standard training: the reference every strategy is held to
+    data["deployment"].update(name="centralized", num_nodes=1)
+    data["train"].update(rounds=1, progress=False)
+    data["engine"]["name"] = "inline"
+    data["evaluate"] = False
+    base = config_from_json(json.dumps(data))
     if (study_dir / "baseline").exists():
         import shutil
 
