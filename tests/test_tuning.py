@@ -180,3 +180,17 @@ def test_sweep_runs_its_cells_once_and_report_plots_them(tmp_path):
     assert (out / "sweep_lr.png").stat().st_size > 0
     assert "| lr | centralized: RA_T / RA_Q / CA | distributed_dirichlet: RA_T / RA_Q / CA |" in md
     assert cli(["report", str(tmp_path / "nothing")]) == 2
+
+
+@pytest.mark.slow
+def test_accuracy_mode_maximises_validation_accuracy_and_the_weaker_robustness(tmp_path):
+    study = tmp_path / "study"
+    assert cli(["tune", f"study_dir={study}", "tune.n_trials=2", "tune.population_size=2", "tune.objectives=accuracy",
+                "tune.baseline_accuracy=0.0", *TINY]) == 0
+    doc = json.loads((study / "pareto.json").read_text())
+    assert doc["objectives"] == ["val_accuracy", "min_ra"]
+    st = optuna.load_study(study_name="fedrobust", storage=f"sqlite:///{study / 'study.db'}")
+    for t in st.get_trials():
+        u = t.user_attrs
+        assert t.values == [u["val_accuracy"], min(u["ra_t"], u["ra_q"])]
+        assert 0.0 <= u["val_accuracy"] <= 1.0
