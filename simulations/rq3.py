@@ -7,7 +7,7 @@ cores: ``--trials 12 --population 4``.
 
 Usage: python simulations/rq3.py [--out studies/rq3] [--deployments ...] [--trials 100] [--population 20]
        [--max-concurrent 2] [overrides...]
-Then: fedrobust report studies/rq3/<deployment>
+Then: fedrobust report studies/rq3   (every deployment's front in one plot, like the paper's Fig. 4)
 """
 
 from __future__ import annotations

@@ -108,6 +108,8 @@ def test_study_of_12_trials_on_two_ray_workers(tmp_path):
     assert cli([*args, "optimizer.lr=0.5"]) == 2
     md = report(study)
     assert "![Pareto front](pareto.png)" in md and (study / "report.md").is_file()
+    report(tmp_path)  # a folder of studies (simulations/rq3.py): their fronts in one plot
+    assert (tmp_path / "pareto_fronts.png").stat().st_size > 0
 
 
 def _kill_group(proc: subprocess.Popen) -> None:

@@ -117,10 +117,50 @@ def _study_report(d: Path) -> str:
     return text
 
 
+def _is_study(d: Path) -> bool:
+    return (d / "trials.csv").is_file() and (d / "pareto.json").is_file()
+
+
+def _studies_report(d: Path, studies: list[Path]) -> str:
+    """Several studies side by side (``simulations/rq3.py``: one per deployment), like the paper's Fig. 4."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.6, 4.4))
+    lines = [f"# Studies in {d.name}", "", "![Pareto fronts](pareto_fronts.png)", ""]
+    for sd in studies:
+        _study_report(sd)
+        rows = outputs.read_trials_csv(sd / "trials.csv")
+        pareto = json.loads((sd / "pareto.json").read_text())
+        objectives = "accuracy" if pareto["objectives"][0] == "val_accuracy" else "robustness"
+        pts = sorted(outputs.objective_values(r, objectives) for r in outputs.front_rows(rows, objectives))
+        if pts:
+            ax.plot(*zip(*pts), "-o", label=sd.name, markersize=4)
+        names = pareto["objectives"]
+        lines += [f"## {sd.name}", "", f"[report]({sd.name}/report.md) · {len(pts)} configuration(s) on the front", ""]
+    ax.set_xlabel(outputs.LABELS[names[0]])
+    ax.set_ylabel(outputs.LABELS[names[1]])
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title("feasible Pareto fronts")
+    fig.tight_layout()
+    fig.savefig(d / "pareto_fronts.png", dpi=150)
+    plt.close(fig)
+    text = "\n".join(lines)
+    (d / "report.md").write_text(text)
+    return text
+
+
 def report(d: Path) -> str:
     """Render the directory's plots and ``report.md``; return the Markdown."""
     if (d / "cells.csv").is_file():
         return _sweep_report(d)
-    if (d / "trials.csv").is_file() and (d / "pareto.json").is_file():
+    if _is_study(d):
         return _study_report(d)
-    raise ConfigError(f"path: {d} is neither a study directory (trials.csv, pareto.json) nor a sweep (cells.csv)")
+    studies = sorted(p for p in d.iterdir() if p.is_dir() and _is_study(p)) if d.is_dir() else []
+    if studies:
+        return _studies_report(d, studies)
+    raise ConfigError(f"path: {d} is neither a study directory (trials.csv, pareto.json), a folder of studies, "
+                      "nor a sweep (cells.csv)")

@@ -35,7 +35,6 @@ import optuna
 from omegaconf import DictConfig, OmegaConf
 
 from ..config import ConfigError
-from ..progress import interactive
 from ..progress import progress as progress_bar
 from . import outputs
 from .space import SHORT_NAMES, SearchSpace
@@ -157,7 +156,7 @@ def trial_rows(study: optuna.Study, param_names: list[str]) -> list[dict[str, An
     rows = []
     for t in study.get_trials(deepcopy=False):
         u = t.user_attrs
-        duration = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete and t.datetime_start else None
+        duration = u.get("seconds")  # the trial's own train + evaluate time (asked trials may wait in the queue)
         row = {"number": t.number, "state": t.state.name, **{p: t.params.get(p) for p in param_names},
                "ca": u.get("ca"), "val_accuracy": u.get("val_accuracy"), "ra_t": u.get("ra_t"), "ra_q": u.get("ra_q"),
                "feasible": (u.get(CONSTRAINT_ATTR, math.inf) <= 0) if t.state.name == "COMPLETE" else None,
@@ -168,7 +167,7 @@ def trial_rows(study: optuna.Study, param_names: list[str]) -> list[dict[str, An
 
 
 def _tell_complete(study: optuna.Study, trial: optuna.Trial, scores: dict[str, Any], min_acc: float, objectives: str) -> None:
-    for key in ("ca", "val_accuracy", "ra_t", "ra_q", "best_epoch"):
+    for key in ("ca", "val_accuracy", "ra_t", "ra_q", "best_epoch", "seconds"):
         trial.set_user_attr(key, scores[key])
     trial.set_user_attr(CONSTRAINT_ATTR, min_acc - scores["ca"])
     trial.set_constraint("clean_accuracy", min_acc - scores["ca"])
@@ -323,9 +322,9 @@ def _loop(cfg, base, study, space, study_dir, trials_dir, baseline, min_acc) -> 
                 log.info("trial %d done: CA %.4f%s, RA_T %.4f, RA_Q %.4f | front: %s", number, scores["ca"],
                          "" if feasible else " (infeasible)", scores["ra_t"], scores["ra_q"],
                          _front_text(rows, t.objectives))
-                bar.update(1)
                 bar.set_postfix_str(f"running {len(pool.running)}, queued {len(pending)}, failed {failed}, "
-                                    f"front {len(outputs.front_rows(rows, t.objectives))}", refresh=interactive())
+                                    f"front {len(outputs.front_rows(rows, t.objectives))}", refresh=False)
+                bar.update(1)
     finally:
         bar.close()
         if pool is not None:
