@@ -164,6 +164,50 @@ def _report(path: str) -> int:
     return 0
 
 
+_DEPLOY_HELP = """\
+A real deployment (see the README's Deployment section):
+  fedrobust deploy certs deploy/certs --host superlink.example.org
+  fedrobust deploy keys deploy/keys node0 node1 node2
+  fedrobust deploy connection fedrobust --address superlink.example.org:8000 --ca deploy/certs/ca.crt
+  flwr supernode register deploy/keys/node0.pub fedrobust          # once per SuperNode
+  fedrobust deploy superlink --certs deploy/certs
+  CUDA_VISIBLE_DEVICES=0 fedrobust deploy supernode --superlink superlink.example.org:8000 \\
+      --ca deploy/certs/ca.crt --key deploy/keys/node0 --partition-id 0 --num-partitions 3
+  flwr run . fedrobust --stream --run-config 'overrides="deployment.num_nodes=3" run-dir="/abs/runs/r1"'
+"""
+
+
+def _deploy(args: argparse.Namespace) -> int:
+    import os
+
+    from . import deploy
+
+    try:
+        if args.what == "certs":
+            paths = deploy.make_certificates(args.out_dir, args.host)
+            print("\n".join(str(p) for p in paths.values()))
+        elif args.what == "keys":
+            for priv, pub in deploy.make_supernode_keys(args.out_dir, args.names).values():
+                print(f"{priv}  (private: stays on the SuperNode's machine)\n{pub}  (register it: flwr supernode register {pub} <connection>)")
+        elif args.what == "connection":
+            print(deploy.write_connection(args.name, args.address, args.ca, insecure=args.insecure))
+        elif args.what == "superlink":
+            argv = deploy.superlink_argv(args.certs, port=args.port, database=args.database, log_file=args.log_file,
+                                         insecure=args.insecure)
+            sys.stdout.flush()
+            os.execvp(argv[0], argv)  # an argument list, never a shell string
+        elif args.what == "supernode":
+            argv = deploy.supernode_argv(args.superlink, args.partition_id, args.num_partitions, ca=args.ca, key=args.key,
+                                         data_root=args.data_root, port=args.port, insecure=args.insecure)
+            os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
+            sys.stdout.flush()
+            os.execvp(argv[0], argv)
+    except ConfigError as exc:
+        print(f"fedrobust: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fedrobust", description="Robust federated ensembles.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -185,7 +229,38 @@ def main(argv: list[str] | None = None) -> int:
     tune.add_argument("overrides", nargs="*", help="Hydra overrides and study_dir=PATH")
     rep = sub.add_parser("report", help="plots and a Markdown summary of a study or sweep directory")
     rep.add_argument("path", help="a study_dir written by fedrobust tune, or a sweep directory from simulations/")
+    dep = sub.add_parser("deploy", help="credentials and launchers for a real deployment (TLS, SuperNode auth)",
+                         epilog=_DEPLOY_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    dsub = dep.add_subparsers(dest="what", required=True)
+    c = dsub.add_parser("certs", help="a CA and the SuperLink's TLS certificate")
+    c.add_argument("out_dir")
+    c.add_argument("--host", action="append", default=[], help="a name or IP the SuperLink is reached at (repeatable)")
+    k = dsub.add_parser("keys", help="SuperNode key pairs (ECDSA P-384, OpenSSH format)")
+    k.add_argument("out_dir")
+    k.add_argument("names", nargs="+")
+    cn = dsub.add_parser("connection", help="add a SuperLink connection to the flwr CLI's config ($FLWR_HOME/config.toml)")
+    cn.add_argument("name")
+    cn.add_argument("--address", required=True, help="SuperLink host:port")
+    cn.add_argument("--ca", help="CA certificate (ca.crt)")
+    cn.add_argument("--insecure", action="store_true")
+    sl = dsub.add_parser("superlink", help="start flower-superlink with TLS and SuperNode authentication")
+    sl.add_argument("--certs", help="folder from `fedrobust deploy certs`")
+    sl.add_argument("--port", type=int, default=8000)
+    sl.add_argument("--database", help="state file (default: in memory)")
+    sl.add_argument("--log-file")
+    sl.add_argument("--insecure", action="store_true", help="no TLS and no SuperNode authentication")
+    sn = dsub.add_parser("supernode", help="start flower-supernode for one shard")
+    sn.add_argument("--superlink", required=True, help="SuperLink host:port")
+    sn.add_argument("--ca", help="CA certificate (ca.crt)")
+    sn.add_argument("--key", help="this SuperNode's private key (registered with flwr supernode register)")
+    sn.add_argument("--partition-id", type=int, required=True)
+    sn.add_argument("--num-partitions", type=int, required=True)
+    sn.add_argument("--data-root", help="folder holding the data set (CIFAR archives)")
+    sn.add_argument("--port", type=int, default=9094, help="this SuperNode's local runtime API port")
+    sn.add_argument("--insecure", action="store_true")
     args = parser.parse_args(argv)
+    if args.command == "deploy":
+        return _deploy(args)
     if args.command == "tune":
         return _tune(args.overrides)
     if args.command == "report":

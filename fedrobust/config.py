@@ -138,6 +138,8 @@ class EngineConfig:
     num_cpus: float = 1.0  # per client; torch threads are set to match
     num_gpus: float = 0.0  # per client (fractions share a GPU)
     timeout: float = 0.0  # seconds to wait for replies in a round (0 = no limit)
+    on_missing: str = "fail"  # a node that does not reply in time: fail | min_members (finish without it)
+    min_members: int = 1  # on_missing=min_members: the fewest members the ensemble may end with
 
 
 TRANSFER_ATTACKS = ("cwa", "mifgsm", "pgd")
@@ -345,6 +347,9 @@ def validate(cfg: DictConfig) -> None:
     _check(cfg.engine.num_cpus > 0, "engine.num_cpus", f"must be > 0, got {cfg.engine.num_cpus}")
     _check(cfg.engine.num_gpus >= 0, "engine.num_gpus", f"must be >= 0, got {cfg.engine.num_gpus}")
     _check(cfg.engine.timeout >= 0, "engine.timeout", f"must be >= 0, got {cfg.engine.timeout}")
+    _check(cfg.engine.on_missing in ("fail", "min_members"), "engine.on_missing",
+           f"unknown value '{cfg.engine.on_missing}' (choose from fail, min_members)")
+    _check(cfg.engine.min_members >= 1, "engine.min_members", f"must be >= 1, got {cfg.engine.min_members}")
     validate_attack(cfg.attack)
     validate_strategy(cfg.strategy)
     validate_tune(cfg.tune)

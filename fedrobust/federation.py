@@ -35,8 +35,14 @@ def peers_of(cfg: DictConfig, node: int, current: dict[int, dict]) -> dict[int, 
     return {m: w for m, w in current.items() if m not in own}
 
 
-def collect_members(cfg: DictConfig, train_round: TrainRound) -> list[MemberUpdate]:
-    """Run ``cfg.train.rounds`` rounds and return the validated members, ordered by index."""
+def collect_members(cfg: DictConfig, train_round: TrainRound, missing: dict | None = None) -> list[MemberUpdate]:
+    """Run ``cfg.train.rounds`` rounds and return the validated members, ordered by index.
+
+    Members that do not arrive in a round fail the run, unless
+    ``engine.on_missing=min_members``: then their nodes are dropped (with a
+    warning, and recorded in ``missing`` for ``results.json``) as long as at
+    least ``engine.min_members`` members remain.
+    """
     data = load_dataset(cfg.data.name, cfg.data.root)
     reference = build_member(cfg, data).state_dict()
     n_nodes = num_nodes(cfg.deployment.name, cfg.deployment.num_nodes)
@@ -63,8 +69,22 @@ def collect_members(cfg: DictConfig, train_round: TrainRound) -> list[MemberUpda
             if u.member in latest:
                 u.history = latest[u.member].history + u.history
             latest[u.member] = u
-        missing = sorted(set(expected) - seen)
-        if missing:
-            nodes = sorted({expected[m] for m in missing})
-            raise RuntimeError(f"round {r + 1}: no reply for member(s) {missing} from node(s) {nodes}")
+        absent = sorted(set(expected) - seen)
+        if absent:
+            nodes = sorted({expected[m] for m in absent})
+            what = f"round {r + 1}: no reply for member(s) {absent} from node(s) {nodes}"
+            remaining = len(expected) - len(absent)
+            if cfg.engine.on_missing != "min_members" or remaining < cfg.engine.min_members:
+                raise RuntimeError(what + (f"; {remaining} member(s) left, engine.min_members={cfg.engine.min_members}"
+                                           if cfg.engine.on_missing == "min_members" else
+                                           "; set engine.on_missing=min_members to finish without them"))
+            log.warning("%s; continuing with %d member(s) (engine.on_missing=min_members)", what, remaining)
+            for m in absent:
+                expected.pop(m)
+                latest.pop(m, None)
+                current.pop(m, None)
+            if missing is not None:
+                missing.setdefault("nodes", []).extend(nodes)
+                missing.setdefault("members", []).extend(absent)
+                missing.setdefault("events", []).append(what)
     return [latest[m] for m in sorted(latest)]

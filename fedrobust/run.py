@@ -149,7 +149,8 @@ def _summary(results: dict) -> str:
     return "\n".join(lines)
 
 
-def finalize_run(cfg: DictConfig, run_dir: Path, members: list[MemberUpdate], *, data: ImageDataset | None = None) -> dict:
+def finalize_run(cfg: DictConfig, run_dir: Path, members: list[MemberUpdate], *, data: ImageDataset | None = None,
+                 missing: dict | None = None) -> dict:
     """Save members, assemble and score the ensemble, write results, TensorBoard and the summary."""
     t0 = time.perf_counter()
     data = data or load_dataset(cfg.data.name, cfg.data.root)
@@ -196,6 +197,11 @@ def finalize_run(cfg: DictConfig, run_dir: Path, members: list[MemberUpdate], *,
         "engine": cfg.engine.name,
         "seed": cfg.train.seed,
     }
+    if missing:
+        results["missing"] = missing
+        results["warnings"] = [f"the ensemble lacks member(s) {missing['members']} of node(s) {missing['nodes']}: "
+                               + "; ".join(missing["events"])]
+        log.warning("%s", results["warnings"][0])
     (run_dir / "results.json").write_text(json.dumps(results, indent=2))
     _write_tensorboard(run_dir, cfg, members, results, table)
     log.info("ensemble of %d member(s): clean accuracy %.4f (finalised in %.1fs)", len(models), ens_acc, time.perf_counter() - t0)

@@ -37,6 +37,7 @@ class FlowerRounds:
         self.cfg = cfg
         self.node_ids = self._wait_for_nodes(num_nodes(cfg.deployment.name, cfg.deployment.num_nodes), node_wait_s)
         self.partition_of: dict[int, int] = {}
+        self.lost: list[int] = []  # Flower node ids that stopped replying (engine.on_missing=min_members)
 
     def _wait_for_nodes(self, expected: int, wait_s: float) -> list[int]:
         deadline = time.monotonic() + wait_s
@@ -67,15 +68,27 @@ class FlowerRounds:
         replies = list(self.grid.send_and_receive(messages, timeout=timeout))
         updates: list[MemberUpdate] = []
         claimed: dict[int, int] = {}
+        tolerate = self.cfg.engine.on_missing == "min_members"
+        replied: set[int] = set()
         for reply in replies:
             src = reply.metadata.src_node_id
             if reply.has_error():
-                raise RuntimeError(f"flower node {src} failed in round {round_idx + 1}: {reply.error.reason}")
+                if not tolerate:
+                    raise RuntimeError(f"flower node {src} failed in round {round_idx + 1}: {reply.error.reason}")
+                log.warning("flower node %s failed in round %d: %s", src, round_idx + 1, reply.error.reason)
+                continue
+            replied.add(src)
             for u in decode_reply(reply.content, f"flower node {src}"):
                 if claimed.setdefault(u.node, src) != src:
                     raise InvalidUpdateError(f"node {u.node}: claimed by flower nodes {claimed[u.node]} and {src}")
                 self.partition_of[src] = u.node
                 updates.append(u)
+        silent = [nid for nid in self.node_ids if nid not in replied]
+        if silent and tolerate:  # collect_members decides whether the run can go on without them
+            log.warning("round %d: no reply from flower node(s) %s within engine.timeout=%ss; dropped from later rounds",
+                        round_idx + 1, silent, self.cfg.engine.timeout)
+            self.lost += silent
+            self.node_ids = [nid for nid in self.node_ids if nid in replied]
         return updates
 
 
@@ -83,8 +96,12 @@ def serve(grid: Grid, cfg: DictConfig, run_dir: Path) -> None:
     """Collect the members over ``grid`` and write the run directory."""
     from .run import finalize_run
 
-    members = collect_members(cfg, FlowerRounds(grid, cfg))
-    finalize_run(cfg, run_dir, members)
+    rounds = FlowerRounds(grid, cfg)
+    missing: dict = {}
+    members = collect_members(cfg, rounds, missing)
+    if missing:
+        missing["flower_node_ids"] = rounds.lost
+    finalize_run(cfg, run_dir, members, missing=missing or None)
 
 
 def make_server_app(cfg: DictConfig, run_dir: Path, errors: list[BaseException]) -> ServerApp:
