@@ -1,0 +1,153 @@
+"""A real deployment on loopback: SuperLink and SuperNodes as separate processes, TLS, SuperNode authentication.
+
+Credentials come from ``fedrobust deploy``; the run is submitted with ``flwr run``. Every process is
+started in its own session and killed with its group when the test ends, whatever the outcome.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from fedrobust.cli import main as cli
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait(pred, timeout: float, what: str) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if pred():
+            return
+        time.sleep(0.3)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+class Federation:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.env = {**os.environ, "FLWR_HOME": str(root / "flwr-home"), "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+                    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "PYTHONUNBUFFERED": "1"}
+        self.port = _free_port()
+        self.name = "fedrobust-test"
+
+    def fedrobust(self, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "fedrobust.cli", *args], env=self.env, cwd=self.root,
+                              capture_output=True, text=True, timeout=120)
+
+    def start(self, name: str, *args: str) -> subprocess.Popen:
+        log = open(self.root / f"{name}.log", "w")
+        p = subprocess.Popen([sys.executable, "-m", "fedrobust.cli", "deploy", *args], env=self.env, cwd=self.root,
+                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.procs[name] = p
+        return p
+
+    def log(self, name: str) -> str:
+        return (self.root / f"{name}.log").read_text(errors="replace")
+
+    def kill(self, name: str) -> None:
+        p = self.procs[name]
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        p.wait(timeout=30)
+
+    def close(self) -> None:
+        for name in list(self.procs):
+            self.kill(name)
+
+    def flwr(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+        return subprocess.run([str(BIN / "flwr"), *args], env=self.env, cwd=REPO, capture_output=True, text=True,
+                              timeout=timeout)
+
+
+@pytest.fixture
+def federation(tmp_path):
+    fed = Federation(tmp_path)
+    try:
+        assert fed.fedrobust("deploy", "certs", "certs").returncode == 0
+        assert fed.fedrobust("deploy", "keys", "keys", "node0", "node1", "node2", "rogue").returncode == 0
+        done = fed.fedrobust("deploy", "connection", fed.name, "--address", f"127.0.0.1:{fed.port}", "--ca", "certs/ca.crt")
+        assert done.returncode == 0, done.stderr
+        fed.start("superlink", "superlink", "--certs", "certs", "--port", str(fed.port))
+        _wait(lambda: "Uvicorn running" in fed.log("superlink"), 60, "the SuperLink")
+        for i in range(3):
+            reg = fed.flwr("supernode", "register", str(tmp_path / "keys" / f"node{i}.pub"), fed.name)
+            assert reg.returncode == 0, reg.stdout + reg.stderr
+        for i in range(3):
+            fed.start(f"node{i}", "supernode", "--superlink", f"127.0.0.1:{fed.port}", "--ca", "certs/ca.crt",
+                      "--key", f"keys/node{i}", "--partition-id", str(i), "--num-partitions", "3", "--port", str(_free_port()))
+        for i in range(3):
+            _wait(lambda i=i: "SuperNode ID" in fed.log(f"node{i}"), 60, f"SuperNode {i}")
+        yield fed
+    finally:
+        fed.close()
+
+
+def _results(run_dir: Path) -> dict:
+    return json.loads((run_dir / "results.json").read_text())
+
+
+def test_tls_authenticated_deployment_matches_simulation_and_refuses_unregistered_keys(federation, tmp_path):
+    fed = federation
+    # an unregistered key is refused at the SuperLink and its SuperNode gives up
+    rogue = fed.start("rogue", "supernode", "--superlink", f"127.0.0.1:{fed.port}", "--ca", "certs/ca.crt",
+                      "--key", "keys/rogue", "--partition-id", "0", "--num-partitions", "3", "--port", str(_free_port()))
+    _wait(lambda: rogue.poll() is not None, 90, "the unregistered SuperNode to be refused")
+    assert rogue.returncode != 0
+    assert "activate-node" in fed.log("superlink") and "2004" in fed.log("superlink")
+
+    run_dir = tmp_path / "run-deployed"
+    sub = fed.flwr("run", ".", fed.name, "--stream", "--run-config",
+                   f'overrides="train.epochs=5" run-dir="{run_dir}"', timeout=600)
+    assert sub.returncode == 0, (sub.stdout + sub.stderr)[-3000:]
+    deployed = _results(run_dir)
+    assert sorted(m["node"] for m in deployed["members"]) == [0, 1, 2]  # the rogue node contributed nothing
+    assert "missing" not in deployed
+
+    assert cli(["train", "engine=simulation", "train.epochs=5", "train.progress=false", f"run_dir={tmp_path / 'run-sim'}"]) == 0
+    simulated = _results(tmp_path / "run-sim")
+    assert abs(deployed["ensemble"]["clean_accuracy"] - simulated["ensemble"]["clean_accuracy"]) <= 0.02
+
+
+def test_a_supernode_killed_mid_training_leaves_the_run_to_finish_with_min_members(federation, tmp_path):
+    fed = federation
+    run_dir = tmp_path / "run-killed"
+    argv = [str(BIN / "flwr"), "run", ".", fed.name, "--stream", "--run-config",
+            f'overrides="train.epochs=40 engine.timeout=20 engine.on_missing=min_members engine.min_members=2" '
+            f'run-dir="{run_dir}"']
+    log_path = tmp_path / "flwr-run.log"
+    with open(log_path, "w") as log:
+        sub = subprocess.Popen(argv, env=fed.env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            _wait(lambda: "round 1/1: training" in log_path.read_text(errors="replace"), 120, "training to start")
+            time.sleep(2.0)
+            fed.kill("node2")
+            assert sub.wait(timeout=300) == 0, log_path.read_text()[-3000:]
+        finally:
+            if sub.poll() is None:
+                os.killpg(sub.pid, signal.SIGKILL)
+    results = _results(run_dir)
+    assert sorted(m["node"] for m in results["members"]) == [0, 1]
+    assert results["missing"]["nodes"] == [2] and results["missing"]["members"] == [2]
+    assert len(results["missing"]["flower_node_ids"]) == 1
+    assert results["warnings"] and "node(s) [2]" in results["warnings"][0]
