@@ -9,13 +9,18 @@ counters) is kept in ``context.state`` between rounds.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from flwr.app import ArrayRecord, Context, Message
 from flwr.clientapp import ClientApp
 
+from fedrobust.data import DataError, load_dataset
 from fedrobust.node import train_node_round
 from fedrobust.partition import num_nodes
 from fedrobust.protocol import decode_task, encode_reply
+
+log = logging.getLogger("fedrobust")
 
 app = ClientApp()
 
@@ -34,6 +39,12 @@ def train(msg: Message, context: Context) -> Message:
         raise ValueError(f"node {node}: num-partitions={partitions} but the run expects {expected} node(s)")
     if "data-root" in context.node_config:
         cfg.data.root = str(context.node_config["data-root"])
+    try:
+        load_dataset(cfg.data.name, cfg.data.root)
+    except DataError as exc:  # one line in the SuperNode's log and in the server's error
+        message = f"node {node}: cannot load data set '{cfg.data.name}': {exc}"
+        log.error(message)
+        raise DataError(message) from None
     torch.set_num_threads(_threads(cfg.engine.num_cpus))
 
     state = {k[len("trainer.") :]: rec.to_torch_state_dict() for k, rec in context.state.array_records.items() if k.startswith("trainer.")}

@@ -170,7 +170,7 @@ A real deployment (see the README's Deployment section):
   fedrobust deploy keys deploy/keys node0 node1 node2
   fedrobust deploy connection fedrobust --address superlink.example.org:8000 --ca deploy/certs/ca.crt
   flwr supernode register deploy/keys/node0.pub fedrobust          # once per SuperNode
-  fedrobust deploy superlink --certs deploy/certs
+  fedrobust deploy superlink --certs deploy/certs --bind 0.0.0.0
   CUDA_VISIBLE_DEVICES=0 fedrobust deploy supernode --superlink superlink.example.org:8000 \\
       --ca deploy/certs/ca.crt --key deploy/keys/node0 --partition-id 0 --num-partitions 3
   flwr run . fedrobust --stream --run-config 'overrides="deployment.num_nodes=3" run-dir="/abs/runs/r1"'
@@ -192,8 +192,8 @@ def _deploy(args: argparse.Namespace) -> int:
         elif args.what == "connection":
             print(deploy.write_connection(args.name, args.address, args.ca, insecure=args.insecure))
         elif args.what == "superlink":
-            argv = deploy.superlink_argv(args.certs, port=args.port, database=args.database, log_file=args.log_file,
-                                         insecure=args.insecure)
+            argv = deploy.superlink_argv(args.certs, port=args.port, bind=args.bind, database=args.database,
+                                         log_file=args.log_file, insecure=args.insecure)
             sys.stdout.flush()
             os.execvp(argv[0], argv)  # an argument list, never a shell string
         elif args.what == "supernode":
@@ -246,6 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     sl = dsub.add_parser("superlink", help="start flower-superlink with TLS and SuperNode authentication")
     sl.add_argument("--certs", help="folder from `fedrobust deploy certs`")
     sl.add_argument("--port", type=int, default=8000)
+    sl.add_argument("--bind", default="127.0.0.1", help="address to listen on (0.0.0.0 for SuperNodes on other machines)")
     sl.add_argument("--database", help="state file (default: in memory)")
     sl.add_argument("--log-file")
     sl.add_argument("--insecure", action="store_true", help="no TLS and no SuperNode authentication")

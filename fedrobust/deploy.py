@@ -107,10 +107,10 @@ def _need_file(key: str, path: str | Path) -> str:
     return str(p.resolve())
 
 
-def superlink_argv(certs: str | None, *, port: int = 8000, database: str | None = None, log_file: str | None = None,
-                   insecure: bool = False, node_auth: bool = True) -> list[str]:
+def superlink_argv(certs: str | None, *, port: int = 8000, bind: str = "127.0.0.1", database: str | None = None,
+                   log_file: str | None = None, insecure: bool = False, node_auth: bool = True) -> list[str]:
     """``flower-superlink`` with TLS and SuperNode authentication (only registered keys may connect)."""
-    argv = ["flower-superlink", "--port", str(port), "--disable-runtime-dependency-installation"]
+    argv = ["flower-superlink", "--host", bind, "--port", str(port), "--disable-runtime-dependency-installation"]
     if certs:
         d = Path(certs)
         argv += ["--ssl-ca-certfile", _need_file("--certs", d / "ca.crt"),

@@ -143,3 +143,20 @@ def test_ensemble_averages_logits_and_stays_in_eval_mode():
         ens.train()
     ens.eval()
     assert len(list(ens.parameters())) == 6  # .to() and attacks see every member
+
+
+def test_a_client_without_its_data_says_so_in_one_line(task_identity, tmp_path):
+    from flwr.app import Message, MessageType
+
+    from fedrobust.config import load_config
+    from fedrobust.data import DataError
+    from fedrobust.protocol import encode_task
+
+    cfg = load_config(["data=cifar10", "engine=inline"])
+    ctx = Context(run_id=1, node_id=100, node_config={"partition-id": 0, "num-partitions": 3, "data-root": str(tmp_path)},
+                  state=RecordDict(), run_config={})
+    msg = Message(content=encode_task(cfg, 0, {}), dst_node_id=100, message_type=MessageType.TRAIN)
+    with pytest.raises(DataError) as info:
+        client_app(msg, ctx)
+    text = str(info.value)
+    assert text.startswith("node 0: cannot load data set 'cifar10': no CIFAR data under ") and "\n" not in text
