@@ -133,7 +133,7 @@ def test_a_supernode_killed_mid_training_leaves_the_run_to_finish_with_min_membe
     fed = federation
     run_dir = tmp_path / "run-killed"
     argv = [str(BIN / "flwr"), "run", ".", fed.name, "--stream", "--run-config",
-            f'overrides="train.epochs=40 engine.timeout=20 engine.on_missing=min_members engine.min_members=2" '
+            f'overrides="train.epochs=20 engine.timeout=40 engine.on_missing=min_members engine.min_members=2" '
             f'run-dir="{run_dir}"']
     log_path = tmp_path / "flwr-run.log"
     with open(log_path, "w") as log:
