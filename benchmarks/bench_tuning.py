@@ -22,7 +22,7 @@ import optuna
 from fedrobust.config import load_config
 from fedrobust.run import setup_logging
 from fedrobust.tuning.space import SearchSpace
-from fedrobust.tuning.study import _prepare_zoo, open_study, run_study
+from fedrobust.tuning.study import open_study, prepare_zoo, run_study
 
 
 def main() -> None:
@@ -38,7 +38,7 @@ def main() -> None:
             "attack.per_member=false", "attack.queries=200"]
     setup_logging()
     cfg = load_config(base)
-    _prepare_zoo(cfg)  # the zoo is shared; train it outside the timing
+    prepare_zoo(cfg)  # the zoo is shared; train it outside the timing
     space = SearchSpace.from_config(cfg)
     sampler = optuna.samplers.RandomSampler(seed=0)
     draw = optuna.create_study(sampler=sampler, directions=["maximize", "maximize"])

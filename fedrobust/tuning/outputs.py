@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -167,7 +166,3 @@ def plot_front(study_dir: Path, rows: list[dict[str, Any]], objectives: str, tit
         fig.savefig(p, dpi=150)
     plt.close(fig)
     return paths
-
-
-def finite(v: Any) -> bool:
-    return isinstance(v, (int, float)) and math.isfinite(v)

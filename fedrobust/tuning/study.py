@@ -27,7 +27,6 @@ import fcntl
 import json
 import logging
 import math
-import time
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +39,7 @@ from . import outputs
 from .space import SHORT_NAMES, SearchSpace
 from .trial import apply_values, execute, load_scores
 
-__all__ = ["run_study", "open_study", "trial_rows", "StudyLocked"]
+__all__ = ["run_study", "open_study", "prepare_zoo", "study_lock", "trial_rows", "StudyLocked"]
 
 log = logging.getLogger("fedrobust")
 
@@ -174,7 +173,7 @@ def _tell_complete(study: optuna.Study, trial: optuna.Trial, scores: dict[str, A
     study.tell(trial, list(outputs.objective_values(scores, objectives)))
 
 
-def _requeue_stale(study: optuna.Study, space: SearchSpace, trials_dir: Path, min_acc: float, objectives: str) -> int:
+def _requeue_stale(study: optuna.Study, trials_dir: Path, min_acc: float, objectives: str) -> int:
     """Running trials left by a dead tuner: record those that finished, queue the others again."""
     n = 0
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
@@ -193,7 +192,7 @@ def _requeue_stale(study: optuna.Study, space: SearchSpace, trials_dir: Path, mi
     return n
 
 
-def _prepare_zoo(cfg: DictConfig) -> None:
+def prepare_zoo(cfg: DictConfig) -> None:
     """Train (or find) the surrogate zoo and its transfer examples once, before trials share them."""
     from ..data import load_dataset
     from ..evaluation.surrogates import load_or_train_zoo
@@ -254,8 +253,8 @@ def run_study(cfg: DictConfig) -> list[dict[str, Any]]:
         study = open_study(cfg, study_dir)
         trials_dir = study_dir / "trials"
         trials_dir.mkdir(exist_ok=True)
-        _requeue_stale(study, space, trials_dir, min_acc, cfg.tune.objectives)
-        _prepare_zoo(base)
+        _requeue_stale(study, trials_dir, min_acc, cfg.tune.objectives)
+        prepare_zoo(base)
         return _loop(cfg, base, study, space, study_dir, trials_dir, baseline, min_acc)
 
 

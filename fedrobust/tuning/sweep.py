@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 from ..config import load_config
 from ..progress import interactive
 from ..progress import progress as progress_bar
-from .study import _prepare_zoo, study_lock
+from .study import prepare_zoo, study_lock
 from .trial import execute, load_scores
 
 __all__ = ["Cell", "run_sweep", "CELL_COLUMNS"]
@@ -84,7 +84,7 @@ def run_sweep(name: str, cells: list[Cell], sweep_dir: str | Path, *, max_concur
             for cfg in configs:
                 cfg.attack.cache_dir = cache
                 cfg.evaluate = True
-            _prepare_zoo(configs[todo[0]])
+            prepare_zoo(configs[todo[0]])
             events = str(sweep_dir / "executions.jsonl")
             bar = progress_bar(total=len(cells), initial=len(cells) - len(todo), desc=name, enabled=progress)
             pool = TrialPool(execute, address=address, cpus=cpus_per_cell, gpus=gpus_per_cell, max_concurrent=max_concurrent)
