@@ -160,11 +160,12 @@ def write_connection(name: str, address: str, ca: str | None, *, insecure: bool 
     """Add or replace ``[superlink.NAME]`` in the flwr CLI's config ($FLWR_HOME/config.toml)."""
     import tomli
     import tomli_w
+    from flwr.cli.constant import DEFAULT_FLOWER_CONFIG_TOML
     from flwr.supercore.utils import get_flwr_home
 
     path = Path(get_flwr_home()) / "config.toml"
     path.parent.mkdir(parents=True, exist_ok=True)
-    doc = tomli.loads(path.read_text()) if path.is_file() else {"superlink": {"default": "local", "local": {"address": ":local:"}}}
+    doc = tomli.loads(path.read_text() if path.is_file() else DEFAULT_FLOWER_CONFIG_TOML)  # flwr's own default file
     entry: dict = {"address": address}
     if ca:
         entry["root-certificates"] = _need_file("--ca", ca)

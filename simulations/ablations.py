@@ -18,9 +18,8 @@ import argparse
 import sys
 
 from fedrobust.run import setup_logging
-from fedrobust.tuning.sweep import Cell, run_sweep
+from fedrobust.tuning.sweep import SWEEP_DEFAULTS, Cell, run_sweep, split_overrides
 
-SWEEP_DEFAULTS = ["engine=inline", "attack.whitebox=[]", "attack.tsr=false", "attack.hessian_samples=0"]
 
 
 def cells(which, nodes, alphas, seeds, overrides) -> list[Cell]:
@@ -49,9 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-concurrent", type=int, default=2)
     p.add_argument("--cpus-per-cell", type=float, default=1.0)
     p.add_argument("--address", default=None)
-    argv = sys.argv[1:] if argv is None else argv
-    overrides = [a for a in argv if "=" in a and not a.startswith("-")]
-    args = p.parse_args([a for a in argv if a not in overrides])
+    own, overrides = split_overrides(sys.argv[1:] if argv is None else argv)
+    args = p.parse_args(own)
     setup_logging()
     rows = run_sweep("ablations", cells(args.which, args.nodes, args.alphas, args.seeds, overrides), args.out,
                      max_concurrent=args.max_concurrent, cpus_per_cell=args.cpus_per_cell, address=args.address,

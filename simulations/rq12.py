@@ -29,7 +29,7 @@ import sys
 import numpy as np
 
 from fedrobust.run import setup_logging
-from fedrobust.tuning.sweep import Cell, run_sweep
+from fedrobust.tuning.sweep import SWEEP_DEFAULTS, Cell, run_sweep, split_overrides
 
 GRIDS = {  # DESIGN.md's RQ1/RQ2 grids (the main paper's Table 1 ranges)
     "lr": ("optimizer.lr", [1e-4, 2e-4, 4e-4, 8e-4, 1e-3, 2e-3, 4e-3, 8e-3, 0.01, 0.02, 0.04, 0.08, 0.1, 0.2, 0.4]),
@@ -38,7 +38,6 @@ GRIDS = {  # DESIGN.md's RQ1/RQ2 grids (the main paper's Table 1 ranges)
     "batch_size": ("train.batch_size", [32, 64, 128, 256, 512, 1024, 2048]),
 }
 DEPLOYMENTS = ("centralized", "deep_ensemble", "distributed_iid", "distributed_dirichlet")
-SWEEP_DEFAULTS = ["engine=inline", "attack.whitebox=[]", "attack.tsr=false", "attack.hessian_samples=0"]
 
 
 def cells(params, deployments, nodes, seeds, grids, overrides) -> list[Cell]:
@@ -70,14 +69,12 @@ def main(argv: list[str] | None = None) -> int:
     for name, (_, values) in GRIDS.items():
         p.add_argument(f"--{name.replace('_', '-')}", type=float, nargs="+", default=values, dest=f"grid_{name}",
                        help=f"grid for {name}")
-    argv = sys.argv[1:] if argv is None else argv
-    overrides = [a for a in argv if "=" in a and not a.startswith("-")]  # Hydra overrides for every cell
-    args = p.parse_args([a for a in argv if a not in overrides])
-    args.overrides = overrides
+    own, overrides = split_overrides(sys.argv[1:] if argv is None else argv)
+    args = p.parse_args(own)
     grids = {k: (key, [int(v) if k == "batch_size" else v for v in getattr(args, f"grid_{k}")])
              for k, (key, _) in GRIDS.items()}
     setup_logging()
-    rows = run_sweep("rq12", cells(args.params, args.deployments, args.nodes, args.seeds, grids, args.overrides), args.out,
+    rows = run_sweep("rq12", cells(args.params, args.deployments, args.nodes, args.seeds, grids, overrides), args.out,
                      max_concurrent=args.max_concurrent, cpus_per_cell=args.cpus_per_cell, address=args.address,
                      progress=sys.stderr.isatty())
     return 0 if all(r["status"] == "done" for r in rows) else 1

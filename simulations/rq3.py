@@ -20,6 +20,7 @@ from fedrobust.config import load_config
 from fedrobust.run import preflight, setup_logging
 from fedrobust.tuning import run_study
 from fedrobust.tuning.report import report
+from fedrobust.tuning.sweep import split_overrides
 
 DEPLOYMENTS = ("centralized", "deep_ensemble", "distributed_iid", "distributed_dirichlet")
 
@@ -31,9 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--trials", type=int, default=100)
     p.add_argument("--population", type=int, default=20)
     p.add_argument("--max-concurrent", type=int, default=2)
-    argv = sys.argv[1:] if argv is None else argv
-    overrides = [a for a in argv if "=" in a and not a.startswith("-")]
-    args = p.parse_args([a for a in argv if a not in overrides])
+    own, overrides = split_overrides(sys.argv[1:] if argv is None else argv)
+    args = p.parse_args(own)
     setup_logging()
     for dep in args.deployments:
         cfg = load_config([f"deployment={dep}", f"tune.n_trials={args.trials}", f"tune.population_size={args.population}",

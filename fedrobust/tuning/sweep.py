@@ -24,12 +24,22 @@ from ..progress import progress as progress_bar
 from .study import prepare_zoo, study_lock
 from .trial import execute, load_scores
 
-__all__ = ["Cell", "run_sweep", "CELL_COLUMNS"]
+__all__ = ["Cell", "run_sweep", "split_overrides", "CELL_COLUMNS", "SWEEP_DEFAULTS"]
 
 log = logging.getLogger("fedrobust")
 
 CELL_COLUMNS = ["cell", "param", "value", "deployment", "num_nodes", "alpha", "seed", "lr", "momentum", "weight_decay",
                 "batch_size", "ca", "val_accuracy", "ra_t", "ra_q", "best_epoch", "status"]
+
+
+# Sweep cells train inline and measure RA_T and RA_Q only, unless later overrides say otherwise.
+SWEEP_DEFAULTS = ["engine=inline", "attack.whitebox=[]", "attack.tsr=false", "attack.hessian_samples=0"]
+
+
+def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
+    """A script's command line as (its own options, Hydra overrides ``key=value`` for every run)."""
+    overrides = [a for a in argv if "=" in a and not a.startswith("-")]
+    return [a for a in argv if a not in overrides], overrides
 
 
 @dataclass

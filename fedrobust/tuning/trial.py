@@ -64,16 +64,15 @@ def _log_event(log_path: str | None, **event: Any) -> None:
             os.close(fd)
 
 
-def _val_accuracy(cfg, run_dir: Path) -> float:
+def _val_accuracy(cfg, run_dir: Path, data) -> float:
     """Ensemble accuracy on the union of the nodes' validation splits (never the test set)."""
     import torch
 
-    from ..data import load_dataset, to_float
+    from ..data import to_float
     from ..node import shards_for
     from ..run import load_ensemble
     from ..training import resolve_device
 
-    data = load_dataset(cfg.data.name, cfg.data.root)
     idx = torch.cat([torch.as_tensor(s.val) for s in shards_for(cfg, data)]).unique()
     device = resolve_device(cfg.train.device)
     ens = load_ensemble(run_dir, device, cfg).eval()
@@ -112,6 +111,7 @@ def execute(cfg_yaml: str, values: dict[str, Any], run_dir: str, threads: int = 
     """Train and evaluate one configuration in ``run_dir``; return its scores."""
     import torch
 
+    from ..data import load_dataset
     from ..evaluation.evaluate import evaluate_run
     from ..run import finalize_run, prepare_run_dir
 
@@ -127,14 +127,15 @@ def execute(cfg_yaml: str, values: dict[str, Any], run_dir: str, threads: int = 
     _log_event(events, event="start", key=key)
     t0 = time.perf_counter()
     run_path = prepare_run_dir(cfg, str(path))
+    data = load_dataset(cfg.data.name, cfg.data.root)
     if cfg.engine.name == "inline":
         from ..engines import run_inline
 
-        finalize_run(cfg, run_path, run_inline(cfg))
+        finalize_run(cfg, run_path, run_inline(cfg), data=data)
     else:
         _simulate_in_child(cfg, run_path, threads)
-    val_acc = _val_accuracy(cfg, run_path)
-    evaluate_run(run_path, cfg)
+    val_acc = _val_accuracy(cfg, run_path, data)
+    evaluate_run(run_path, cfg, data)
     results_path = run_path / "results.json"
     results = json.loads(results_path.read_text())
     results["ensemble"]["val_accuracy"] = val_acc
