@@ -66,13 +66,17 @@ def _train(overrides: list[str]) -> int:
 
             run_simulation(cfg, run_dir)
     except Exception as exc:
-        log.error("training failed: %s", exc)
-        print(f"fedrobust: error: {exc}", file=sys.stderr)
+        log.error("training failed: %s", _one_line(exc))
+        print(f"fedrobust: error: {_one_line(exc)}", file=sys.stderr)
         return 1
     log.info("done in %.1fs; results in %s", time.perf_counter() - t0, run_dir / "results.json")
     if cfg.evaluate:
         return _run_evaluation(run_dir, cfg)
     return 0
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def _run_evaluation(run_dir, cfg) -> int:

@@ -140,6 +140,8 @@ class EngineConfig:
     timeout: float = 0.0  # seconds to wait for replies in a round (0 = no limit)
     on_missing: str = "fail"  # a node that does not reply in time: fail | min_members (finish without it)
     min_members: int = 1  # on_missing=min_members: the fewest members the ensemble may end with
+    # simulation: join this Ray cluster (HOST:PORT, "auto", ray://...); None = a private local instance
+    ray_address: str | None = None
 
 
 TRANSFER_ATTACKS = ("cwa", "mifgsm", "pgd")
@@ -349,6 +351,10 @@ def validate(cfg: DictConfig) -> None:
     _check(cfg.engine.timeout >= 0, "engine.timeout", f"must be >= 0, got {cfg.engine.timeout}")
     _check(cfg.engine.on_missing in ("fail", "min_members"), "engine.on_missing",
            f"unknown value '{cfg.engine.on_missing}' (choose from fail, min_members)")
+    _check(cfg.engine.ray_address is None or str(cfg.engine.ray_address).strip() != "", "engine.ray_address",
+           "must be HOST:PORT, auto or ray://HOST:PORT (or null for a private local Ray instance)")
+    _check(cfg.engine.ray_address is None or cfg.engine.name == "simulation", "engine.ray_address",
+           f"only the simulation engine runs on Ray (engine={cfg.engine.name})")
     _check(cfg.engine.min_members >= 1, "engine.min_members", f"must be >= 1, got {cfg.engine.min_members}")
     validate_attack(cfg.attack)
     validate_strategy(cfg.strategy)

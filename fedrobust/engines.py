@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import threading
 from pathlib import Path
 
 import torch
@@ -24,7 +25,7 @@ from .federation import collect_members, peers_of
 from .node import MemberUpdate, train_node_round
 from .partition import num_nodes
 
-__all__ = ["run_inline", "run_simulation", "torch_threads"]
+__all__ = ["SimulationError", "backend_config", "run_inline", "run_simulation", "torch_threads"]
 
 log = logging.getLogger("fedrobust")
 
@@ -59,12 +60,43 @@ class _DropRunSimulationNotice(logging.Filter):
         return "run_simulation" not in msg and "deprecated feature" not in msg.lower()
 
 
-def run_simulation(cfg: DictConfig, run_dir: Path, *, num_cpus: int | None = None, private_ray: bool = False) -> None:
+class SimulationError(RuntimeError):
+    """Flower's simulation runtime (or the Ray instance under it) failed; the message is one line."""
+
+
+def _root_cause(exc: BaseException) -> str:
+    while (exc.__cause__ or exc.__context__) is not None:
+        exc = exc.__cause__ or exc.__context__
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return f"{type(exc).__name__}: {text}"[:400]
+
+
+def backend_config(cfg: DictConfig, num_cpus: int | None = None) -> dict:
+    """Flower's Ray backend settings: client resources, and how Ray is started or joined.
+
+    With ``engine.ray_address`` the simulation joins that cluster, whose
+    resources decide how many client actors run and where (Flower places
+    one actor per ``engine.num_cpus``/``engine.num_gpus`` that a node has
+    free). Without it, a new local instance is started (``address="local"``)
+    even where a cluster runs on this machine or ``RAY_ADDRESS`` is set.
+    """
+    init_args: dict = {"logging_level": "error", "log_to_driver": False}
+    if cfg.engine.ray_address:
+        init_args["address"] = cfg.engine.ray_address
+    else:
+        init_args |= {"address": "local", "num_cpus": num_cpus or os.cpu_count() or 1, "include_dashboard": False}
+        if cfg.engine.num_gpus > 0:
+            init_args["num_gpus"] = torch.cuda.device_count()
+    return {"client_resources": {"num_cpus": cfg.engine.num_cpus, "num_gpus": cfg.engine.num_gpus},
+            "init_args": init_args}
+
+
+def run_simulation(cfg: DictConfig, run_dir: Path, *, num_cpus: int | None = None) -> None:
     """Run the federation on Flower's simulation engine; the ServerApp writes ``run_dir``.
 
-    ``num_cpus`` caps the CPUs the simulation's Ray instance offers (default:
-    all); ``private_ray`` starts a new local Ray instance even where another
-    one is running (a tuning trial inside the tuner's Ray cluster).
+    ``num_cpus`` caps the CPUs of the private Ray instance (default: all of
+    this machine's). A failure of the runtime raises :class:`SimulationError`
+    and stops the ServerApp, so the process never waits on a dead runtime.
     """
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
@@ -78,21 +110,24 @@ def run_simulation(cfg: DictConfig, run_dir: Path, *, num_cpus: int | None = Non
     # `flwr run .` is supported as well, so drop Flower's deprecation notice.
     logging.getLogger("flwr").addFilter(_DropRunSimulationNotice())
     errors: list[BaseException] = []
+    stop = threading.Event()
     n = num_nodes(cfg.deployment.name, cfg.deployment.num_nodes)
-    backend_config = {
-        "client_resources": {"num_cpus": cfg.engine.num_cpus, "num_gpus": cfg.engine.num_gpus},
-        "init_args": {"num_cpus": num_cpus or os.cpu_count() or 1, "include_dashboard": False, "logging_level": "error"},
-    }
-    if private_ray:
-        backend_config["init_args"]["address"] = "local"
-    if cfg.engine.num_gpus > 0:
-        backend_config["init_args"]["num_gpus"] = torch.cuda.device_count()
-    log.info("simulation engine: %d virtual SuperNode(s), %s CPU / %s GPU per client", n, cfg.engine.num_cpus, cfg.engine.num_gpus)
-    flwr_run_simulation(
-        server_app=make_server_app(cfg, run_dir, errors),
-        client_app=client_app,
-        num_supernodes=n,
-        backend_config=backend_config,
-    )
+    where = f"the Ray cluster at {cfg.engine.ray_address}" if cfg.engine.ray_address else "a private local Ray instance"
+    log.info("simulation engine: %d virtual SuperNode(s), %s CPU / %s GPU per client, on %s", n, cfg.engine.num_cpus,
+             cfg.engine.num_gpus, where)
+    try:
+        flwr_run_simulation(
+            server_app=make_server_app(cfg, run_dir, errors, stop),
+            client_app=client_app,
+            num_supernodes=n,
+            backend_config=backend_config(cfg, num_cpus),
+        )
+    except (Exception, SystemExit) as exc:  # flwr exits through sys.exit for some failures
+        stop.set()  # the ServerApp thread gives up waiting for replies
+        if errors:
+            raise errors[0] from None
+        raise SimulationError(f"simulation runtime failed: {_root_cause(exc)}") from None
+    finally:
+        stop.set()
     if errors:
         raise errors[0]

@@ -8,6 +8,7 @@ are thin adapters around it, so both produce the same members.
 
 from __future__ import annotations
 
+import socket
 from collections.abc import MutableMapping
 from dataclasses import dataclass, field
 
@@ -26,6 +27,7 @@ from .training import EpochRecord, MemberTrainer, TrainSettings, member_seed, re
 __all__ = [
     "MemberUpdate",
     "build_member",
+    "host_identity",
     "initial_weights",
     "epochs_per_round",
     "members_of_node",
@@ -51,6 +53,24 @@ class MemberUpdate:
     stopped: bool
     history: list[EpochRecord] = field(default_factory=list)
     current: dict[str, torch.Tensor] | None = None  # the member as it is now (sent to peers), when the strategy needs peers
+    trained_on: dict[str, str] = field(default_factory=dict)  # host, and Ray node IP and id when in Ray
+
+
+def host_identity() -> dict[str, str]:
+    """Where this process runs: host name, plus the Ray node's IP and id inside a Ray worker."""
+    ident = {"host": socket.gethostname()}
+    try:
+        import ray
+
+        if ray.is_initialized():
+            node_id = ray.get_runtime_context().get_node_id()
+            # the address the node joined the cluster with (several nodes may share a machine)
+            ips = [n["NodeManagerAddress"] for n in ray.nodes() if n["NodeID"] == node_id]
+            ident["node_ip"] = ips[0] if ips else ray.util.get_node_ip_address()
+            ident["node_id"] = node_id
+    except Exception:  # Ray missing or not usable here: the host name says enough
+        pass
+    return ident
 
 
 def members_of_node(cfg: DictConfig, node: int) -> list[int]:
@@ -161,6 +181,7 @@ def train_node_round(
                     stopped=trainer.stopped,
                     history=history,
                     current=trainer.current_weights(k) if strategy.needs_peers else None,
+                    trained_on=host_identity(),
                 )
             )
     return updates

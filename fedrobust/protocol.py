@@ -10,7 +10,8 @@ Reply (node → server), per member ``m`` trained on the node:
 ``weights.m`` (``ArrayRecord`` of the best checkpoint), ``current.m`` (the
 member as it is now, for its peers, when the strategy needs peers) and ``metrics.m``
 (``MetricRecord``: node, member, sample counts, class counts, early-stopping
-state and the per-epoch history as lists).
+state and the per-epoch history as lists) and ``where.m`` (``ConfigRecord``:
+the host, and the Ray node's IP and id, that trained it).
 """
 
 from __future__ import annotations
@@ -72,6 +73,8 @@ def encode_reply(updates: list[MemberUpdate]) -> RecordDict:
         for term in sorted({t for r in u.history for t in r.terms}):
             metrics[f"history.term.{term}"] = [float(r.terms.get(term, float("nan"))) for r in u.history]
         rd[f"metrics.{u.member}"] = MetricRecord(metrics)
+        if u.trained_on:
+            rd[f"where.{u.member}"] = ConfigRecord({k: str(v) for k, v in u.trained_on.items()})
     return rd
 
 
@@ -86,6 +89,7 @@ def decode_reply(content: RecordDict, who: str) -> list[MemberUpdate]:
             metrics = content.metric_records[f"metrics.{m}"]
             arrays = content.array_records[f"weights.{m}"]
             weights = {name: arr.numpy() for name, arr in arrays.items()}
+            where = content.config_records.get(f"where.{m}")
             current = content.array_records.get(f"current.{m}")
             current = {name: arr.numpy() for name, arr in current.items()} if current is not None else None
             n = len(metrics["history.epoch"])
@@ -116,6 +120,7 @@ def decode_reply(content: RecordDict, who: str) -> list[MemberUpdate]:
                     stopped=bool(metrics["stopped"]),
                     history=history,
                     current=current,
+                    trained_on={str(k): str(v) for k, v in where.items()} if where is not None else {},
                 )
             )
         return updates

@@ -183,6 +183,7 @@ def finalize_run(cfg: DictConfig, run_dir: Path, members: list[MemberUpdate], *,
             "best_val_loss": u.best_val_loss,
             "epochs_trained": u.epochs_trained,
             "early_stopped": u.stopped,
+            "trained_on": u.trained_on,
         })
     ensemble = LogitAverageEnsemble(models).to(device)
     _, ens_acc = evaluate_model(ensemble, data.x_test, data.y_test)

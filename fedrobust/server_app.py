@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import shlex
+import threading
 import time
 from pathlib import Path
 
@@ -32,9 +33,11 @@ log = logging.getLogger("fedrobust")
 class FlowerRounds:
     """``train_round`` over a Flower Grid: one TRAIN message per node per round."""
 
-    def __init__(self, grid: Grid, cfg: DictConfig, node_wait_s: float = 60.0) -> None:
+    def __init__(self, grid: Grid, cfg: DictConfig, node_wait_s: float = 60.0,
+                 stop: threading.Event | None = None) -> None:
         self.grid = grid
         self.cfg = cfg
+        self.stop = stop  # set when the engine under this ServerApp has died: stop waiting for it
         self.node_ids = self._wait_for_nodes(num_nodes(cfg.deployment.name, cfg.deployment.num_nodes), node_wait_s)
         self.partition_of: dict[int, int] = {}
         self.lost: list[int] = []  # Flower node ids that stopped replying (engine.on_missing=min_members)
@@ -47,12 +50,33 @@ class FlowerRounds:
                 if len(ids) > expected:
                     log.warning("%d nodes connected, the run uses %d; extra nodes get no task", len(ids), expected)
                 return ids
+            self._check_stop()
             if time.monotonic() > deadline:
                 raise RuntimeError(
                     f"only {len(ids)} of {expected} node(s) connected after {wait_s:.0f}s; start more SuperNodes, "
                     f"or in local simulation run `flwr run . --federation-config num-supernodes={expected}`"
                 )
             time.sleep(1.0)
+
+    def _check_stop(self) -> None:
+        if self.stop is not None and self.stop.is_set():
+            raise RuntimeError("the simulation runtime stopped; no more replies can come")
+
+    def _send_and_receive(self, messages: list[Message], timeout: float | None) -> list[Message]:
+        """``Grid.send_and_receive``, which also gives up when the engine has stopped."""
+        if self.stop is None:
+            return list(self.grid.send_and_receive(messages, timeout=timeout))
+        waiting = set(self.grid.push_messages(messages))
+        deadline = None if timeout is None else time.monotonic() + timeout
+        replies: list[Message] = []
+        while waiting and (deadline is None or time.monotonic() < deadline):
+            got = list(self.grid.pull_messages(waiting))
+            replies += got
+            waiting -= {m.metadata.reply_to_message_id for m in got}
+            if waiting:
+                self._check_stop()
+                time.sleep(0.1)
+        return replies
 
     def __call__(self, round_idx: int, current: dict[int, dict]) -> list[MemberUpdate]:
         # A Flower node knows its partition from its own node config; the server learns it from
@@ -64,18 +88,18 @@ class FlowerRounds:
             messages.append(
                 Message(content=encode_task(self.cfg, round_idx, peers), dst_node_id=nid, message_type=MessageType.TRAIN)
             )
-        timeout = self.cfg.engine.timeout or None
-        replies = list(self.grid.send_and_receive(messages, timeout=timeout))
+        replies = self._send_and_receive(messages, self.cfg.engine.timeout or None)
         updates: list[MemberUpdate] = []
         claimed: dict[int, int] = {}
         tolerate = self.cfg.engine.on_missing == "min_members"
         replied: set[int] = set()
+        failures: list[str] = []
         for reply in replies:
             src = reply.metadata.src_node_id
             if reply.has_error():
-                if not tolerate:
-                    raise RuntimeError(f"flower node {src} failed in round {round_idx + 1}: {reply.error.reason}")
-                log.warning("flower node %s failed in round %d: %s", src, round_idx + 1, reply.error.reason)
+                reason = " ".join(str(reply.error.reason).split())
+                failures.append(reason)
+                log.warning("flower node %s failed in round %d: %s", src, round_idx + 1, reason)
                 continue
             replied.add(src)
             for u in decode_reply(reply.content, f"flower node {src}"):
@@ -83,6 +107,11 @@ class FlowerRounds:
                     raise InvalidUpdateError(f"node {u.node}: claimed by flower nodes {claimed[u.node]} and {src}")
                 self.partition_of[src] = u.node
                 updates.append(u)
+        if failures and not tolerate:
+            lost = sorted(set(range(num_nodes(self.cfg.deployment.name, self.cfg.deployment.num_nodes)))
+                          - {u.node for u in updates})
+            raise RuntimeError(f"round {round_idx + 1}: node(s) {lost} lost ({failures[0][:300]}); "
+                               "set engine.on_missing=min_members to finish without them")
         silent = [nid for nid in self.node_ids if nid not in replied]
         if silent and tolerate:  # collect_members decides whether the run can go on without them
             log.warning("round %d: no reply from flower node(s) %s within engine.timeout=%ss; dropped from later rounds",
@@ -92,11 +121,11 @@ class FlowerRounds:
         return updates
 
 
-def serve(grid: Grid, cfg: DictConfig, run_dir: Path) -> None:
+def serve(grid: Grid, cfg: DictConfig, run_dir: Path, stop: threading.Event | None = None) -> None:
     """Collect the members over ``grid`` and write the run directory."""
     from .run import finalize_run
 
-    rounds = FlowerRounds(grid, cfg)
+    rounds = FlowerRounds(grid, cfg, stop=stop)
     missing: dict = {}
     members = collect_members(cfg, rounds, missing)
     if missing:
@@ -104,14 +133,16 @@ def serve(grid: Grid, cfg: DictConfig, run_dir: Path) -> None:
     finalize_run(cfg, run_dir, members, missing=missing or None)
 
 
-def make_server_app(cfg: DictConfig, run_dir: Path, errors: list[BaseException]) -> ServerApp:
-    """A ServerApp bound to ``cfg``; an exception is appended to ``errors`` for the caller."""
+def make_server_app(cfg: DictConfig, run_dir: Path, errors: list[BaseException],
+                    stop: threading.Event | None = None) -> ServerApp:
+    """A ServerApp bound to ``cfg``; an exception is appended to ``errors`` for the caller.
+    Setting ``stop`` makes it give up waiting for replies (the engine under it has died)."""
     server = ServerApp()
 
     @server.main()
     def main(grid: Grid, context: Context) -> None:
         try:
-            serve(grid, cfg, run_dir)
+            serve(grid, cfg, run_dir, stop)
         except BaseException as exc:  # surfaced by the engine after the simulation stops
             errors.append(exc)
 

@@ -1,6 +1,8 @@
 import os
 import pickle
+import signal
 import tarfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -8,6 +10,50 @@ import pytest
 
 os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+
+_RAY_MARKERS = ("raylet", "gcs_server", "ray::", "default_worker.py", "ray start", "frray-")  # frray-: tests/raycluster.py
+
+
+def _ray_processes() -> dict[int, str]:
+    """Live Ray processes on this machine: pid -> command line."""
+    out = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            cmd = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            state = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != "Z" and any(m in cmd for m in _RAY_MARKERS):
+            out[int(entry)] = cmd
+    return out
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_ray_process_left_behind():
+    """Fail the session if a Ray process that a test started still runs at the end (then stop it, by id)."""
+    before = set(_ray_processes())
+    yield
+    deadline = time.time() + 30  # a local instance's services take a moment to exit after ray.shutdown()
+    left = {}
+    while time.time() < deadline:
+        left = {p: c for p, c in _ray_processes().items() if p not in before}
+        if not left:
+            return
+        time.sleep(0.5)
+    from raycluster import TEMP_PREFIX, descendants
+
+    ours = descendants(os.getpid())
+    for pid, cmd in left.items():  # stop only what this session started: its descendants and its test nodes
+        if pid in ours or TEMP_PREFIX in cmd:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    raise AssertionError("Ray processes left running by the tests (those this session started are now killed): "
+                         + "; ".join(f"{p}: {c[:120]}" for p, c in sorted(left.items())))
 
 
 @pytest.fixture(autouse=True)

@@ -1,6 +1,10 @@
 """Both engines, end to end through the CLI, and the run directory they write."""
 
 import json
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -93,3 +97,54 @@ def test_default_run_dir_is_timestamped_under_runs(tmp_path):
     assert main(["train", "engine=inline", "deployment=centralized", "train.progress=false", "train.epochs=1"]) == 0
     (run,) = list((tmp_path / "runs").iterdir())
     assert (run / "results.json").is_file()
+
+
+@pytest.mark.slow
+def test_a_crashed_simulation_runtime_exits_nonzero_at_once_with_one_line(tmp_path):
+    # The actor pool cannot be built (Ray refuses, a node vanished, ...): the ServerApp must not wait for replies.
+    code = (
+        "import sys\n"
+        "from flwr.server.superlink.fleet.vce.backend import raybackend\n"
+        "def crash(self, app_fn):\n"
+        "    raise RuntimeError('forced crash of the actor pool')\n"
+        "raybackend.RayBackend.build = crash\n"
+        "from fedrobust.cli import main\n"
+        f"sys.exit(main(['train', 'train.progress=false', 'run_dir={tmp_path / 'run'}']))\n"
+    )
+    t0 = time.perf_counter()
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"})
+    elapsed = time.perf_counter() - t0
+    assert done.returncode == 1, done.stderr[-2000:]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("fedrobust: error:")]
+    assert len(errors) == 1 and "forced crash of the actor pool" in errors[0], done.stderr[-2000:]
+    assert elapsed < 45, elapsed  # interpreter + Ray start-up; before the fix it never exited
+    assert not (tmp_path / "run" / "results.json").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("on_missing", ["fail", "min_members"])
+def test_a_node_lost_mid_simulation_follows_on_missing(tmp_path, monkeypatch, capsys, on_missing):
+    from flwr.server.superlink.fleet.vce.backend import raybackend
+
+    original = raybackend.RayBackend.process_message
+
+    def lose_node_2(self, message, context):  # as when the machine running node 2's client dies
+        if int(context.node_config["partition-id"]) == 2:
+            raise raybackend.ray.exceptions.ActorDiedError()
+        return original(self, message, context)
+
+    monkeypatch.setattr(raybackend.RayBackend, "process_message", lose_node_2)
+    run = tmp_path / "run"
+    code = main(["train", "engine=simulation", *FAST, f"engine.on_missing={on_missing}", "engine.min_members=2",
+                 f"run_dir={run}"])
+    if on_missing == "fail":
+        assert code == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("fedrobust: error: round 1: node(s) [2] lost"), err
+        assert not (run / "results.json").exists()
+    else:
+        assert code == 0
+        results = json.loads((run / "results.json").read_text())
+        assert [m["node"] for m in results["members"]] == [0, 1]
+        assert results["missing"]["nodes"] == [2] and results["missing"]["members"] == [2]

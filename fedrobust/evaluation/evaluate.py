@@ -27,9 +27,9 @@ from .gradient import CWA, MIFGSM, PGD, build_gradient_attack
 from .metrics import accuracy, predict, transferability
 from .smoothness import gradient_cosine, hessian_lambda_max
 from .square import SquareAttack
-from .surrogates import load_or_train_zoo
+from .surrogates import load_or_train_zoo, zoo_cache_entry
 
-__all__ = ["evaluate_run", "evaluation_sample"]
+__all__ = ["evaluate_run", "evaluation_sample", "prepare_transfer_artefacts"]
 
 log = logging.getLogger("fedrobust")
 
@@ -53,19 +53,40 @@ def _transfer_attack(name: str, zoo, a: DictConfig):
     return PGD(zoo, a.eps, a.transfer_steps, loss=a.transfer_loss, seed=a.seed)
 
 
-def _transfer_examples(name, zoo, zoo_key, x, y, idx, cfg) -> tuple[torch.Tensor, bool]:
+def _transfer_cache_path(name: str, zoo_key: str, idx: np.ndarray, cfg: DictConfig) -> Path:
     a = cfg.attack
     key = content_key({
         "kind": "transfer", "attack": name, "zoo": zoo_key, "indices": idx.tolist(), "eps": a.eps,
         "steps": a.transfer_steps, "loss": a.transfer_loss, "seed": a.seed, "version": 1,
     })
-    path = cache_root(a.cache_dir) / "transfer" / f"{key}.pt"
+    return cache_root(a.cache_dir) / "transfer" / f"{key}.pt"
+
+
+def _transfer_examples(name, zoo, zoo_key, x, y, idx, cfg) -> tuple[torch.Tensor, bool]:
+    a = cfg.attack
+    path = _transfer_cache_path(name, zoo_key, idx, cfg)
     cached = load_tensors(path)
     if cached is not None and cached["x_adv"].shape == x.shape:
         return cached["x_adv"].to(x.device), True
     x_adv = _batched(_transfer_attack(name, zoo, a), x, y, a.batch_size)
     save_tensors(path, {"x_adv": x_adv}, {"attack": name, "zoo": zoo_key, "eps": a.eps, "n": len(idx)})
     return x_adv, False
+
+
+def prepare_transfer_artefacts(cfg: DictConfig, data: ImageDataset | None = None) -> list[Path]:
+    """Train (or find) the surrogate zoo and craft (or find) every transfer attack's examples on the
+    evaluation sample, so that every later evaluation on this data reuses them; their cache files."""
+    a = cfg.attack
+    device = resolve_device(cfg.train.device)
+    data = data or load_dataset(cfg.data.name, cfg.data.root)
+    zoo, zoo_key, _ = load_or_train_zoo(cfg, data, device)
+    idx = evaluation_sample(len(data.y_test), a.num_samples, a.sample_seed)
+    x, y = to_float(data.x_test[idx]).to(device), data.y_test[idx].to(device)
+    paths = [zoo_cache_entry(cfg, data)[1]]
+    for name in a.transfer_attacks:
+        _transfer_examples(name, zoo, zoo_key, x, y, idx, cfg)
+        paths.append(_transfer_cache_path(name, zoo_key, idx, cfg))
+    return paths
 
 
 def _summary(values: torch.Tensor) -> dict:

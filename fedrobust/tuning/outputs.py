@@ -35,7 +35,7 @@ def _fmt(v: Any) -> Any:
 
 def write_trials_csv(path: Path, rows: list[dict[str, Any]], param_names: list[str]) -> None:
     cols = ["number", "state", *param_names, "ca", "val_accuracy", "ra_t", "ra_q", "feasible", "best_epoch",
-            "duration_s", "requeued_from", "run_dir"]
+            "duration_s", "requeued_from", "node", "run_dir"]
     tmp = path.with_suffix(".csv.tmp")
     with open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")

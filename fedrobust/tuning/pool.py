@@ -1,26 +1,81 @@
-"""Run trials as Ray tasks, a bounded number at a time."""
+"""Run trials as Ray tasks, a bounded number at a time, on a local Ray instance or a cluster.
+
+A task is a streaming generator (:func:`fedrobust.tuning.trial.trial_task`):
+it reports where it started, then its scores, then its run directory, which
+the pool writes to the destination given at submission
+(:func:`fedrobust.tuning.remote.receive_dir`). Nothing is read from or
+written to another machine's disk.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import time
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-__all__ = ["TrialPool"]
+from .remote import receive_dir
+
+__all__ = ["TrialPool", "Finished", "EventLog", "short_node"]
 
 log = logging.getLogger("fedrobust")
+
+
+def short_node(where: dict[str, Any]) -> str:
+    """``IP/short node id`` (or the host name outside Ray), as ``trials.csv`` shows it."""
+    if "node_id" in where:
+        return f"{where.get('node_ip', '?')}/{where['node_id'][:8]}"
+    return where.get("host", "")
+
+
+class EventLog:
+    """``executions.jsonl``: one JSON line per trial start and end, written by the tuner alone."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    def write(self, event: str, key: Any, **info: Any) -> None:
+        line = json.dumps({"event": event, "key": key, **info, "time": time.time()}) + "\n"
+        with open(self.path, "a") as f:
+            f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+@dataclass
+class Finished:
+    """A task that ended: its scores, or the error, and whether the error was its machine's, not its own."""
+
+    key: Any
+    scores: dict[str, Any] | None = None
+    error: BaseException | None = None
+    lost: bool = False  # the worker, its node or the transfer failed: the trial itself did not raise
+    where: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class _Running:
+    key: Any
+    dest: Path
+    where: dict[str, Any] = field(default_factory=dict)
+    scores: dict[str, Any] | None = None
 
 
 class TrialPool:
     """Ray tasks with per-task resources; local Ray unless ``address`` names a cluster.
 
-    Ray is started for the pool and stopped with it (a local instance) or
-    disconnected (a cluster). Task output stays in the trials' own logs.
+    Ray is started for the pool and stopped with it (a local instance, new
+    even where a cluster runs on this machine) or disconnected (a cluster).
+    Task output stays in the trials' own logs.
     """
 
-    def __init__(self, fn: Callable, *, address: str | None, cpus: float, gpus: float, max_concurrent: int) -> None:
+    def __init__(self, fn: Callable, *, address: str | None, cpus: float, gpus: float, max_concurrent: int,
+                 on_start: Callable[[Any, dict[str, Any]], None] | None = None) -> None:
         import ray
 
         self._ray = ray
@@ -28,42 +83,69 @@ class TrialPool:
         if self._owned:
             kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False}
             if address:
-                kwargs["address"] = address
+                kwargs = {"address": address, "log_to_driver": False, "configure_logging": False}
             else:  # a new local instance, even if another one runs on this machine
                 kwargs["address"] = "local"
                 kwargs["num_cpus"] = max(os.cpu_count() or 1, int(cpus * max_concurrent + 0.999))
                 kwargs["num_gpus"] = int(gpus * max_concurrent + 0.999) if gpus else None
             warnings.filterwarnings("ignore", message=".*RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO.*", category=FutureWarning)
             ray.init(**{k: v for k, v in kwargs.items() if v is not None})
-        self._remote = ray.remote(fn).options(num_cpus=cpus, num_gpus=gpus, max_retries=0)
+        # Streaming generator; backpressure keeps at most two unread chunks of a run directory in flight.
+        self._remote = ray.remote(fn).options(num_cpus=cpus, num_gpus=gpus, max_retries=0,
+                                              _generator_backpressure_num_objects=2)
         self.max_concurrent = max_concurrent
-        self.running: dict[Any, Any] = {}  # ray ref -> key
+        self.on_start = on_start
+        self.running: dict[Any, _Running] = {}  # generator -> state
 
     @property
     def free(self) -> int:
         return self.max_concurrent - len(self.running)
 
-    def submit(self, key: Any, *args: Any, **kwargs: Any) -> None:
-        self.running[self._remote.remote(*args, **kwargs)] = key
+    def put(self, value: Any) -> Any:
+        """An object ref for ``value`` in the cluster's object store."""
+        return self._ray.put(value)
 
-    def wait(self, timeout: float | None = None) -> list[tuple[Any, Any, BaseException | None]]:
-        """Finished tasks as (key, result, error)."""
+    def submit(self, key: Any, dest: Path, *args: Any, **kwargs: Any) -> None:
+        """Start a task; its run directory will be written to ``dest``."""
+        self.running[self._remote.remote(*args, **kwargs)] = _Running(key, Path(dest))
+
+    def wait(self, timeout: float | None = None) -> list[Finished]:
+        """Advance the tasks that have something to report; return the ones that ended."""
         if not self.running:
             return []
         ready, _ = self._ray.wait(list(self.running), num_returns=1, timeout=timeout)
         out = []
-        for ref in ready:
-            key = self.running.pop(ref)
+        for gen in ready:
+            state = self.running[gen]
             try:
-                out.append((key, self._ray.get(ref), None))
-            except Exception as exc:  # the trial raised (RayTaskError wraps it) or its worker died
-                cause = getattr(exc, "cause", None) or exc
-                out.append((key, None, cause))
+                item = self._ray.get(next(gen))
+                if item.get("event") == "start":
+                    state.where = {k: v for k, v in item.items() if k != "event"}
+                    if self.on_start is not None:
+                        self.on_start(state.key, state.where)
+                    continue
+                if item.get("event") != "result":
+                    raise RuntimeError(f"unexpected item from a trial: {str(item)[:200]}")
+                state.scores = item["scores"]
+                # The rest of the stream is the run directory, read one chunk at a time.
+                receive_dir((self._ray.get(ref) for ref in gen), state.dest)
+                out.append(Finished(state.key, scores=state.scores, where=state.where))
+            except StopIteration:
+                out.append(Finished(state.key, error=RuntimeError("the trial ended without a result"), lost=True,
+                                    where=state.where))
+            except Exception as exc:
+                task_error = isinstance(exc, self._ray.exceptions.RayTaskError)
+                cause = (getattr(exc, "cause", None) or exc) if task_error else exc
+                out.append(Finished(state.key, error=cause, lost=not task_error, where=state.where))
+            del self.running[gen]
         return out
 
     def close(self) -> None:
-        for ref in list(self.running):
-            self._ray.cancel(ref, force=True)
+        for gen in list(self.running):
+            try:
+                self._ray.cancel(gen, force=True)
+            except Exception:  # already gone with its node
+                pass
         self.running.clear()
         if self._owned:
             self._ray.shutdown()

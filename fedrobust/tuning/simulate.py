@@ -14,7 +14,7 @@ def main(argv: list[str]) -> int:
     spec, run_dir, cpus = argv
     cfg = config_from_json(Path(spec).read_text())
     setup_logging(Path(run_dir))
-    run_simulation(cfg, Path(run_dir), num_cpus=int(cpus), private_ray=True)
+    run_simulation(cfg, Path(run_dir), num_cpus=int(cpus))
     return 0
 
 

@@ -37,9 +37,9 @@ from ..config import ConfigError
 from ..progress import progress as progress_bar
 from . import outputs
 from .space import SHORT_NAMES, SearchSpace
-from .trial import apply_values, execute, load_scores
+from .trial import apply_values, load_scores, trial_task
 
-__all__ = ["run_study", "open_study", "prepare_zoo", "study_lock", "trial_rows", "StudyLocked"]
+__all__ = ["run_study", "open_study", "prepare_zoo", "share_artefacts", "study_lock", "trial_rows", "StudyLocked"]
 
 log = logging.getLogger("fedrobust")
 
@@ -77,12 +77,13 @@ def open_study(cfg: DictConfig, study_dir: Path) -> optuna.Study:
     )
 
 
-def _base_cfg_for_trials(cfg: DictConfig, cache_dir: str) -> DictConfig:
+def _base_cfg_for_trials(cfg: DictConfig) -> DictConfig:
     base = OmegaConf.merge(cfg, {})
     base.evaluate = True
     base.train.progress = False
-    base.attack.cache_dir = cache_dir
     base.run_dir = None
+    if base.attack.cache_dir:  # an explicit cache path means the same path on every node; "" = each node's own
+        base.attack.cache_dir = str(Path(base.attack.cache_dir).expanduser().resolve())
     return base
 
 
@@ -160,7 +161,7 @@ def trial_rows(study: optuna.Study, param_names: list[str]) -> list[dict[str, An
                "ca": u.get("ca"), "val_accuracy": u.get("val_accuracy"), "ra_t": u.get("ra_t"), "ra_q": u.get("ra_q"),
                "feasible": (u.get(CONSTRAINT_ATTR, math.inf) <= 0) if t.state.name == "COMPLETE" else None,
                "best_epoch": u.get("best_epoch"), "duration_s": round(duration, 2) if duration is not None else None,
-               "requeued_from": u.get("requeued_from"), "run_dir": u.get("run_dir")}
+               "requeued_from": u.get("requeued_from"), "node": u.get("node"), "run_dir": u.get("run_dir")}
         rows.append(row)
     return rows
 
@@ -192,14 +193,30 @@ def _requeue_stale(study: optuna.Study, trials_dir: Path, min_acc: float, object
     return n
 
 
-def prepare_zoo(cfg: DictConfig) -> None:
-    """Train (or find) the surrogate zoo and its transfer examples once, before trials share them."""
-    from ..data import load_dataset
-    from ..evaluation.surrogates import load_or_train_zoo
-    from ..training import resolve_device
+def prepare_zoo(cfg: DictConfig) -> list[str]:
+    """Train (or find) the surrogate zoo and its transfer examples once, before trials share them;
+    their files, relative to the cache root."""
+    from ..evaluation.cache import cache_root
+    from ..evaluation.evaluate import prepare_transfer_artefacts
 
-    data = load_dataset(cfg.data.name, cfg.data.root)
-    load_or_train_zoo(cfg, data, resolve_device(cfg.train.device))
+    root = cache_root(cfg.attack.cache_dir).resolve()
+    return [str(p.resolve().relative_to(root)) for p in prepare_transfer_artefacts(cfg)]
+
+
+def share_artefacts(pool, cfg: DictConfig) -> dict[str, Any]:
+    """Put the zoo and transfer examples into the object store once, for nodes whose cache lacks them."""
+    from ..evaluation.cache import cache_root
+    from .remote import pack_files
+
+    names = prepare_zoo(cfg)
+    root = cache_root(cfg.attack.cache_dir)
+    files = pack_files(root, names)
+    size = sum(a.nbytes for a in files.values())
+    ref = pool.put(files)
+    del files
+    log.info("surrogate zoo and transfer examples (%d file(s), %.1f MB) shared through the object store",
+             len(names), size / 1e6)
+    return {"names": names, "ref": [ref]}  # the ref in a list: a trial fetches it only if its node needs it
 
 
 def _front_text(rows: list[dict[str, Any]], objectives: str) -> str:
@@ -244,9 +261,7 @@ def run_study(cfg: DictConfig) -> list[dict[str, Any]]:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     with study_lock(study_dir):
         _check_same_study(study_dir, cfg)
-        from ..evaluation.cache import cache_root
-
-        base = _base_cfg_for_trials(cfg, str(cache_root(cfg.attack.cache_dir).resolve()))
+        base = _base_cfg_for_trials(cfg)
         baseline = baseline_accuracy(base, study_dir)
         min_acc = baseline - cfg.tune.max_accuracy_drop
         log.info("baseline clean accuracy %.4f: trials need >= %.4f", baseline, min_acc)
@@ -254,7 +269,6 @@ def run_study(cfg: DictConfig) -> list[dict[str, Any]]:
         trials_dir = study_dir / "trials"
         trials_dir.mkdir(exist_ok=True)
         _requeue_stale(study, trials_dir, min_acc, cfg.tune.objectives)
-        prepare_zoo(base)
         return _loop(cfg, base, study, space, study_dir, trials_dir, baseline, min_acc)
 
 
@@ -269,20 +283,28 @@ def _count(study: optuna.Study, state: optuna.trial.TrialState) -> int:
 
 
 def _loop(cfg, base, study, space, study_dir, trials_dir, baseline, min_acc) -> list[dict[str, Any]]:
-    from .pool import TrialPool
+    from .pool import EventLog, TrialPool, short_node
 
     t = cfg.tune
     cfg_yaml = OmegaConf.to_yaml(base)
-    events = str(study_dir / "executions.jsonl")
+    events = EventLog(study_dir / "executions.jsonl")
     complete = _count(study, optuna.trial.TrialState.COMPLETE)
-    failed = 0
+    failed = lost = 0
     bar = progress_bar(total=t.n_trials, initial=min(complete, t.n_trials), desc="trials", enabled=cfg.train.progress)
     handles: dict[int, tuple[optuna.Trial, dict[str, Any]]] = {}
     pool = None
+
+    def started(number: int, where: dict[str, Any]) -> None:
+        node = short_node(where)
+        handles[number][0].set_user_attr("node", node)
+        events.write("start", number, node=node, **where)
+        log.info("trial %d running on %s (%s)", number, node, where.get("host", ""))
+
     try:
         if complete < t.n_trials:
-            pool = TrialPool(execute, address=cfg.ray.address, cpus=t.cpus_per_trial, gpus=t.gpus_per_trial,
-                             max_concurrent=t.max_concurrent)
+            pool = TrialPool(trial_task, address=cfg.ray.address, cpus=t.cpus_per_trial, gpus=t.gpus_per_trial,
+                             max_concurrent=t.max_concurrent, on_start=started)
+            artefacts = share_artefacts(pool, base)
         pending: list[tuple[optuna.Trial, dict[str, Any]]] = []  # asked, not launched yet
         while complete < t.n_trials:
             # Ask up to one window ahead, then launch the costliest asked trial into each free slot
@@ -298,31 +320,47 @@ def _loop(cfg, base, study, space, study_dir, trials_dir, baseline, min_acc) -> 
                 trial, values = max(pending, key=lambda p: _cost(base, p[1]))
                 pending.remove((trial, values))
                 handles[trial.number] = (trial, values)
-                pool.submit(trial.number, cfg_yaml, values, str(trials_dir / f"trial_{trial.number:04d}"),
-                            max(1, int(t.cpus_per_trial)), events, trial.number)
-                log.info("trial %d started: %s", trial.number,
+                name = f"trial_{trial.number:04d}"
+                pool.submit(trial.number, trials_dir / name, cfg_yaml, values, name, max(1, int(t.cpus_per_trial)),
+                            artefacts)
+                log.info("trial %d queued: %s", trial.number,
                          ", ".join(f"{SHORT_NAMES.get(k, k)}={outputs._value(v)}" for k, v in values.items()))
-            for number, scores, error in pool.wait(timeout=None):
+            for done in pool.wait(timeout=None):
+                number = done.key
                 trial, values = handles.pop(number)
-                if error is not None:
-                    failed += 1
-                    trial.set_user_attr("error", " ".join(str(error).split())[:500])
+                if done.error is not None:
+                    reason = " ".join(str(done.error).split())[:500]
+                    trial.set_user_attr("error", reason)
                     study.tell(trial, state=optuna.trial.TrialState.FAIL)
-                    log.warning("trial %d failed: %s", number, " ".join(str(error).split())[:300])
+                    if done.lost:  # its machine or worker died: the same parameters run again elsewhere
+                        lost += 1
+                        study.enqueue_trial(trial.params, user_attrs={"requeued_from": number}, skip_if_exists=False)
+                        events.write("lost", number, node=short_node(done.where), error=reason[:300])
+                        log.warning("trial %d lost with its worker on %s (%s); re-queued with the same parameters",
+                                    number, short_node(done.where) or "an unknown node", reason[:200])
+                        if lost > t.max_failures:
+                            raise RuntimeError(f"{lost} trials lost with their workers (tune.max_failures="
+                                               f"{t.max_failures}); is the cluster healthy?")
+                        continue
+                    failed += 1
+                    events.write("fail", number, node=short_node(done.where), error=reason[:300])
+                    log.warning("trial %d failed: %s", number, reason[:300])
                     if failed > t.max_failures:
                         raise RuntimeError(f"{failed} trials failed (tune.max_failures={t.max_failures}); "
                                            f"see {trials_dir}/trial_*/train.log")
                     continue
+                scores = done.scores
+                events.write("end", number, node=short_node(done.where))
                 _tell_complete(study, trial, scores, min_acc, t.objectives)
                 complete += 1
                 feasible = scores["ca"] >= min_acc
                 _hparams(study_dir, number, values, scores, feasible)
                 rows = write_outputs(study_dir, cfg, study, space, baseline, final=False)
-                log.info("trial %d done: CA %.4f%s, RA_T %.4f, RA_Q %.4f | front: %s", number, scores["ca"],
-                         "" if feasible else " (infeasible)", scores["ra_t"], scores["ra_q"],
-                         _front_text(rows, t.objectives))
+                log.info("trial %d done on %s: CA %.4f%s, RA_T %.4f, RA_Q %.4f | front: %s", number,
+                         short_node(done.where), scores["ca"], "" if feasible else " (infeasible)", scores["ra_t"],
+                         scores["ra_q"], _front_text(rows, t.objectives))
                 bar.set_postfix_str(f"running {len(pool.running)}, queued {len(pending)}, failed {failed}, "
-                                    f"front {len(outputs.front_rows(rows, t.objectives))}", refresh=False)
+                                    f"lost {lost}, front {len(outputs.front_rows(rows, t.objectives))}", refresh=False)
                 bar.update(1)
     finally:
         bar.close()

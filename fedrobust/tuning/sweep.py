@@ -21,8 +21,9 @@ from omegaconf import OmegaConf
 from ..config import load_config
 from ..progress import interactive
 from ..progress import progress as progress_bar
-from .study import prepare_zoo, study_lock
-from .trial import execute, load_scores
+from .pool import EventLog, TrialPool, short_node
+from .study import share_artefacts, study_lock
+from .trial import load_scores, trial_task
 
 __all__ = ["Cell", "run_sweep", "split_overrides", "CELL_COLUMNS", "SWEEP_DEFAULTS"]
 
@@ -74,7 +75,6 @@ def _write(sweep_dir: Path, rows: list[dict[str, Any]]) -> None:
 def run_sweep(name: str, cells: list[Cell], sweep_dir: str | Path, *, max_concurrent: int = 2, cpus_per_cell: float = 1.0,
               gpus_per_cell: float = 0.0, address: str | None = None, progress: bool = True) -> list[dict[str, Any]]:
     """Run every cell not done yet; return one row per cell (in order)."""
-    from .pool import TrialPool
 
     sweep_dir = Path(sweep_dir).expanduser().resolve()
     names = [c.name for c in cells]
@@ -88,29 +88,37 @@ def run_sweep(name: str, cells: list[Cell], sweep_dir: str | Path, *, max_concur
         todo = [i for i, c in enumerate(cells) if scores[c.name] is None]
         log.info("sweep %s: %d cell(s), %d done, %d to run", name, len(cells), len(cells) - len(todo), len(todo))
         if todo:
-            from ..evaluation.cache import cache_root
-
-            cache = str(cache_root(configs[0].attack.cache_dir).resolve())
             for cfg in configs:
-                cfg.attack.cache_dir = cache
+                if cfg.attack.cache_dir:
+                    cfg.attack.cache_dir = str(Path(cfg.attack.cache_dir).expanduser().resolve())
                 cfg.evaluate = True
-            prepare_zoo(configs[todo[0]])
-            events = str(sweep_dir / "executions.jsonl")
+            events = EventLog(sweep_dir / "executions.jsonl")
             bar = progress_bar(total=len(cells), initial=len(cells) - len(todo), desc=name, enabled=progress)
-            pool = TrialPool(execute, address=address, cpus=cpus_per_cell, gpus=gpus_per_cell, max_concurrent=max_concurrent)
+            pool = TrialPool(trial_task, address=address, cpus=cpus_per_cell, gpus=gpus_per_cell,
+                             max_concurrent=max_concurrent,
+                             on_start=lambda i, where: events.write("start", cells[i].name, node=short_node(where)))
             queue = list(todo)
             try:
+                artefacts = share_artefacts(pool, configs[todo[0]])
                 while queue or pool.running:
                     while queue and pool.free > 0:
                         i = queue.pop(0)
-                        pool.submit(i, OmegaConf.to_yaml(configs[i]), {}, str(sweep_dir / "cells" / cells[i].name),
-                                    max(1, int(cpus_per_cell)), events, cells[i].name)
-                    for i, result, error in pool.wait():
-                        if error is not None:
-                            log.warning("cell %s failed: %s", cells[i].name, " ".join(str(error).split())[:300])
+                        pool.submit(i, sweep_dir / "cells" / cells[i].name, OmegaConf.to_yaml(configs[i]), {},
+                                    cells[i].name, max(1, int(cpus_per_cell)), artefacts)
+                    for done in pool.wait():
+                        i = done.key
+                        if done.error is not None:
+                            if done.lost:
+                                queue.append(i)  # its node died: run it again on another
+                                log.warning("cell %s lost with its worker on %s; queued again", cells[i].name,
+                                            short_node(done.where))
+                                continue
+                            log.warning("cell %s failed: %s", cells[i].name, " ".join(str(done.error).split())[:300])
                         else:
-                            scores[cells[i].name] = result
-                            log.info("cell %s: CA %.4f RA_T %.4f RA_Q %.4f", cells[i].name, result["ca"], result["ra_t"], result["ra_q"])
+                            scores[cells[i].name] = done.scores
+                            events.write("end", cells[i].name, node=short_node(done.where))
+                            log.info("cell %s: CA %.4f RA_T %.4f RA_Q %.4f", cells[i].name, done.scores["ca"],
+                                     done.scores["ra_t"], done.scores["ra_q"])
                         bar.update(1)
                         bar.set_postfix_str(f"running {len(pool.running)}", refresh=interactive())
                         _write(sweep_dir, [_row(c, cfg, scores[c.name]) for c, cfg in zip(cells, configs)])

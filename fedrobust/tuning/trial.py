@@ -1,22 +1,28 @@
 """One trial: train an ensemble with some config keys changed, attack it, return its scores.
 
-Runs in a Ray worker (or in-process). A trial owns its run directory; a
-directory left by a killed attempt of the same trial is replaced, one that
-already holds an evaluated result is returned as it is.
+:func:`trial_task` runs in a Ray worker on any node of the cluster: it works
+in that node's scratch space and streams its run directory back to the
+tuner (:mod:`fedrobust.tuning.remote`). :func:`execute` is the trial itself,
+usable in-process.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import time
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from omegaconf import OmegaConf
 
-__all__ = ["execute", "load_scores", "apply_values"]
+__all__ = ["execute", "trial_task", "load_scores", "apply_values"]
+
+log = logging.getLogger("fedrobust")
 
 
 def apply_values(cfg, values: dict[str, Any]):
@@ -54,16 +60,6 @@ def load_scores(run_dir: Path) -> dict[str, Any] | None:
     }
 
 
-def _log_event(log_path: str | None, **event: Any) -> None:
-    if log_path:
-        line = json.dumps({**event, "pid": os.getpid(), "time": time.time()}) + "\n"
-        fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            os.write(fd, line.encode())  # one small O_APPEND write: whole lines even from parallel workers
-        finally:
-            os.close(fd)
-
-
 def _val_accuracy(cfg, run_dir: Path, data) -> float:
     """Ensemble accuracy on the union of the nodes' validation splits (never the test set)."""
     import torch
@@ -96,6 +92,7 @@ def _simulate_in_child(cfg, run_path: Path, threads: int) -> None:
 
     from ..config import config_to_json
 
+    cfg = OmegaConf.merge(cfg, {"engine": {"ray_address": None}})  # never the tuner's cluster (see above)
     spec = run_path / "trial_config.json"
     spec.write_text(config_to_json(cfg))
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
@@ -107,26 +104,34 @@ def _simulate_in_child(cfg, run_path: Path, threads: int) -> None:
 
 
 def execute(cfg_yaml: str, values: dict[str, Any], run_dir: str, threads: int = 1,
-            events: str | None = None, key: Any = None) -> dict[str, Any]:
-    """Train and evaluate one configuration in ``run_dir``; return its scores."""
+            artefacts: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Train and evaluate one configuration in a new ``run_dir``; return its scores.
+
+    ``artefacts`` (``{"names": [...], "ref": [object ref]}``) are the tuner's cache files (zoo,
+    transfer examples); the ones this node's cache lacks are written there before evaluating.
+    """
     import torch
 
     from ..data import load_dataset
+    from ..evaluation.cache import cache_root
     from ..evaluation.evaluate import evaluate_run
     from ..run import finalize_run, prepare_run_dir
+    from ..node import host_identity
+    from .remote import install_files
 
-    path = Path(run_dir)
-    done = load_scores(path)
-    if done is not None:
-        return {**done, "recovered": True}
     torch.set_num_threads(max(1, int(threads)))
     cfg = apply_values(OmegaConf.create(cfg_yaml), values)
     cfg.train.progress = False
-    if path.exists():
-        shutil.rmtree(path)  # a killed attempt of this same trial
-    _log_event(events, event="start", key=key)
     t0 = time.perf_counter()
-    run_path = prepare_run_dir(cfg, str(path))
+    run_path = prepare_run_dir(cfg, str(run_dir))
+    where = host_identity()
+    log.info("trial on %s", ", ".join(f"{k} {v}" for k, v in where.items()))
+    if artefacts:
+        root = cache_root(cfg.attack.cache_dir)
+        written = install_files(root, artefacts["names"], artefacts.get("ref"))
+        if written:
+            log.info("received %d cache file(s) from the tuner (surrogate zoo, transfer examples) into %s",
+                     len(written), root)
     data = load_dataset(cfg.data.name, cfg.data.root)
     if cfg.engine.name == "inline":
         from ..engines import run_inline
@@ -141,10 +146,33 @@ def execute(cfg_yaml: str, values: dict[str, Any], run_dir: str, threads: int = 
     results["ensemble"]["val_accuracy"] = val_acc
     results["trial_seconds"] = round(time.perf_counter() - t0, 2)
     results["trial_values"] = values
+    results["trial_node"] = where
     tmp = results_path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(results, indent=2))
     os.replace(tmp, results_path)  # the trial counts as done only once this file is whole
-    _log_event(events, event="end", key=key)
     scores = load_scores(run_path)
     assert scores is not None
-    return {**scores, "recovered": False}
+    return scores
+
+
+def trial_task(cfg_yaml: str, values: dict[str, Any], name: str, threads: int = 1,
+               artefacts: dict[str, Any] | None = None) -> Iterator[dict[str, Any] | bytes]:
+    """A trial as a Ray streaming generator: where it runs, its scores, then its run directory.
+
+    Yields ``{"event": "start", host, node_ip, node_id, work_dir}`` as soon as it
+    starts, ``{"event": "result", "scores": ...}`` when evaluated, then the run
+    directory as :func:`remote.send_dir` items. It works in this node's scratch
+    space, removed afterwards; the tuner writes what it receives.
+    """
+    from ..node import host_identity
+    from .remote import scratch_root, send_dir
+
+    work = scratch_root() / f"{name}-{uuid.uuid4().hex[:8]}"
+    work.mkdir(parents=True)
+    try:
+        yield {"event": "start", **host_identity(), "work_dir": str(work)}
+        scores = execute(cfg_yaml, values, str(work / name), threads, artefacts)
+        yield {"event": "result", "scores": scores}
+        yield from send_dir(work / name)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
