@@ -45,7 +45,8 @@ class Federation:
         self.root = root
         self.procs: dict[str, subprocess.Popen] = {}
         self.env = {**os.environ, "FLWR_HOME": str(root / "flwr-home"), "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
-                    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "PYTHONUNBUFFERED": "1"}
+                    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "PYTHONUNBUFFERED": "1",
+                    "FEDROBUST_CACHE": str(root / "cache")}
         self.port = _free_port()
         self.name = "fedrobust-test"
 
@@ -80,8 +81,10 @@ class Federation:
                               timeout=timeout)
 
 
-@pytest.fixture
-def federation(tmp_path):
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory):
+    """One SuperLink and three registered SuperNodes for the module; the last test kills SuperNode 2."""
+    tmp_path = tmp_path_factory.mktemp("federation")
     fed = Federation(tmp_path)
     try:
         assert fed.fedrobust("deploy", "certs", "certs").returncode == 0
