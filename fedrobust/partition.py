@@ -92,7 +92,8 @@ def partition_indices(
     try:
         return [np.asarray(partitioner.load_partition(i)["row"], dtype=np.int64) for i in range(n)]
     except ValueError as exc:
-        raise PartitionError(f"deployment: cannot partition {len(labels)} samples into {n} nodes ({exc})") from None
+        hint = "; try a larger deployment.alpha (e.g. 2), fewer nodes, or distributed_iid" if deployment == "distributed_dirichlet" else ""
+        raise PartitionError(f"deployment: cannot partition {len(labels)} samples into {n} nodes ({exc}){hint}") from None
 
 
 @lru_cache(maxsize=16)
