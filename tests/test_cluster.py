@@ -187,6 +187,7 @@ def test_losing_the_worker_node_mid_study_requeues_its_trials(cluster, tmp_path)
             time.sleep(0.2)
         assert proc.poll() is None, "the study ended before the worker node could be killed"
         cluster.nodes[1].kill()  # SIGKILL every process of the worker node, mid-trial
+        killed_at = time.time()
         _, err = proc.communicate(timeout=600)
     finally:
         if proc.poll() is None:
@@ -200,6 +201,9 @@ def test_losing_the_worker_node_mid_study_requeues_its_trials(cluster, tmp_path)
     ends = collections.Counter(e["key"] for e in events if e["event"] == "end")
     assert all(ends[r["number"]] == 1 for r in complete) and sum(ends.values()) == 6  # none recorded twice
     lost = {e["key"] for e in events if e["event"] == "lost"}
+    noticed = min(e["time"] for e in events if e["event"] == "lost") - killed_at
+    print(f"the tuner noticed the lost node {noticed:.1f}s after the kill")
+    assert noticed < 90
     assert lost and all(node(e) == worker_id for e in events if e["event"] == "lost")
     failed = {r["number"]: r for r in rows if r["state"] == "FAIL"}
     assert set(failed) == lost
