@@ -99,6 +99,9 @@ def federation(tmp_path_factory):
         for i in range(3):
             fed.start(f"node{i}", "supernode", "--superlink", f"127.0.0.1:{fed.port}", "--ca", "certs/ca.crt",
                       "--key", f"keys/node{i}", "--partition-id", str(i), "--num-partitions", "3", "--port", str(_free_port()))
+        # an unregistered key: started now so that its refusal overlaps the other nodes' start-up
+        fed.start("rogue", "supernode", "--superlink", f"127.0.0.1:{fed.port}", "--ca", "certs/ca.crt",
+                  "--key", "keys/rogue", "--partition-id", "0", "--num-partitions", "3", "--port", str(_free_port()))
         for i in range(3):
             _wait(lambda i=i: "SuperNode ID" in fed.log(f"node{i}"), 60, f"SuperNode {i}")
         yield fed
@@ -113,8 +116,7 @@ def _results(run_dir: Path) -> dict:
 def test_tls_authenticated_deployment_matches_simulation_and_refuses_unregistered_keys(federation, tmp_path):
     fed = federation
     # an unregistered key is refused at the SuperLink and its SuperNode gives up
-    rogue = fed.start("rogue", "supernode", "--superlink", f"127.0.0.1:{fed.port}", "--ca", "certs/ca.crt",
-                      "--key", "keys/rogue", "--partition-id", "0", "--num-partitions", "3", "--port", str(_free_port()))
+    rogue = fed.procs["rogue"]
     _wait(lambda: rogue.poll() is not None, 90, "the unregistered SuperNode to be refused")
     assert rogue.returncode != 0
     assert "activate-node" in fed.log("superlink") and "2004" in fed.log("superlink")

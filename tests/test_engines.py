@@ -123,8 +123,8 @@ def test_a_crashed_simulation_runtime_exits_nonzero_at_once_with_one_line(tmp_pa
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("on_missing", ["fail", "min_members"])
-def test_a_node_lost_mid_simulation_follows_on_missing(tmp_path, monkeypatch, capsys, on_missing):
+def test_a_node_lost_mid_simulation_is_dropped_with_min_members(tmp_path, monkeypatch):
+    # (with engine.on_missing=fail the round fails naming the node: tests/test_ensemble.py, without Ray)
     from flwr.server.superlink.fleet.vce.backend import raybackend
 
     original = raybackend.RayBackend.process_message
@@ -136,15 +136,8 @@ def test_a_node_lost_mid_simulation_follows_on_missing(tmp_path, monkeypatch, ca
 
     monkeypatch.setattr(raybackend.RayBackend, "process_message", lose_node_2)
     run = tmp_path / "run"
-    code = main(["train", "engine=simulation", "train.progress=false", "train.epochs=1", f"engine.on_missing={on_missing}", "engine.min_members=2",
-                 f"run_dir={run}"])
-    if on_missing == "fail":
-        assert code == 1
-        err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("fedrobust: error:")]
-        assert len(err) == 1 and err[0].startswith("fedrobust: error: round 1: node(s) [2] lost"), err
-        assert not (run / "results.json").exists()
-    else:
-        assert code == 0
-        results = json.loads((run / "results.json").read_text())
-        assert [m["node"] for m in results["members"]] == [0, 1]
-        assert results["missing"]["nodes"] == [2] and results["missing"]["members"] == [2]
+    assert main(["train", "engine=simulation", "train.progress=false", "train.epochs=1", "engine.on_missing=min_members",
+                 "engine.min_members=2", f"run_dir={run}"]) == 0
+    results = json.loads((run / "results.json").read_text())
+    assert [m["node"] for m in results["members"]] == [0, 1]
+    assert results["missing"]["nodes"] == [2] and results["missing"]["members"] == [2]

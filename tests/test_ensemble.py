@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, Context, RecordDict
+from flwr.app import Array, Context, Error, Message, RecordDict
 
 from clients.client_app import app as client_app
 from fedrobust.config import load_config
@@ -91,7 +91,8 @@ def task_identity(monkeypatch):
 class _LoopbackGrid:
     """A Grid that hands each message to the real ClientApp in this process, optionally poisoning replies."""
 
-    def __init__(self, n, poison=None):
+    def __init__(self, n, poison=None, lose=None):
+        self.lose = lose  # this partition's client "dies": its reply is an error, as Flower's engine sends then
         self.contexts = {
             100 + i: Context(run_id=1, node_id=100 + i, node_config={"partition-id": i, "num-partitions": n},
                              state=RecordDict(), run_config={})
@@ -106,6 +107,9 @@ class _LoopbackGrid:
         replies = []
         for msg in messages:
             nid = msg.metadata.dst_node_id
+            if self.contexts[nid].node_config["partition-id"] == self.lose:
+                replies.append(Message(Error(code=0, reason="<class 'ActorDiedError'>: the actor died"), reply_to=msg))
+                continue
             reply = client_app(msg, self.contexts[nid])
             if self.poison is not None and self.contexts[nid].node_config["partition-id"] == self.poison:
                 rec = reply.content["weights.%d" % self.poison]
@@ -129,6 +133,15 @@ def test_flower_messages_round_trip_through_the_client_app(task_identity):
 def test_flower_reply_with_nan_is_rejected_naming_the_node(task_identity):
     with pytest.raises(InvalidUpdateError, match=r"node 1: .*'1.classifier.bias'.*non-finite"):
         collect_members(CFG, FlowerRounds(_LoopbackGrid(3, poison=1), CFG, node_wait_s=1))
+
+
+def test_a_lost_node_fails_the_round_naming_it_or_is_dropped_with_min_members(task_identity):
+    with pytest.raises(RuntimeError, match=r"^round 1: node\(s\) \[2\] lost \(.*ActorDiedError.*\); set engine.on_missing"):
+        collect_members(CFG, FlowerRounds(_LoopbackGrid(3, lose=2), CFG, node_wait_s=1))
+    cfg = load_config(["train.progress=false", "train.epochs=1", "engine.on_missing=min_members", "engine.min_members=2"])
+    missing: dict = {}
+    members = collect_members(cfg, FlowerRounds(_LoopbackGrid(3, lose=2), cfg, node_wait_s=1), missing)
+    assert [m.node for m in members] == [0, 1] and missing["nodes"] == [2] and missing["members"] == [2]
 
 
 def test_ensemble_averages_logits_and_stays_in_eval_mode():

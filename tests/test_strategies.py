@@ -191,8 +191,9 @@ def _train(tmp_path, engine, strategy, deployment):
     run = tmp_path / f"{engine}-{strategy}-{deployment}"
     nodes = [] if deployment == "centralized" else ["deployment.num_nodes=3"]
     extra = ["strategy.steps=2"] if strategy == "adversarial" else []
-    # two rounds where peers are exchanged, one elsewhere (a round costs a Ray dispatch in simulation)
-    rounds = ["train.epochs=2", "train.rounds=2"] if strategy in ("dispersion", "edlcm") else ["train.epochs=1"]
+    # two rounds where peers are exchanged between nodes, one elsewhere (a round costs a Ray dispatch in simulation)
+    federated = deployment.startswith("distributed")
+    rounds = ["train.epochs=2", "train.rounds=2"] if strategy in ("dispersion", "edlcm") and federated else ["train.epochs=1"]
     code = main(["train", f"engine={engine}", f"strategy={strategy}", f"deployment={deployment}", *nodes, *extra,
                  *rounds, "train.batch_size=256", "train.progress=false", f"run_dir={run}"])
     assert code == 0
