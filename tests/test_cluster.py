@@ -186,8 +186,8 @@ def test_losing_the_worker_node_mid_study_requeues_its_trials(cluster, tmp_path)
                 break
             time.sleep(0.2)
         assert proc.poll() is None, "the study ended before the worker node could be killed"
-        cluster.nodes[1].kill()  # SIGKILL every process of the worker node, mid-trial
         killed_at = time.time()
+        cluster.nodes[1].kill()  # SIGKILL every process of the worker node, mid-trial
         _, err = proc.communicate(timeout=600)
     finally:
         if proc.poll() is None:
