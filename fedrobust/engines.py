@@ -123,11 +123,10 @@ def run_simulation(cfg: DictConfig, run_dir: Path, *, num_cpus: int | None = Non
             backend_config=backend_config(cfg, num_cpus),
         )
     except (Exception, SystemExit) as exc:  # flwr exits through sys.exit for some failures
-        stop.set()  # the ServerApp thread gives up waiting for replies
         if errors:
             raise errors[0] from None
         raise SimulationError(f"simulation runtime failed: {_root_cause(exc)}") from None
     finally:
-        stop.set()
+        stop.set()  # the ServerApp thread gives up waiting for replies
     if errors:
         raise errors[0]

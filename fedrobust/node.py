@@ -11,6 +11,7 @@ from __future__ import annotations
 import socket
 from collections.abc import MutableMapping
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 import numpy as np
 import torch
@@ -64,13 +65,19 @@ def host_identity() -> dict[str, str]:
 
         if ray.is_initialized():
             node_id = ray.get_runtime_context().get_node_id()
-            # the address the node joined the cluster with (several nodes may share a machine)
-            ips = [n["NodeManagerAddress"] for n in ray.nodes() if n["NodeID"] == node_id]
-            ident["node_ip"] = ips[0] if ips else ray.util.get_node_ip_address()
-            ident["node_id"] = node_id
+            ident |= {"node_ip": _ray_node_ip(node_id), "node_id": node_id}
     except Exception:  # Ray missing or not usable here: the host name says enough
         pass
     return ident
+
+
+@lru_cache(maxsize=8)
+def _ray_node_ip(node_id: str) -> str:
+    """The address the node joined the cluster with (several nodes may share a machine); asked once."""
+    import ray
+
+    ips = [n["NodeManagerAddress"] for n in ray.nodes() if n["NodeID"] == node_id]
+    return ips[0] if ips else ray.util.get_node_ip_address()
 
 
 def members_of_node(cfg: DictConfig, node: int) -> list[int]:

@@ -17,18 +17,9 @@ _RAY_MARKERS = ("raylet", "gcs_server", "ray::", "default_worker.py", "ray start
 
 def _ray_processes() -> dict[int, str]:
     """Live Ray processes on this machine: pid -> command line."""
-    out = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        try:
-            cmd = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            state = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if state != "Z" and any(m in cmd for m in _RAY_MARKERS):
-            out[int(entry)] = cmd
-    return out
+    from raycluster import live_processes
+
+    return {pid: cmd for pid, cmd in live_processes().items() if any(m in cmd for m in _RAY_MARKERS)}
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -52,6 +52,12 @@ def _cmdline(pid: int) -> str:
         return ""
 
 
+def live_processes() -> dict[int, str]:
+    """Every process on this machine but this one and zombies: pid -> command line."""
+    pids = (int(p) for p in os.listdir("/proc") if p.isdigit() and int(p) != os.getpid())
+    return {pid: cmd for pid in pids if _state(pid) not in ("Z", "") and (cmd := _cmdline(pid))}
+
+
 def processes_mentioning(text: str) -> set[int]:
     return {int(p) for p in os.listdir("/proc") if p.isdigit() and text in _cmdline(int(p)) and int(p) != os.getpid()}
 

@@ -27,7 +27,7 @@ from .gradient import CWA, MIFGSM, PGD, build_gradient_attack
 from .metrics import accuracy, predict, transferability
 from .smoothness import gradient_cosine, hessian_lambda_max
 from .square import SquareAttack
-from .surrogates import load_or_train_zoo, zoo_cache_entry
+from .surrogates import load_or_train_zoo, zoo_cache_path
 
 __all__ = ["evaluate_run", "evaluation_sample", "prepare_transfer_artefacts"]
 
@@ -82,7 +82,7 @@ def prepare_transfer_artefacts(cfg: DictConfig, data: ImageDataset | None = None
     zoo, zoo_key, _ = load_or_train_zoo(cfg, data, device)
     idx = evaluation_sample(len(data.y_test), a.num_samples, a.sample_seed)
     x, y = to_float(data.x_test[idx]).to(device), data.y_test[idx].to(device)
-    paths = [zoo_cache_entry(cfg, data)[1]]
+    paths = [zoo_cache_path(cfg, zoo_key)]
     for name in a.transfer_attacks:
         _transfer_examples(name, zoo, zoo_key, x, y, idx, cfg)
         paths.append(_transfer_cache_path(name, zoo_key, idx, cfg))

@@ -32,7 +32,7 @@ from ..partition import node_shards
 from ..training import TrainSettings, member_seed, train_member
 from .cache import cache_root, content_key, load_tensors, save_tensors, tensor_fingerprint
 
-__all__ = ["DEFAULT_ZOOS", "default_surrogates", "load_or_train_zoo", "zoo_cache_entry"]
+__all__ = ["DEFAULT_ZOOS", "default_surrogates", "load_or_train_zoo", "zoo_cache_path"]
 
 log = logging.getLogger("fedrobust")
 
@@ -56,15 +56,9 @@ def _settings(cfg: DictConfig) -> TrainSettings:
     )
 
 
-def zoo_cache_entry(cfg: DictConfig, data: ImageDataset) -> tuple[str, Path]:
-    """The zoo's content key and its file in the cache (which may not exist yet)."""
-    key = content_key({
-        "kind": "surrogate-zoo", "data": data.name, "data_fp": tensor_fingerprint(data.x_train, data.y_train),
-        "archs": default_surrogates(cfg), "settings": dataclasses.asdict(_settings(cfg)),
-        "seed": cfg.attack.surrogate_seed, "split_seed": DeploymentConfig().partition_seed,
-        "val_fraction": DataConfig().val_fraction,
-    })
-    return key, cache_root(cfg.attack.cache_dir) / "surrogates" / f"{key}.pt"
+def zoo_cache_path(cfg: DictConfig, key: str) -> Path:
+    """The cache file of the zoo with content key ``key`` (which may not exist yet)."""
+    return cache_root(cfg.attack.cache_dir) / "surrogates" / f"{key}.pt"
 
 
 def load_or_train_zoo(cfg: DictConfig, data: ImageDataset, device: torch.device) -> tuple[LogitAverageEnsemble, str, bool]:
@@ -72,7 +66,12 @@ def load_or_train_zoo(cfg: DictConfig, data: ImageDataset, device: torch.device)
     archs = default_surrogates(cfg)
     settings = _settings(cfg)
     split_seed = DeploymentConfig().partition_seed
-    key, path = zoo_cache_entry(cfg, data)
+    key = content_key({
+        "kind": "surrogate-zoo", "data": data.name, "data_fp": tensor_fingerprint(data.x_train, data.y_train),
+        "archs": archs, "settings": dataclasses.asdict(settings), "seed": cfg.attack.surrogate_seed,
+        "split_seed": split_seed, "val_fraction": DataConfig().val_fraction,
+    })
+    path = zoo_cache_path(cfg, key)
     cached = load_tensors(path)
     models: list[nn.Module] = []
     if cached is not None:

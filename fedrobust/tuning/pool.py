@@ -34,7 +34,7 @@ def short_node(where: dict[str, Any]) -> str:
 
 
 class EventLog:
-    """``executions.jsonl``: one JSON line per trial start and end, written by the tuner alone."""
+    """``executions.jsonl``: one JSON line per start, end, fail or loss of a trial, written by the tuner alone."""
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
@@ -63,7 +63,6 @@ class _Running:
     key: Any
     dest: Path
     where: dict[str, Any] = field(default_factory=dict)
-    scores: dict[str, Any] | None = None
 
 
 class TrialPool:
@@ -81,13 +80,13 @@ class TrialPool:
         self._ray = ray
         self._owned = not ray.is_initialized()
         if self._owned:
-            kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False}
-            if address:
-                kwargs = {"address": address, "log_to_driver": False, "configure_logging": False}
+            kwargs: dict[str, Any] = {"log_to_driver": False, "configure_logging": False}
+            if address:  # a cluster decides its own resources
+                kwargs["address"] = address
             else:  # a new local instance, even if another one runs on this machine
-                kwargs["address"] = "local"
-                kwargs["num_cpus"] = max(os.cpu_count() or 1, int(cpus * max_concurrent + 0.999))
-                kwargs["num_gpus"] = int(gpus * max_concurrent + 0.999) if gpus else None
+                kwargs |= {"address": "local", "include_dashboard": False,
+                           "num_cpus": max(os.cpu_count() or 1, int(cpus * max_concurrent + 0.999)),
+                           "num_gpus": int(gpus * max_concurrent + 0.999) if gpus else None}
             warnings.filterwarnings("ignore", message=".*RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO.*", category=FutureWarning)
             ray.init(**{k: v for k, v in kwargs.items() if v is not None})
         # Streaming generator; backpressure keeps at most two unread chunks of a run directory in flight.
@@ -126,10 +125,9 @@ class TrialPool:
                     continue
                 if item.get("event") != "result":
                     raise RuntimeError(f"unexpected item from a trial: {str(item)[:200]}")
-                state.scores = item["scores"]
                 # The rest of the stream is the run directory, read one chunk at a time.
                 receive_dir((self._ray.get(ref) for ref in gen), state.dest)
-                out.append(Finished(state.key, scores=state.scores, where=state.where))
+                out.append(Finished(state.key, scores=item["scores"], where=state.where))
             except StopIteration:
                 out.append(Finished(state.key, error=RuntimeError("the trial ended without a result"), lost=True,
                                     where=state.where))

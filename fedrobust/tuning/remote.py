@@ -14,7 +14,6 @@ that joins the cluster never trains the zoo again.
 from __future__ import annotations
 
 import hashlib
-import logging
 import os
 import shutil
 import tempfile
@@ -25,8 +24,6 @@ from typing import Any
 import numpy as np
 
 __all__ = ["CHUNK", "scratch_root", "send_dir", "receive_dir", "pack_files", "install_files"]
-
-log = logging.getLogger("fedrobust")
 
 CHUNK = 4 << 20  # bytes per streamed item: what the tuner holds of a trial's files at any time
 

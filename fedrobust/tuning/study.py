@@ -82,9 +82,14 @@ def _base_cfg_for_trials(cfg: DictConfig) -> DictConfig:
     base.evaluate = True
     base.train.progress = False
     base.run_dir = None
-    if base.attack.cache_dir:  # an explicit cache path means the same path on every node; "" = each node's own
-        base.attack.cache_dir = str(Path(base.attack.cache_dir).expanduser().resolve())
+    pin_cache_dir(base)
     return base
+
+
+def pin_cache_dir(cfg: DictConfig) -> None:
+    """An explicit ``attack.cache_dir`` made absolute, the same path on every node; "" stays each node's own."""
+    if cfg.attack.cache_dir:
+        cfg.attack.cache_dir = str(Path(cfg.attack.cache_dir).expanduser().resolve())
 
 
 def _study_config(cfg: DictConfig) -> dict[str, Any]:

@@ -22,7 +22,7 @@ from ..config import load_config
 from ..progress import interactive
 from ..progress import progress as progress_bar
 from .pool import EventLog, TrialPool, short_node
-from .study import share_artefacts, study_lock
+from .study import pin_cache_dir, share_artefacts, study_lock
 from .trial import load_scores, trial_task
 
 __all__ = ["Cell", "run_sweep", "split_overrides", "CELL_COLUMNS", "SWEEP_DEFAULTS"]
@@ -89,8 +89,7 @@ def run_sweep(name: str, cells: list[Cell], sweep_dir: str | Path, *, max_concur
         log.info("sweep %s: %d cell(s), %d done, %d to run", name, len(cells), len(cells) - len(todo), len(todo))
         if todo:
             for cfg in configs:
-                if cfg.attack.cache_dir:
-                    cfg.attack.cache_dir = str(Path(cfg.attack.cache_dir).expanduser().resolve())
+                pin_cache_dir(cfg)
                 cfg.evaluate = True
             events = EventLog(sweep_dir / "executions.jsonl")
             bar = progress_bar(total=len(cells), initial=len(cells) - len(todo), desc=name, enabled=progress)
