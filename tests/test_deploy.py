@@ -129,7 +129,8 @@ def test_tls_authenticated_deployment_matches_simulation_and_refuses_unregistere
     assert sorted(m["node"] for m in deployed["members"]) == [0, 1, 2]  # the rogue node contributed nothing
     assert "missing" not in deployed
 
-    assert cli(["train", "engine=simulation", "train.epochs=5", "train.progress=false", f"run_dir={tmp_path / 'run-sim'}"]) == 0
+    # inline, which gives the simulation's members bit for bit (tests/test_engines.py, tests/test_cluster.py)
+    assert cli(["train", "engine=inline", "train.epochs=5", "train.progress=false", f"run_dir={tmp_path / 'run-sim'}"]) == 0
     simulated = _results(tmp_path / "run-sim")
     assert abs(deployed["ensemble"]["clean_accuracy"] - simulated["ensemble"]["clean_accuracy"]) <= 0.02
 
@@ -138,7 +139,7 @@ def test_a_supernode_killed_mid_training_leaves_the_run_to_finish_with_min_membe
     fed = federation
     run_dir = tmp_path / "run-killed"
     argv = [str(BIN / "flwr"), "run", ".", fed.name, "--stream", "--run-config",
-            f'overrides="train.epochs=20 engine.timeout=40 engine.on_missing=min_members engine.min_members=2" '
+            f'overrides="train.epochs=10 engine.timeout=20 engine.on_missing=min_members engine.min_members=2" '
             f'run-dir="{run_dir}"']
     log_path = tmp_path / "flwr-run.log"
     with open(log_path, "w") as log:

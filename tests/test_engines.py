@@ -35,13 +35,12 @@ def _assert_same_members(a: Path, b: Path):
 
 @pytest.mark.slow
 def test_simulation_and_inline_engines_give_identical_members(tmp_path):
-    sim, inline, sim2 = tmp_path / "sim", tmp_path / "inline", tmp_path / "sim2"
-    assert main(["train", "engine=simulation", *FAST, f"run_dir={sim}"]) == 0
+    # (one round on a local instance equals inline too: tests/test_cluster.py runs it on a cluster)
+    sim, inline = tmp_path / "sim", tmp_path / "inline"
     assert main(["train", "engine=inline", *FAST, f"run_dir={inline}"]) == 0
-    _assert_same_members(sim, inline)
     # Two rounds, with the trainer state carried in the Flower Context, continue bit for bit.
-    assert main(["train", "engine=simulation", "train.rounds=2", *FAST, f"run_dir={sim2}"]) == 0
-    _assert_same_members(sim2, inline)
+    assert main(["train", "engine=simulation", "train.rounds=2", *FAST, f"run_dir={sim}"]) == 0
+    _assert_same_members(sim, inline)
 
     # the run directory
     for name in ("config.yaml", "train.log", "partition.csv", "results.json"):
@@ -55,7 +54,7 @@ def test_simulation_and_inline_engines_give_identical_members(tmp_path):
     assert all(m["num_train_samples"] > 0 and 0.0 <= m["clean_accuracy"] <= 1.0 for m in results["members"])
     ens = load_ensemble(sim)
     assert len(ens.members) == 3 and not ens.training
-    assert "round 1/1" in (sim / "train.log").read_text()
+    assert "round 2/2" in (sim / "train.log").read_text()
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
