@@ -13,6 +13,7 @@ import sys
 import time
 
 from .config import ConfigError, load_config
+from .interrupt import Interrupted, as_interrupt, guarded
 
 __all__ = ["main"]
 
@@ -23,7 +24,7 @@ Hydra overrides, e.g.:
   fedrobust train data=digits model=cnn deployment=distributed_dirichlet deployment.num_nodes=5
   fedrobust train engine=inline optimizer.lr=0.01 train.epochs=50 train.seed=3 run_dir=runs/lr001
 
-groups:   data={digits,cifar10,cifar100}  model={cnn,resnet18,resnet34,mobilenetv2,vgg16}
+groups:   data={digits,cifar10,cifar100}  model={cnn,resnet18,resnet34,mobilenetv2,vgg16,resnet8,vgg7,mlp}
           deployment={centralized,deep_ensemble,distributed_iid,distributed_dirichlet}
           strategy={plain,curvature,dispersion,edlcm,adversarial}  engine={simulation,inline}
 keys:     optimizer.{lr,momentum,weight_decay}  train.{epochs,rounds,batch_size,patience,seed,device,progress}
@@ -42,18 +43,27 @@ keys: attack.{eps,eps_l2,num_samples,sample_seed,surrogates,surrogate_epochs,tra
 """
 
 
+def _error(exc: BaseException) -> None:
+    print(f"fedrobust: error: {_one_line(exc)}", file=sys.stderr)
+
+
+def _interrupted(intr: Interrupted, kept: str) -> int:
+    log.warning("interrupted by %s; %s", intr.name, kept)
+    print(f"fedrobust: interrupted ({intr.name}); {kept}", file=sys.stderr)
+    return intr.exit_code
+
+
 def _train(overrides: list[str]) -> int:
-    from .run import check_run_dir, preflight, prepare_run_dir, setup_logging
+    from .run import INCOMPLETE, check_run_dir, preflight, prepare_run_dir
 
     try:
         cfg = load_config(overrides)
         check_run_dir(cfg.run_dir)
         preflight(cfg)
+        run_dir = prepare_run_dir(cfg, cfg.run_dir)
     except ConfigError as exc:
-        print(f"fedrobust: error: {exc}", file=sys.stderr)
+        _error(exc)
         return 2
-    setup_logging()
-    run_dir = prepare_run_dir(cfg, cfg.run_dir)
     t0 = time.perf_counter()
     try:
         if cfg.engine.name == "inline":
@@ -65,13 +75,18 @@ def _train(overrides: list[str]) -> int:
             from .engines import run_simulation
 
             run_simulation(cfg, run_dir)
-    except Exception as exc:
+    except BaseException as exc:
+        intr = as_interrupt(exc)
+        if intr is not None:
+            return _interrupted(intr, f"training stopped; {run_dir} is marked {INCOMPLETE}: evaluate and train refuse it")
+        if not isinstance(exc, Exception):
+            raise
         log.error("training failed: %s", _one_line(exc))
-        print(f"fedrobust: error: {_one_line(exc)}", file=sys.stderr)
+        _error(exc)
         return 1
     log.info("done in %.1fs; results in %s", time.perf_counter() - t0, run_dir / "results.json")
     if cfg.evaluate:
-        return _run_evaluation(run_dir, cfg)
+        return _run_evaluation(run_dir, cfg, train_seconds=time.perf_counter() - t0)
     return 0
 
 
@@ -79,17 +94,31 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
 
-def _run_evaluation(run_dir, cfg) -> int:
-    from .evaluation.evaluate import evaluate_run
+def _run_evaluation(run_dir, cfg, train_seconds: float | None = None) -> int:
+    from .evaluation.evaluate import PARTIAL, evaluate_run
 
     t0 = time.perf_counter()
     try:
         evaluate_run(run_dir, cfg)
-    except Exception as exc:
-        log.error("evaluation failed: %s", exc)
-        print(f"fedrobust: error: {exc}", file=sys.stderr)
+    except ConfigError as exc:
+        _error(exc)
+        return 2
+    except BaseException as exc:
+        intr = as_interrupt(exc)
+        if intr is not None:
+            kept = "results.json unchanged"
+            if (run_dir / PARTIAL).is_file():
+                kept += f"; finished stages kept in {run_dir / PARTIAL}: run fedrobust evaluate {run_dir} to resume"
+            return _interrupted(intr, kept)
+        if not isinstance(exc, Exception):
+            raise
+        log.error("evaluation failed: %s", _one_line(exc))
+        _error(exc)
         return 1
-    log.info("evaluated in %.1fs; results in %s", time.perf_counter() - t0, run_dir / "results.json")
+    seconds = time.perf_counter() - t0
+    log.info("evaluated in %.1fs; results in %s", seconds, run_dir / "results.json")
+    if train_seconds is not None:
+        log.info("time: training %.1fs + evaluation %.1fs = %.1fs", train_seconds, seconds, train_seconds + seconds)
     return 0
 
 
@@ -97,20 +126,32 @@ def _evaluate(run_dir: str, overrides: list[str]) -> int:
     from pathlib import Path
 
     from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
 
     from .config import apply_overrides, structured_base
-    from .run import preflight, setup_logging
+    from .evaluation.evaluate import read_results
+    from .run import check_complete, load_ensemble, preflight, setup_logging
 
     path = Path(run_dir)
     try:
+        if not path.is_dir():
+            raise ConfigError(f"run_dir: {path} is not a directory (expected a run directory written by fedrobust train)")
         if not (path / "config.yaml").is_file() or not any((path / "members").glob("member_*.pt")):
             raise ConfigError(f"run_dir: {path} is not a run directory (expected config.yaml and members/member_*.pt)")
-        saved = OmegaConf.load(path / "config.yaml")
-        cfg = OmegaConf.merge(structured_base(saved.get("strategy", {}).get("name", "plain")), saved)
+        check_complete(path)
+        try:
+            saved = OmegaConf.load(path / "config.yaml")
+            if saved.get("attack", {}).get("surrogates") == []:  # written before null meant the default zoo
+                saved.attack.surrogates = None
+            cfg = OmegaConf.merge(structured_base(saved.get("strategy", {}).get("name", "plain")), saved)
+        except (OmegaConfBaseException, ValueError, AttributeError) as exc:
+            raise ConfigError(f"run_dir: {path / 'config.yaml'} is not a valid run config ({_one_line(exc)})") from None
         cfg = apply_overrides(cfg, overrides)
         preflight(cfg)
+        read_results(path)
+        load_ensemble(path, "cpu", cfg)  # every checkpoint is checked before anything is written
     except ConfigError as exc:
-        print(f"fedrobust: error: {exc}", file=sys.stderr)
+        _error(exc)
         return 2
     setup_logging(path, "evaluate.log")
     return _run_evaluation(path, cfg)
@@ -128,26 +169,33 @@ keys: tune.{n_trials,population_size,max_concurrent,seed,objectives,max_accuracy
 
 
 def _tune(overrides: list[str]) -> int:
-    from .run import preflight, setup_logging
+    from .run import check_output_dir, preflight, setup_logging
     from .tuning.study import run_study
 
     try:
         cfg = load_config(overrides)
         if not cfg.study_dir:
             raise ConfigError("study_dir: required, e.g. fedrobust tune study_dir=studies/demo")
+        check_output_dir(cfg.study_dir, "study_dir")
         preflight(cfg)
     except ConfigError as exc:
-        print(f"fedrobust: error: {exc}", file=sys.stderr)
+        _error(exc)
         return 2
     setup_logging()
     try:
         run_study(cfg)
     except ConfigError as exc:
-        print(f"fedrobust: error: {exc}", file=sys.stderr)
+        _error(exc)
         return 2
-    except Exception as exc:
-        log.error("tuning failed: %s", exc)
-        print(f"fedrobust: error: {exc}", file=sys.stderr)
+    except BaseException as exc:
+        intr = as_interrupt(exc)
+        if intr is not None:
+            return _interrupted(intr, f"the study in {cfg.study_dir} is kept (completed trials in trials.csv); "
+                                      "run the same command to resume")
+        if not isinstance(exc, Exception):
+            raise
+        log.error("tuning failed: %s", _one_line(exc))
+        _error(exc)
         return 1
     return 0
 
@@ -162,7 +210,10 @@ def _report(path: str) -> int:
     try:
         out = report(Path(path))
     except ConfigError as exc:
-        print(f"fedrobust: error: {exc}", file=sys.stderr)
+        _error(exc)
+        return 2
+    except (OSError, ValueError, KeyError, IndexError, TypeError) as exc:  # a damaged study or sweep file
+        _error(ConfigError(f"path: {path} holds a damaged or partial study file ({type(exc).__name__}: {exc})"))
         return 2
     print(out)
     return 0
@@ -207,7 +258,7 @@ def _deploy(args: argparse.Namespace) -> int:
             sys.stdout.flush()
             os.execvp(argv[0], argv)
     except ConfigError as exc:
-        print(f"fedrobust: error: {exc}", file=sys.stderr)
+        _error(exc)
         return 2
     return 0
 
@@ -264,18 +315,11 @@ def main(argv: list[str] | None = None) -> int:
     sn.add_argument("--port", type=int, default=9094, help="this SuperNode's local runtime API port")
     sn.add_argument("--insecure", action="store_true")
     args = parser.parse_args(argv)
-    if args.command == "deploy":
-        return _deploy(args)
-    if args.command == "tune":
-        return _tune(args.overrides)
-    if args.command == "report":
-        return _report(args.path)
-    if args.command == "train":
-        return _train(args.overrides)
-    if args.command == "evaluate":
-        return _evaluate(args.run_dir, args.overrides)
-    return 2
-
+    commands = {"deploy": lambda: _deploy(args), "tune": lambda: _tune(args.overrides),
+                "report": lambda: _report(args.path), "train": lambda: _train(args.overrides),
+                "evaluate": lambda: _evaluate(args.run_dir, args.overrides)}
+    # each command says what it kept when interrupted in its main work; before that, nothing was written
+    return guarded(commands[args.command], "nothing was written")
 
 if __name__ == "__main__":
     sys.exit(main())

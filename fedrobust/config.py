@@ -34,7 +34,7 @@ __all__ = [
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 DATASETS = ("digits", "cifar10", "cifar100")
-MODELS = ("cnn", "resnet18", "resnet34", "mobilenetv2", "vgg16")
+MODELS = ("cnn", "resnet18", "resnet34", "mobilenetv2", "vgg16", "resnet8", "vgg7", "mlp")
 DEPLOYMENTS = ("centralized", "deep_ensemble", "distributed_iid", "distributed_dirichlet")
 STRATEGIES = ("plain", "curvature", "dispersion", "edlcm", "adversarial")
 ENGINES = ("simulation", "inline")
@@ -157,8 +157,8 @@ class AttackConfig:
     num_samples: int = 1000  # evaluation sample (the whole test set if smaller)
     sample_seed: int = 0
     batch_size: int = 500
-    # surrogate zoo for transfer attacks; empty = the dataset's default zoo
-    surrogates: list[str] = field(default_factory=list)
+    # surrogate zoo for transfer attacks; None = the dataset's default zoo
+    surrogates: list[str] | None = None
     surrogate_epochs: int = 40
     surrogate_seed: int = 1000
     transfer: str = "cwa"  # primary transfer attack -> robust_accuracy.transfer
@@ -290,8 +290,50 @@ def _translate(exc: Exception) -> ConfigError:
     return ConfigError(_one_line(first))
 
 
+# Keys whose values are file-system paths: they bypass Hydra's override grammar, so any name the file
+# system allows (spaces, accents, quotes, parentheses) works unquoted.
+PATH_KEYS = ("run_dir", "study_dir", "data.root", "attack.cache_dir")
+_NULLABLE_PATHS = ("run_dir", "study_dir")
+
+
+def _split_path_overrides(overrides: list[str]) -> tuple[dict[str, str | None], list[str]]:
+    paths: dict[str, str | None] = {}
+    rest = []
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if sep and key.lstrip("+") in PATH_KEYS:
+            if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+                value = value[1:-1]  # quoted for Hydra, as its grammar would require
+            key = key.lstrip("+")
+            paths[key] = None if key in _NULLABLE_PATHS and value in ("", "null") else value
+        else:
+            rest.append(item)
+    return paths, rest
+
+
+def _check_syntax(overrides: list[str]) -> None:
+    """Parse each override alone, so that an error names the one at fault and says how to quote it."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    for item in overrides:
+        try:
+            parser.parse_overrides([item])
+        except HydraException as exc:
+            lines = [ln for ln in str(exc).splitlines() if ln.strip() and not ln.startswith(("See https", "Error parsing"))]
+            reason = "an unexpected character" if not lines or "LexerNoViableAlt" in lines[0] else _one_line(lines[0])
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise ConfigError(f"{item}: not an override (expected key=value)") from None
+            quote = "'" if '"' in value else '"'
+            raise ConfigError(f"{item}: Hydra cannot parse this value ({reason}); quote it, e.g. "
+                              f"{key}={quote}{value}{quote} (with shell quotes around the whole override)") from None
+
+
 def load_config(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
     """Compose ``conf/config.yaml`` with Hydra overrides and validate the result."""
+    paths, overrides = _split_path_overrides(list(overrides))
+    _check_syntax(overrides)
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
@@ -300,6 +342,10 @@ def load_config(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
         raise _translate(exc) from None
     finally:
         GlobalHydra.instance().clear()
+    for key, value in paths.items():
+        if value is not None and "${" in value:
+            raise ConfigError(f"{key}: '${{' is not allowed in a path (OmegaConf would read it as an interpolation)")
+        OmegaConf.update(cfg, key, value, merge=False)
     resolve_defaults(cfg)
     validate(cfg)
     return cfg
@@ -356,7 +402,7 @@ def validate(cfg: DictConfig) -> None:
     _check(cfg.engine.ray_address is None or cfg.engine.name == "simulation", "engine.ray_address",
            f"only the simulation engine runs on Ray (engine={cfg.engine.name})")
     _check(cfg.engine.min_members >= 1, "engine.min_members", f"must be >= 1, got {cfg.engine.min_members}")
-    validate_attack(cfg.attack)
+    validate_attack(cfg.attack, cfg.data.name)
     validate_strategy(cfg.strategy)
     validate_tune(cfg.tune)
 
@@ -392,23 +438,37 @@ def validate_strategy(st: DictConfig) -> None:
         _check(0 < st.eps_start <= 1, "strategy.eps_start", f"must be in (0, 1], got {st.eps_start}")
 
 
-def validate_attack(a: DictConfig) -> None:
+# values per image of each dataset: the largest L2 distance between two [0, 1] images is sqrt of it
+INPUT_SIZES = {"digits": 1 * 8 * 8, "cifar10": 3 * 32 * 32, "cifar100": 3 * 32 * 32}
+
+
+def validate_attack(a: DictConfig, data_name: str = "digits") -> None:
     def one_of(key: str, value: str, allowed: tuple[str, ...]) -> None:
         _check(value in allowed, f"attack.{key}", f"unknown value '{value}' (choose from {', '.join(allowed)})")
 
-    _check(a.eps > 0, "attack.eps", f"must be > 0, got {a.eps}")
-    _check(a.eps_l2 > 0, "attack.eps_l2", f"must be > 0, got {a.eps_l2}")
+    _check(0 < a.eps < 1, "attack.eps", f"must be in (0, 1): an L-inf budget in [0, 1] pixel units "
+           f"(8/255 = 0.0314 is the paper's), got {a.eps}")
+    l2_max = INPUT_SIZES.get(data_name, 3 * 32 * 32) ** 0.5
+    _check(0 < a.eps_l2 < l2_max, "attack.eps_l2", f"must be in (0, {l2_max:.4g}) for {data_name} "
+           f"(the L2 diameter of its [0, 1] images), got {a.eps_l2}")
     _check(a.num_samples >= 1, "attack.num_samples", f"must be >= 1, got {a.num_samples}")
     _check(a.batch_size >= 1, "attack.batch_size", f"must be >= 1, got {a.batch_size}")
-    for name in a.surrogates:
-        one_of("surrogates", name, MODELS)
+    if a.surrogates is not None:
+        _check(len(a.surrogates) > 0, "attack.surrogates",
+               "must name at least one model, or be null for the dataset's default zoo")
+        for name in a.surrogates:
+            one_of("surrogates", name, MODELS)
     _check(a.surrogate_epochs >= 1, "attack.surrogate_epochs", f"must be >= 1, got {a.surrogate_epochs}")
+    _check(len(a.transfer_attacks) > 0, "attack.transfer_attacks",
+           f"must name at least one attack (from {', '.join(TRANSFER_ATTACKS)})")
+    _check(len(a.query_attacks) > 0, "attack.query_attacks",
+           f"must name at least one attack (from {', '.join(QUERY_ATTACKS)})")
     for name in a.transfer_attacks:
         one_of("transfer_attacks", name, TRANSFER_ATTACKS)
-    one_of("transfer", a.transfer, tuple(a.transfer_attacks) or TRANSFER_ATTACKS)
+    one_of("transfer", a.transfer, tuple(a.transfer_attacks))
     for name in a.query_attacks:
         one_of("query_attacks", name, QUERY_ATTACKS)
-    one_of("query", a.query, tuple(a.query_attacks) or QUERY_ATTACKS)
+    one_of("query", a.query, tuple(a.query_attacks))
     for name in a.whitebox:
         one_of("whitebox", name, WHITEBOX_ATTACKS)
     one_of("transfer_loss", a.transfer_loss, ATTACK_LOSSES)

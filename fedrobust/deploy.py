@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from .atomic import write_text
 from .config import ConfigError
 
 __all__ = ["make_certificates", "make_supernode_keys"]
@@ -163,9 +164,6 @@ def write_connection(name: str, address: str, ca: str | None, *, insecure: bool 
     from flwr.cli.constant import DEFAULT_FLOWER_CONFIG_TOML
     from flwr.supercore.utils import get_flwr_home
 
-    path = Path(get_flwr_home()) / "config.toml"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    doc = tomli.loads(path.read_text() if path.is_file() else DEFAULT_FLOWER_CONFIG_TOML)  # flwr's own default file
     entry: dict = {"address": address}
     if ca:
         entry["root-certificates"] = _need_file("--ca", ca)
@@ -173,8 +171,12 @@ def write_connection(name: str, address: str, ca: str | None, *, insecure: bool 
         entry["insecure"] = True
     else:
         raise ConfigError("--ca: required; pass --insecure for a SuperLink without TLS")
+    path = Path(get_flwr_home()) / "config.toml"
+    try:
+        doc = tomli.loads(path.read_text() if path.is_file() else DEFAULT_FLOWER_CONFIG_TOML)  # flwr's own default file
+    except (tomli.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not a readable TOML file ({exc}); fix or move it (nothing was changed)") from None
+    path.parent.mkdir(parents=True, exist_ok=True)
     doc.setdefault("superlink", {})[name] = entry
-    tmp = path.with_suffix(".toml.tmp")
-    tmp.write_text(tomli_w.dumps(doc))
-    tmp.replace(path)
+    write_text(path, tomli_w.dumps(doc))
     return path

@@ -22,6 +22,7 @@ import torch
 from omegaconf import DictConfig
 
 from .federation import collect_members, peers_of
+from .interrupt import as_interrupt
 from .node import MemberUpdate, train_node_round
 from .partition import num_nodes
 
@@ -123,6 +124,8 @@ def run_simulation(cfg: DictConfig, run_dir: Path, *, num_cpus: int | None = Non
             backend_config=backend_config(cfg, num_cpus),
         )
     except (Exception, SystemExit) as exc:  # flwr exits through sys.exit for some failures
+        if as_interrupt(exc) is not None:
+            raise  # SIGTERM, through the handler ray.init installs: the caller reports it
         if errors:
             raise errors[0] from None
         raise SimulationError(f"simulation runtime failed: {_root_cause(exc)}") from None

@@ -9,13 +9,16 @@ Layout::
       members/member_M.pt  state dicts (load with torch.load(..., weights_only=True))
       tensorboard/         events: per-node train/val loss and accuracy, ensemble accuracy
       results.json         ensemble and per-member metrics
+      INCOMPLETE           only while training runs, or after it was interrupted or failed
+
+Files are written whole or not at all (:mod:`fedrobust.atomic`).
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import json
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -23,13 +26,14 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from .config import ConfigError
+from .atomic import atomic_open, save_torch, write_json, write_text
 from .data import ImageDataset, load_dataset
 from .ensemble import LogitAverageEnsemble
 from .node import MemberUpdate, build_member
 from .partition import class_counts_table
 from .training import evaluate_model, resolve_device
 
-__all__ = ["finalize_run", "load_ensemble", "prepare_run_dir", "setup_logging"]
+__all__ = ["CheckpointError", "finalize_run", "load_ensemble", "load_member", "prepare_run_dir", "setup_logging"]
 
 log = logging.getLogger("fedrobust")
 
@@ -44,12 +48,43 @@ def _default_run_dir() -> Path:
     return path
 
 
+INCOMPLETE = "INCOMPLETE"
+
+
 def check_run_dir(run_dir: str | None) -> Path:
-    """The run directory to create; an existing non-empty one is refused, never overwritten."""
+    """The run directory to create; an existing non-empty one is refused, never overwritten.
+
+    An interrupted or failed training leaves its directory marked ``INCOMPLETE``;
+    training does not resume it (a new run_dir starts afresh; see the README).
+    """
     path = Path(run_dir).expanduser() if run_dir else _default_run_dir()
-    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+    if (path / INCOMPLETE).is_file():
+        raise ConfigError(f"run_dir: {path} holds an interrupted or failed training run (marked {INCOMPLETE}); "
+                          "training does not resume: delete it or choose another run_dir")
+    check_output_dir(path, "run_dir")
+    if path.is_dir() and any(path.iterdir()):
         raise ConfigError(f"run_dir: {path} already exists and is not empty; choose another path")
     return path
+
+
+def check_output_dir(path: str | Path, key: str) -> Path:
+    """Refuse a directory to write to that is a file, or whose nearest existing parent cannot be written."""
+    path = Path(path).expanduser()
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{key}: {path} is a file, not a directory; choose another path")
+    parent = next((p for p in [path, *path.absolute().parents] if p.exists()), Path("/"))
+    if not parent.is_dir():
+        raise ConfigError(f"{key}: {parent} is a file, so {path} cannot be created; choose another path")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"{key}: {parent} is not writable, so {path} cannot be created; choose another path")
+    return path
+
+
+def check_complete(run_dir: Path) -> None:
+    """Refuse a run directory whose training did not finish."""
+    if (run_dir / INCOMPLETE).is_file():
+        raise ConfigError(f"run_dir: {run_dir} holds an interrupted or failed training run (marked {INCOMPLETE}); "
+                          "train it again in a new run_dir")
 
 
 def preflight(cfg: DictConfig) -> None:
@@ -89,28 +124,66 @@ def setup_logging(run_dir: Path | None = None, filename: str = "train.log") -> N
 def prepare_run_dir(cfg: DictConfig, run_dir: str | None) -> Path:
     """Create the run directory, write the resolved config, start the log."""
     path = check_run_dir(run_dir)
-    path.mkdir(parents=True, exist_ok=True)
-    (path / "members").mkdir(exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        write_text(path / INCOMPLETE, "training has not finished (or was interrupted); finalize_run removes this file\n")
+        (path / "members").mkdir(exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"run_dir: cannot create {path} ({exc.strerror or exc})") from None
     cfg.run_dir = str(path)
-    (path / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    write_text(path / "config.yaml", OmegaConf.to_yaml(cfg))
     setup_logging(path)
     log.info("run directory: %s", path)
     return path
 
 
+class CheckpointError(ConfigError):
+    """A member checkpoint that is not one (corrupt, a pickled object, or weights of another model)."""
+
+
+def load_member(path: Path, model: torch.nn.Module) -> torch.nn.Module:
+    """Load the member checkpoint at ``path`` into ``model``: plain tensors only, checked against the model."""
+    from .ensemble import InvalidUpdateError, validate_member_weights
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch's own message advises weights_only=False: never pass it on
+        raise CheckpointError(f"{path}: not a valid member checkpoint (it does not load as plain tensors: "
+                              f"{type(exc).__name__}); replace it with a file written by fedrobust train") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path}: not a valid member checkpoint (it holds a {type(state).__name__}, "
+                              "not a state dict of tensors)")
+    try:
+        weights = validate_member_weights(state, model.state_dict(), str(path))
+    except InvalidUpdateError as exc:
+        raise CheckpointError(str(exc).replace("rejected update", "not a valid member checkpoint", 1)) from None
+    model.load_state_dict(weights)
+    return model
+
+
 def load_ensemble(
     run_dir: str | Path, device: torch.device | str = "cpu", cfg: DictConfig | None = None
 ) -> LogitAverageEnsemble:
-    """Rebuild a run's ensemble from its member checkpoints (and its config, unless ``cfg`` is given)."""
+    """Rebuild a run's ensemble from its member checkpoints (and its config, unless ``cfg`` is given).
+
+    A checkpoint that is not a valid member raises :class:`CheckpointError`, naming the file.
+    """
     run_dir = Path(run_dir)
     cfg = cfg if cfg is not None else OmegaConf.load(run_dir / "config.yaml")
     data = load_dataset(cfg.data.name, cfg.data.root)
-    members = []
-    for path in sorted((run_dir / "members").glob("member_*.pt"), key=lambda p: int(p.stem.split("_")[1])):
-        model = build_member(cfg, data)
-        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-        members.append(model)
+    members = [load_member(path, build_member(cfg, data)) for path in member_files(run_dir)]
     return LogitAverageEnsemble(members).to(device)
+
+
+def member_files(run_dir: Path) -> list[Path]:
+    """``members/member_M.pt`` in member order."""
+    def number(p: Path) -> int:
+        try:
+            return int(p.stem.split("_")[1])
+        except ValueError:
+            raise CheckpointError(f"{p}: not a member checkpoint name (expected member_<number>.pt)") from None
+
+    return sorted((Path(run_dir) / "members").glob("member_*.pt"), key=number)
 
 
 def _write_tensorboard(run_dir: Path, cfg: DictConfig, members: list[MemberUpdate], results: dict, table: str) -> None:
@@ -158,7 +231,7 @@ def finalize_run(cfg: DictConfig, run_dir: Path, members: list[MemberUpdate], *,
     counts = {u.node: u.class_counts for u in members}
     table = class_counts_table(counts, "training samples per class and node")
     log.info("\n%s", table)
-    with open(run_dir / "partition.csv", "w") as f:
+    with atomic_open(run_dir / "partition.csv", "w") as f:
         f.write("node," + ",".join(f"class_{c}" for c in range(data.num_classes)) + ",total\n")
         for node, row in sorted(counts.items()):
             f.write(f"{node}," + ",".join(map(str, row)) + f",{sum(row)}\n")
@@ -166,7 +239,7 @@ def finalize_run(cfg: DictConfig, run_dir: Path, members: list[MemberUpdate], *,
     models = []
     member_rows = []
     for u in members:
-        torch.save(u.weights, run_dir / "members" / f"member_{u.member}.pt")
+        save_torch(u.weights, run_dir / "members" / f"member_{u.member}.pt")
         model = build_member(cfg, data)
         model.load_state_dict(u.weights)
         model.to(device).eval()
@@ -203,8 +276,9 @@ def finalize_run(cfg: DictConfig, run_dir: Path, members: list[MemberUpdate], *,
         results["warnings"] = [f"the ensemble lacks member(s) {missing['members']} of node(s) {missing['nodes']}: "
                                + "; ".join(missing["events"])]
         log.warning("%s", results["warnings"][0])
-    (run_dir / "results.json").write_text(json.dumps(results, indent=2))
+    write_json(run_dir / "results.json", results)
     _write_tensorboard(run_dir, cfg, members, results, table)
+    (run_dir / INCOMPLETE).unlink(missing_ok=True)  # the run is whole from here on
     log.info("ensemble of %d member(s): clean accuracy %.4f (finalised in %.1fs)", len(models), ens_acc, time.perf_counter() - t0)
     log.info("\n%s", _summary(results))
     return results

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from fedrobust.interrupt import guarded
 from fedrobust.run import setup_logging
 from fedrobust.tuning.sweep import SWEEP_DEFAULTS, Cell, run_sweep, split_overrides
 
@@ -58,4 +59,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(guarded(main, "the sweep directory is kept (finished cells in cells.csv); run the same command to resume", prog="ablations"))

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -24,6 +25,7 @@ from fedrobust.cli import main as fedrobust
 from fedrobust.data import load_dataset, to_float
 from fedrobust.evaluation import PGD
 from fedrobust.evaluation.metrics import transferability
+from fedrobust.interrupt import guarded
 from fedrobust.run import load_ensemble
 
 EPS = (4 / 255, 8 / 255, 16 / 255, 0.1)
@@ -68,4 +70,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(guarded(lambda: main() or 0, "finished runs are kept in their run directories", prog="edlcm_tsr"))

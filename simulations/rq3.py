@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from fedrobust.config import load_config
+from fedrobust.interrupt import guarded
 from fedrobust.run import preflight, setup_logging
 from fedrobust.tuning import run_study
 from fedrobust.tuning.report import report
@@ -45,4 +46,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(guarded(main, "the studies are kept (completed trials in each trials.csv); run the same command to resume", prog="rq3"))

@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from ..atomic import save_torch, write_json
+
 __all__ = ["cache_root", "content_key", "load_tensors", "save_tensors", "tensor_fingerprint"]
 
 
@@ -40,13 +42,9 @@ def tensor_fingerprint(*tensors: torch.Tensor) -> str:
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any] | None = None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + f".tmp{os.getpid()}")
-    torch.save({k: v.detach().cpu() for k, v in tensors.items()}, tmp)
-    os.replace(tmp, path)
+    save_torch({k: v.detach().cpu() for k, v in tensors.items()}, path)
     if meta is not None:
-        meta_tmp = path.with_suffix(".json.tmp")
-        meta_tmp.write_text(json.dumps(meta, indent=2, default=str))
-        os.replace(meta_tmp, path.with_suffix(".json"))
+        write_json(path.with_suffix(".json"), meta, default=str)
 
 
 def load_tensors(path: Path) -> dict[str, torch.Tensor] | None:

@@ -5,10 +5,18 @@ and each member) and to TensorBoard. Every target sees the same evaluation
 sample (``attack.num_samples`` test images drawn with ``attack.sample_seed``,
 saved by index in ``eval_sample.json``). Surrogates and transfer examples
 come from the content-addressed cache when they exist.
+
+The evaluation runs as stages (:func:`evaluation_stages`). Each finished
+stage's results are kept in ``RUN_DIR/evaluation.partial.json``, under a key
+of the member checkpoints, the attack settings and the sample, so an
+evaluation that was interrupted resumes at the next stage when run again
+with the same settings. ``results.json`` is replaced atomically, once, at the
+end; its training part is never lost.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -18,9 +26,11 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from ..atomic import write_json
+from ..config import ConfigError
 from ..data import ImageDataset, load_dataset, to_float
 from ..progress import interactive, progress as progress_bar
-from ..run import load_ensemble
+from ..run import check_complete, load_ensemble, member_files
 from ..training import resolve_device
 from .cache import cache_root, content_key, load_tensors, save_tensors
 from .gradient import CWA, MIFGSM, PGD, build_gradient_attack
@@ -29,7 +39,7 @@ from .smoothness import gradient_cosine, hessian_lambda_max
 from .square import SquareAttack
 from .surrogates import load_or_train_zoo, zoo_cache_path
 
-__all__ = ["evaluate_run", "evaluation_sample", "prepare_transfer_artefacts"]
+__all__ = ["evaluate_run", "evaluation_sample", "evaluation_stages", "prepare_transfer_artefacts", "read_results"]
 
 log = logging.getLogger("fedrobust")
 
@@ -95,116 +105,235 @@ def _summary(values: torch.Tensor) -> dict:
     return {"mean": float(v.mean()), "p10": q[0], "median": q[1], "p90": q[2], "n": len(v)}
 
 
+# ---------------------------------------------------------------------------
+# Stages. Each takes the evaluation context and returns its own part of the
+# results, as JSON: ``attacks`` (entries of results.json's ensemble.attacks),
+# ``members`` (attack name -> robust accuracy per member), ``ensemble`` (other
+# ensemble entries), ``evaluation`` and ``cache_hits`` (bookkeeping), and
+# ``histograms`` (values for TensorBoard). A finished stage's part is kept in
+# ``evaluation.partial.json`` at once, so an interrupted evaluation resumes at
+# the next stage.
+# ---------------------------------------------------------------------------
+
+PARTIAL = "evaluation.partial.json"
+
+
+class _Context:
+    """What the stages read: config, data, target, sample; the zoo is loaded (or trained) once, on first use."""
+
+    def __init__(self, cfg: DictConfig, data: ImageDataset, device: torch.device, target, idx: np.ndarray) -> None:
+        self.cfg, self.a, self.data, self.device, self.target, self.idx = cfg, cfg.attack, data, device, target, idx
+        self.members = list(target.members)
+        self.x = to_float(data.x_test[idx]).to(device)
+        self.y = data.y_test[idx].to(device)
+        self._zoo = None
+
+    def zoo(self):
+        if self._zoo is None:
+            self._zoo = load_or_train_zoo(self.cfg, self.data, self.device)
+        return self._zoo
+
+
+def _stage_surrogates(ctx: _Context, _name: str) -> dict:
+    zoo, key, hit = ctx.zoo()
+    return {"evaluation": {"surrogate_zoo": key, "surrogate_clean_accuracy": accuracy(zoo, ctx.x, ctx.y)},
+            "cache_hits": {"surrogates": hit}}
+
+
+def _stage_transfer(ctx: _Context, name: str) -> dict:
+    a, (zoo, zoo_key, _) = ctx.a, ctx.zoo()
+    x_adv, hit = _transfer_examples(name, zoo, zoo_key, ctx.x, ctx.y, ctx.idx, ctx.cfg)
+    if hit:
+        log.info("transfer %s: reused cached adversarial examples", name)
+    ra = accuracy(ctx.target, x_adv, ctx.y)
+    entry = {"kind": "transfer", "robust_accuracy": ra, "asr": 1 - ra, "eps": a.eps, "norm": "linf",
+             "steps": a.transfer_steps, "loss": a.transfer_loss, "surrogates": len(zoo.members),
+             "surrogate_accuracy": accuracy(zoo, x_adv, ctx.y), "cached": hit}
+    return {"attacks": {f"transfer_{name}": entry},
+            "members": {f"transfer_{name}": [accuracy(m, x_adv, ctx.y) for m in ctx.members]},
+            "cache_hits": {"transfer": {name: hit}}}
+
+
+def _stage_query(ctx: _Context, name: str) -> dict:
+    a, x, y = ctx.a, ctx.x, ctx.y
+    norm = name.split("_")[1]
+    eps = a.eps if norm == "linf" else a.eps_l2
+    attack = SquareAttack(ctx.target, eps, norm, a.queries, a.p_init, a.square_loss, seed=a.seed)
+    parts = [attack.run(x[i : i + a.batch_size], y[i : i + a.batch_size], progress=ctx.cfg.train.progress)
+             for i in range(0, len(x), a.batch_size)]
+    x_adv, queries = torch.cat([r.x_adv for r in parts]), torch.cat([r.queries for r in parts])
+    fooled = predict(ctx.target, x_adv) != y
+    ra = 1.0 - float(fooled.float().mean())
+    entry = {"kind": "query", "robust_accuracy": ra, "asr": 1 - ra, "eps": eps, "norm": norm,
+             "queries": a.queries, "loss": a.square_loss, "p_init": a.p_init,
+             "queries_used": {"mean": float(queries.float().mean()), "median": float(queries.float().median()),
+                              "mean_successful": float(queries[fooled].float().mean()) if fooled.any() else None,
+                              "max": int(queries.max())}}
+    part = {"attacks": {f"query_{name}": entry}}
+    if a.per_member and name == a.query:
+        ras = []
+        for model in ctx.members:
+            sq = SquareAttack(model, eps, norm, a.queries, a.p_init, a.square_loss, seed=a.seed)
+            ras.append(accuracy(model, _batched(sq, x, y, a.batch_size), y))
+        part["members"] = {f"query_{name}": ras}
+    return part
+
+
+def _stage_whitebox(ctx: _Context, name: str) -> dict:
+    a = ctx.a
+    steps = a.apgd_steps if name == "apgd" else a.whitebox_steps
+    attack = build_gradient_attack(name, ctx.target, a.eps, steps, a.whitebox_loss, seed=a.seed)
+    ra = accuracy(ctx.target, _batched(attack, ctx.x, ctx.y, a.batch_size), ctx.y)
+    return {"attacks": {f"whitebox_{name}": {"kind": "whitebox", "robust_accuracy": ra, "asr": 1 - ra, "eps": a.eps,
+                                             "norm": "linf", "steps": 1 if name == "fgsm" else steps,
+                                             "loss": a.whitebox_loss}}}
+
+
+def _stage_tsr(ctx: _Context, _name: str) -> dict:
+    a = ctx.a
+    tsr, matrix = transferability(
+        ctx.members, ctx.x, ctx.y,
+        lambda src: (lambda xb, yb: _batched(PGD(src, a.eps, a.tsr_steps, seed=a.seed), xb, yb, a.batch_size)))
+    return {"ensemble": {"tsr": {"value": tsr, "matrix": matrix, "attack": "pgd", "steps": a.tsr_steps, "eps": a.eps}}}
+
+
+def _stage_smoothness(ctx: _Context, _name: str) -> dict:
+    a, (zoo, _, _) = ctx.a, ctx.zoo()
+    n = min(a.hessian_samples, len(ctx.x))
+    x, y = ctx.x[:n], ctx.y[:n]
+    lam_t = hessian_lambda_max(ctx.target, x, y, a.power_iters, generator=torch.Generator().manual_seed(a.seed))
+    lam_s = hessian_lambda_max(zoo, x, y, a.power_iters, generator=torch.Generator().manual_seed(a.seed))
+    cos = gradient_cosine(zoo, ctx.target, x, y)
+    smooth = {"lambda_max": _summary(lam_t), "lambda_max_surrogates": _summary(lam_s),
+              "grad_cosine_surrogate_target": _summary(cos), "power_iters": a.power_iters}
+    return {"ensemble": {"smoothness": smooth},
+            "histograms": {"smoothness/lambda_max": lam_t.cpu().tolist(), "smoothness/grad_cosine": cos.cpu().tolist()}}
+
+
+_STAGES = {"surrogates": _stage_surrogates, "transfer": _stage_transfer, "query": _stage_query,
+           "whitebox": _stage_whitebox, "tsr": _stage_tsr, "smoothness": _stage_smoothness}
+
+
+def evaluation_stages(a: DictConfig, num_members: int) -> list[str]:
+    """The stages an evaluation runs, in order."""
+    return ["surrogates", *(f"transfer:{n}" for n in a.transfer_attacks), *(f"query:{n}" for n in a.query_attacks),
+            *(f"whitebox:{n}" for n in a.whitebox)] + (["tsr"] if a.tsr and num_members > 1 else []) + (
+            ["smoothness"] if a.hessian_samples > 0 else [])
+
+
+def _evaluation_key(run_dir: Path, cfg: DictConfig, idx: np.ndarray) -> str:
+    """What an evaluation's results depend on: the members' bytes, the attack settings, the sample."""
+    h = hashlib.sha256()
+    for path in member_files(run_dir):
+        h.update(path.name.encode())
+        h.update(path.read_bytes())
+    attack = {k: v for k, v in OmegaConf.to_container(cfg.attack, resolve=True).items() if k != "cache_dir"}
+    return content_key({"members": h.hexdigest(), "attack": attack, "data": cfg.data.name, "indices": idx.tolist(),
+                        "version": 1})
+
+
+def _load_partial(path: Path, key: str) -> dict[str, dict]:
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(doc, dict) or doc.get("key") != key or not isinstance(doc.get("stages"), dict):
+        return {}  # another evaluation's stages (other members or settings): start afresh
+    return doc["stages"]
+
+
+def read_results(run_dir: Path) -> dict:
+    """A run's ``results.json``; a missing or unreadable one raises :class:`ConfigError`."""
+    path = Path(run_dir) / "results.json"
+    try:
+        results = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"run_dir: {path} is missing; the run's training did not finish") from None
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise ConfigError(f"run_dir: {path} is not readable JSON ({type(exc).__name__}); the file is damaged, "
+                          "train the run again") from None
+    if not isinstance(results, dict) or not isinstance(results.get("ensemble"), dict):
+        raise ConfigError(f"run_dir: {path} is not a results file of fedrobust train (no 'ensemble' object)")
+    return results
+
+
 def evaluate_run(run_dir: str | Path, cfg: DictConfig, data: ImageDataset | None = None) -> dict:
-    """Attack the run's ensemble; update ``results.json`` and TensorBoard; return the evaluation."""
+    """Attack the run's ensemble; update ``results.json`` and TensorBoard; return the results.
+
+    Stages that an interrupted evaluation of the same members and settings
+    finished are reused (``evaluation.partial.json``). ``results.json`` is
+    replaced atomically once, at the end, and keeps its training part.
+    """
     run_dir = Path(run_dir)
     t_start = time.perf_counter()
     a = cfg.attack
+    check_complete(run_dir)
+    results = read_results(run_dir)
     device = resolve_device(cfg.train.device)
     data = data or load_dataset(cfg.data.name, cfg.data.root)
     target = load_ensemble(run_dir, device, cfg)
-    members = list(target.members)
     idx = evaluation_sample(len(data.y_test), a.num_samples, a.sample_seed)
-    (run_dir / "eval_sample.json").write_text(json.dumps({"seed": a.sample_seed, "indices": idx.tolist()}))
-    x = to_float(data.x_test[idx]).to(device)
-    y = data.y_test[idx].to(device)
-    log.info("evaluation: %d test images (seed %d), eps %.4f, %d member(s)", len(idx), a.sample_seed, a.eps, len(members))
+    write_json(run_dir / "eval_sample.json", {"seed": a.sample_seed, "indices": idx.tolist()})
+    ctx = _Context(cfg, data, device, target, idx)
+    log.info("evaluation: %d test images (seed %d), eps %.4f, %d member(s)", len(idx), a.sample_seed, a.eps,
+             len(ctx.members))
 
-    attacks: dict[str, dict] = {}
-    member_ra: list[dict[str, float]] = [{} for _ in members]
-    timings: dict[str, float] = {}
-    stages = ["surrogates", *(f"transfer:{n}" for n in a.transfer_attacks), *(f"query:{n}" for n in a.query_attacks),
-              *(f"whitebox:{n}" for n in a.whitebox)] + (["tsr"] if a.tsr and len(members) > 1 else []) + (
-              ["smoothness"] if a.hessian_samples > 0 else [])
+    key = _evaluation_key(run_dir, cfg, idx)
+    partial_path = run_dir / PARTIAL
+    done = _load_partial(partial_path, key)
+    stages = evaluation_stages(a, len(ctx.members))
+    reused = [s for s in stages if s in done]
+    if reused:
+        log.info("evaluation: resuming; %d finished stage(s) reused from %s: %s", len(reused), PARTIAL, ", ".join(reused))
     bar = progress_bar(stages, desc="evaluate", enabled=cfg.train.progress)
-    zoo = zoo_key = None
-    surrogate_acc = 0.0
-    tsr_entry: dict | None = None
-    smooth: dict | None = None
-    lambda_values = cosine_values = None
-    cache_hits = {"surrogates": False, "transfer": {}}
     for stage in bar:
+        if stage in done:
+            log.info("%s: reused from the interrupted evaluation (%.1fs then)", stage, done[stage]["seconds"])
+            continue
         bar.set_postfix_str(stage, refresh=interactive())
         t0 = time.perf_counter()
         kind, _, name = stage.partition(":")
-        if kind == "surrogates":
-            zoo, zoo_key, cache_hits["surrogates"] = load_or_train_zoo(cfg, data, device)
-            surrogate_acc = accuracy(zoo, x, y)
-        elif kind == "transfer":
-            x_adv, hit = _transfer_examples(name, zoo, zoo_key, x, y, idx, cfg)
-            cache_hits["transfer"][name] = hit
-            if hit:
-                log.info("transfer %s: reused cached adversarial examples", name)
-            ra = accuracy(target, x_adv, y)
-            attacks[f"transfer_{name}"] = {"kind": "transfer", "robust_accuracy": ra, "asr": 1 - ra, "eps": a.eps, "norm": "linf",
-                             "steps": a.transfer_steps, "loss": a.transfer_loss, "surrogates": len(zoo.members),
-                             "surrogate_accuracy": accuracy(zoo, x_adv, y), "cached": hit}
-            for m, model in enumerate(members):
-                member_ra[m][f"transfer_{name}"] = accuracy(model, x_adv, y)
-        elif kind == "query":
-            norm = name.split("_")[1]
-            eps = a.eps if norm == "linf" else a.eps_l2
-            attack = SquareAttack(target, eps, norm, a.queries, a.p_init, a.square_loss, seed=a.seed)
-            x_adv_parts, q_parts = [], []
-            for i in range(0, len(x), a.batch_size):
-                res = attack.run(x[i : i + a.batch_size], y[i : i + a.batch_size], progress=cfg.train.progress)
-                x_adv_parts.append(res.x_adv)
-                q_parts.append(res.queries)
-            x_adv, queries = torch.cat(x_adv_parts), torch.cat(q_parts)
-            fooled = predict(target, x_adv) != y
-            ra = 1.0 - float(fooled.float().mean())
-            attacks[f"query_{name}"] = {"kind": "query", "robust_accuracy": ra, "asr": 1 - ra, "eps": eps, "norm": norm,
-                             "queries": a.queries, "loss": a.square_loss, "p_init": a.p_init,
-                             "queries_used": {"mean": float(queries.float().mean()), "median": float(queries.float().median()),
-                                              "mean_successful": float(queries[fooled].float().mean()) if fooled.any() else None,
-                                              "max": int(queries.max())}}
-            if a.per_member and name == a.query:
-                for m, model in enumerate(members):
-                    sq = SquareAttack(model, eps, norm, a.queries, a.p_init, a.square_loss, seed=a.seed)
-                    member_ra[m][f"query_{name}"] = accuracy(model, _batched(sq, x, y, a.batch_size), y)
-        elif kind == "whitebox":
-            steps = a.apgd_steps if name == "apgd" else a.whitebox_steps
-            attack = build_gradient_attack(name, target, a.eps, steps, a.whitebox_loss, seed=a.seed)
-            ra = accuracy(target, _batched(attack, x, y, a.batch_size), y)
-            attacks[f"whitebox_{name}"] = {"kind": "whitebox", "robust_accuracy": ra, "asr": 1 - ra, "eps": a.eps, "norm": "linf",
-                             "steps": 1 if name == "fgsm" else steps, "loss": a.whitebox_loss}
-        elif kind == "tsr":
-            tsr, matrix = transferability(
-                members, x, y, lambda src: (lambda xb, yb: _batched(PGD(src, a.eps, a.tsr_steps, seed=a.seed), xb, yb, a.batch_size)))
-            tsr_entry = {"value": tsr, "matrix": matrix, "attack": "pgd", "steps": a.tsr_steps, "eps": a.eps}
-        elif kind == "smoothness":
-            n = min(a.hessian_samples, len(x))
-            gen = torch.Generator().manual_seed(a.seed)
-            lam_t = hessian_lambda_max(target, x[:n], y[:n], a.power_iters, generator=gen)
-            lam_s = hessian_lambda_max(zoo, x[:n], y[:n], a.power_iters, generator=torch.Generator().manual_seed(a.seed))
-            cos = gradient_cosine(zoo, target, x[:n], y[:n])
-            smooth = {"lambda_max": _summary(lam_t), "lambda_max_surrogates": _summary(lam_s),
-                      "grad_cosine_surrogate_target": _summary(cos), "power_iters": a.power_iters}
-            lambda_values, cosine_values = lam_t, cos
-        timings[stage] = round(time.perf_counter() - t0, 3)
-        log.info("%s done in %.1fs", stage, timings[stage])
+        part = _STAGES[kind](ctx, name)
+        done[stage] = {"part": part, "seconds": round(time.perf_counter() - t0, 3)}
+        write_json(partial_path, {"key": key, "stages": done})
+        log.info("%s done in %.1fs", stage, done[stage]["seconds"])
     bar.close()
 
+    attacks: dict[str, dict] = {}
+    member_ra: list[dict[str, float]] = [{} for _ in ctx.members]
+    ensemble_extra: dict = {}
+    evaluation_extra: dict = {}
+    cache_hits: dict = {"surrogates": False, "transfer": {}}
+    histograms: dict[str, list[float]] = {}
+    for stage in stages:
+        part = done[stage]["part"]
+        attacks |= part.get("attacks", {})
+        for attack, ras in part.get("members", {}).items():
+            for m, ra in enumerate(ras):
+                member_ra[m][attack] = ra
+        ensemble_extra |= part.get("ensemble", {})
+        evaluation_extra |= part.get("evaluation", {})
+        hits = part.get("cache_hits", {})
+        cache_hits["surrogates"] = hits.get("surrogates", cache_hits["surrogates"])
+        cache_hits["transfer"] |= hits.get("transfer", {})
+        histograms |= part.get("histograms", {})
+
     ensemble = {
-        "clean_accuracy_sample": accuracy(target, x, y),
+        "clean_accuracy_sample": accuracy(target, ctx.x, ctx.y),
         "robust_accuracy": {
             "transfer": attacks[f"transfer_{a.transfer}"]["robust_accuracy"],
             "query": attacks[f"query_{a.query}"]["robust_accuracy"],
         },
         "attacks": attacks,
+        **ensemble_extra,
     }
-    if tsr_entry is not None:
-        ensemble["tsr"] = tsr_entry
-    if smooth is not None:
-        ensemble["smoothness"] = smooth
     evaluation = {
         "num_samples": len(idx), "sample_seed": a.sample_seed, "eps": a.eps, "primary_transfer": a.transfer,
-        "primary_query": a.query, "surrogates": list(cfg.attack.surrogates) or None, "surrogate_zoo": zoo_key,
-        "surrogate_clean_accuracy": surrogate_acc, "cache_hits": cache_hits,
-        "seconds": timings, "total_seconds": round(time.perf_counter() - t_start, 2),
+        "primary_query": a.query, "surrogates": list(a.surrogates) if a.surrogates is not None else None,
+        **evaluation_extra, "cache_hits": cache_hits,
+        "seconds": {s: done[s]["seconds"] for s in stages}, "resumed_stages": reused,
+        "total_seconds": round(time.perf_counter() - t_start, 2),
     }
-    results_path = run_dir / "results.json"
-    results = json.loads(results_path.read_text()) if results_path.is_file() else {"ensemble": {}, "members": []}
     results["ensemble"].update(ensemble)
     by_member = {m["member"]: m for m in results.get("members", [])}
     for m, ras in enumerate(member_ra):
@@ -212,13 +341,22 @@ def evaluate_run(run_dir: str | Path, cfg: DictConfig, data: ImageDataset | None
     results["members"] = [by_member[k] for k in sorted(by_member)]
     results["evaluation"] = evaluation
     results["attack_config"] = OmegaConf.to_container(cfg.attack, resolve=True)
-    results_path.write_text(json.dumps(results, indent=2))
-    _tensorboard(run_dir, ensemble, member_ra, lambda_values, cosine_values)
+    write_json(run_dir / "results.json", results)
+    partial_path.unlink(missing_ok=True)
+    _tensorboard(run_dir, ensemble, member_ra, histograms)
     log.info("evaluation: RA_T (%s) %.4f, RA_Q (%s) %.4f, clean %.4f on the sample; %.1fs",
              a.transfer, ensemble["robust_accuracy"]["transfer"], a.query, ensemble["robust_accuracy"]["query"],
              ensemble["clean_accuracy_sample"], evaluation["total_seconds"])
     log.info("\n%s", _table(ensemble, member_ra))
+    log.info("\n%s", _timing_table(evaluation["seconds"], reused))
     return results
+
+
+def _timing_table(seconds: dict[str, float], reused: list[str]) -> str:
+    width = max(len(s) for s in seconds)
+    lines = ["seconds per evaluation stage:"]
+    lines += [f"  {s.ljust(width)}  {t:7.1f}" + ("  (reused)" if s in reused else "") for s, t in seconds.items()]
+    return "\n".join(lines)
 
 
 def _table(ensemble: dict, member_ra: list[dict[str, float]]) -> str:
@@ -241,7 +379,7 @@ def _table(ensemble: dict, member_ra: list[dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
-def _tensorboard(run_dir: Path, ensemble: dict, member_ra: list[dict[str, float]], lambda_values, cosine_values) -> None:
+def _tensorboard(run_dir: Path, ensemble: dict, member_ra: list[dict[str, float]], histograms: dict[str, list[float]]) -> None:
     from torch.utils.tensorboard import SummaryWriter
 
     with SummaryWriter(str(run_dir / "tensorboard")) as tb:
@@ -259,7 +397,7 @@ def _tensorboard(run_dir: Path, ensemble: dict, member_ra: list[dict[str, float]
             tb.add_scalar("tsr/members_pgd", ensemble["tsr"]["value"], 0)
         if "smoothness" in ensemble:
             smooth = ensemble["smoothness"]
-            tb.add_histogram("smoothness/lambda_max", lambda_values.cpu(), 0)
-            tb.add_histogram("smoothness/grad_cosine", cosine_values.cpu(), 0)
+            for tag, values in histograms.items():
+                tb.add_histogram(tag, torch.tensor(values), 0)
             tb.add_scalar("smoothness/lambda_max_median", smooth["lambda_max"]["median"], 0)
             tb.add_scalar("smoothness/grad_cosine_mean", smooth["grad_cosine_surrogate_target"]["mean"], 0)

@@ -7,6 +7,13 @@ hyperparameters of the schema (SGD lr 0.1, momentum 0.9, wd 5e-4, batch 128,
 cosine over ``attack.surrogate_epochs``), whatever the target run used: the
 attacker's models do not depend on the defender's choices.
 
+The digits zoo is made of models sized for 8x8 images (a small CNN, a
+ResNet-8, a VGG-7 and an MLP: four families, several depths and widths), so
+it trains in seconds; CIFAR-sized ResNet-18 and VGG-16 cost minutes on 8x8
+inputs and transferred no better (CWA at eps 0.1 on the demo ensemble: 0.817
+against 0.833). The CIFAR zoo is the papers' (ResNet-18/34, VGG-16,
+MobileNetV2).
+
 The zoo is cached by content (dataset fingerprint, architectures, settings,
 seeds), so a second evaluation on the same data trains nothing.
 """
@@ -37,14 +44,15 @@ __all__ = ["DEFAULT_ZOOS", "default_surrogates", "load_or_train_zoo", "zoo_cache
 log = logging.getLogger("fedrobust")
 
 DEFAULT_ZOOS = {
-    "digits": ["cnn", "resnet18", "vgg16"],
+    # four families, depths 3 to 8, widths 16 to 256, all sized for 8x8 inputs: about 16 s to train on 2 cores
+    "digits": ["cnn", "resnet8", "vgg7", "mlp"],
     "cifar10": ["resnet18", "resnet34", "vgg16", "mobilenetv2"],
     "cifar100": ["resnet18", "resnet34", "vgg16", "mobilenetv2"],
 }
 
 
 def default_surrogates(cfg: DictConfig) -> list[str]:
-    return list(cfg.attack.surrogates) or DEFAULT_ZOOS[cfg.data.name]
+    return list(cfg.attack.surrogates) if cfg.attack.surrogates is not None else DEFAULT_ZOOS[cfg.data.name]
 
 
 def _settings(cfg: DictConfig) -> TrainSettings:

@@ -14,9 +14,10 @@ import torch
 from torch import nn
 
 from .cnn import SmallCNN
+from .mlp import MLP
 from .mobilenet import MobileNetV2
-from .resnet import resnet18, resnet34
-from .vgg import vgg16_bn
+from .resnet import resnet8, resnet18, resnet34
+from .vgg import vgg7_bn, vgg16_bn
 
 __all__ = ["MODEL_BUILDERS", "Normalize", "build_model"]
 
@@ -39,6 +40,10 @@ MODEL_BUILDERS: dict[str, Callable[[int, int], nn.Module]] = {
     "resnet34": resnet34,
     "mobilenetv2": MobileNetV2,
     "vgg16": vgg16_bn,
+    # small models for 8x8 inputs: the digits surrogate zoo
+    "resnet8": resnet8,
+    "vgg7": vgg7_bn,
+    "mlp": MLP,
 }
 
 

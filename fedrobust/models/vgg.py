@@ -1,8 +1,12 @@
-"""VGG-16 with batch norm (Simonyan & Zisserman 2015), CIFAR head: one linear layer after global pooling."""
+"""VGG with batch norm (Simonyan & Zisserman 2015), CIFAR head: one linear layer after global pooling.
+
+VGG-16, and a VGG-7 (six convolutions, widths 32-128) for 8x8 digits.
+"""
 
 from torch import nn
 
 _VGG16 = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]
+_VGG7 = [32, 32, "M", 64, 64, "M", 128, 128, "M"]  # six convolutions and the linear head, for 8x8 inputs
 
 
 class VGG(nn.Module):
@@ -25,3 +29,7 @@ class VGG(nn.Module):
 
 def vgg16_bn(in_channels: int, num_classes: int) -> VGG:
     return VGG(_VGG16, in_channels, num_classes)
+
+
+def vgg7_bn(in_channels: int, num_classes: int) -> VGG:
+    return VGG(_VGG7, in_channels, num_classes)

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import csv
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ..atomic import atomic_open, save_figure, write_json, write_text
 from .space import SHORT_NAMES
 
 __all__ = ["pareto_front", "write_trials_csv", "write_pareto", "write_recommended", "plot_front", "read_trials_csv"]
@@ -36,13 +36,11 @@ def _fmt(v: Any) -> Any:
 def write_trials_csv(path: Path, rows: list[dict[str, Any]], param_names: list[str]) -> None:
     cols = ["number", "state", *param_names, "ca", "val_accuracy", "ra_t", "ra_q", "feasible", "best_epoch",
             "duration_s", "requeued_from", "node", "run_dir"]
-    tmp = path.with_suffix(".csv.tmp")
-    with open(tmp, "w", newline="") as f:
+    with atomic_open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
         w.writeheader()
         for r in rows:
             w.writerow({c: _fmt(r.get(c)) for c in cols})
-    tmp.replace(path)
 
 
 def read_trials_csv(path: Path) -> list[dict[str, Any]]:
@@ -85,9 +83,7 @@ def write_pareto(path: Path, rows: list[dict[str, Any]], param_names: list[str],
                     "ca": r["ca"], "val_accuracy": r["val_accuracy"], "ra_t": r["ra_t"], "ra_q": r["ra_q"],
                     "run_dir": r.get("run_dir")} for r in front],
     }
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(doc, indent=2))
-    tmp.replace(path)
+    write_json(path, doc)
     return front
 
 
@@ -130,7 +126,7 @@ def write_recommended(path: Path, front: list[dict[str, Any]], param_names: list
             lines.append(f"| {r['number']} | " + " | ".join(_value(r[p]) for p in param_names)
                          + f" | {r['ca']:.4f} | {r['ra_t']:.4f} | {r['ra_q']:.4f} |")
     text = "\n".join(lines) + "\n"
-    path.write_text(text)
+    write_text(path, text)
     return text
 
 
@@ -163,6 +159,6 @@ def plot_front(study_dir: Path, rows: list[dict[str, Any]], objectives: str, tit
     fig.tight_layout()
     paths = [study_dir / "pareto.png", study_dir / "pareto.pdf"]
     for p in paths:
-        fig.savefig(p, dpi=150)
+        save_figure(fig, p, dpi=150)
     plt.close(fig)
     return paths

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..interrupt import keep_handlers
 from .remote import receive_dir
 
 __all__ = ["TrialPool", "Finished", "EventLog", "short_node"]
@@ -88,7 +89,8 @@ class TrialPool:
                            "num_cpus": max(os.cpu_count() or 1, int(cpus * max_concurrent + 0.999)),
                            "num_gpus": int(gpus * max_concurrent + 0.999) if gpus else None}
             warnings.filterwarnings("ignore", message=".*RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO.*", category=FutureWarning)
-            ray.init(**{k: v for k, v in kwargs.items() if v is not None})
+            with keep_handlers():  # Ctrl-C and SIGTERM keep ending the tuner with one line
+                ray.init(**{k: v for k, v in kwargs.items() if v is not None})
         # Streaming generator; backpressure keeps at most two unread chunks of a run directory in flight.
         self._remote = ray.remote(fn).options(num_cpus=cpus, num_gpus=gpus, max_retries=0,
                                               _generator_backpressure_num_objects=2)

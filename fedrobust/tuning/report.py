@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import ConfigError
+from ..atomic import save_figure, write_text
 from . import outputs
 
 __all__ = ["report", "sweep_table"]
@@ -67,13 +68,13 @@ def _plot_sweep(path: Path, param: str, by_dep: dict) -> None:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=130)
+    save_figure(fig, path, dpi=130)
     plt.close(fig)
 
 
 def _sweep_report(d: Path) -> str:
     rows = outputs.read_trials_csv(d / "cells.csv")
-    name = json.loads((d / "sweep.json").read_text()).get("name", d.name) if (d / "sweep.json").is_file() else d.name
+    name = _read_json(d / "sweep.json").get("name", d.name) if (d / "sweep.json").is_file() else d.name
     done = sum(r["status"] == "done" for r in rows)
     table = sweep_table(rows)
     lines = [f"# Sweep {name}", "", f"{done}/{len(rows)} cells done. Each value: mean ± std over seeds and node counts.", ""]
@@ -93,7 +94,7 @@ def _sweep_report(d: Path) -> str:
             lines.append(f"| {outputs._value(v)} | " + " | ".join(cells) + " |")
         lines.append("")
     text = "\n".join(lines)
-    (d / "report.md").write_text(text)
+    write_text(d / "report.md", text)
     return text
 
 
@@ -101,7 +102,7 @@ def _study_report(d: Path) -> str:
     rows = outputs.read_trials_csv(d / "trials.csv")
     header = list(rows[0]) if rows else []
     params = header[header.index("state") + 1 : header.index("ca")] if rows else []
-    pareto = json.loads((d / "pareto.json").read_text())
+    pareto = _read_json(d / "pareto.json")
     objectives = "accuracy" if pareto["objectives"][0] == "val_accuracy" else "robustness"
     title = d.name
     outputs.plot_front(d, rows, objectives, title)
@@ -113,8 +114,15 @@ def _study_report(d: Path) -> str:
     lines = [f"# Study {title}", "", "Trials: " + ", ".join(f"{n} {s.lower()}" for s, n in sorted(states.items())) + ".", "",
              "![Pareto front](pareto.png)", "", rec.split("\n", 2)[2]]
     text = "\n".join(lines)
-    (d / "report.md").write_text(text)
+    write_text(d / "report.md", text)
     return text
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise ConfigError(f"path: {path} is damaged or partial ({type(exc).__name__}: {exc})") from None
 
 
 def _is_study(d: Path) -> bool:
@@ -133,7 +141,7 @@ def _studies_report(d: Path, studies: list[Path]) -> str:
     for sd in studies:
         _study_report(sd)
         rows = outputs.read_trials_csv(sd / "trials.csv")
-        pareto = json.loads((sd / "pareto.json").read_text())
+        pareto = _read_json(sd / "pareto.json")
         objectives = "accuracy" if pareto["objectives"][0] == "val_accuracy" else "robustness"
         pts = sorted(outputs.objective_values(r, objectives) for r in outputs.front_rows(rows, objectives))
         if pts:
@@ -146,10 +154,10 @@ def _studies_report(d: Path, studies: list[Path]) -> str:
     ax.legend(fontsize=8)
     ax.set_title("feasible Pareto fronts")
     fig.tight_layout()
-    fig.savefig(d / "pareto_fronts.png", dpi=150)
+    save_figure(fig, d / "pareto_fronts.png", dpi=150)
     plt.close(fig)
     text = "\n".join(lines)
-    (d / "report.md").write_text(text)
+    write_text(d / "report.md", text)
     return text
 
 

@@ -33,6 +33,7 @@ from typing import Any
 import optuna
 from omegaconf import DictConfig, OmegaConf
 
+from ..atomic import write_json, write_text
 from ..config import ConfigError
 from ..progress import progress as progress_bar
 from . import outputs
@@ -115,8 +116,8 @@ def _check_same_study(study_dir: Path, cfg: DictConfig) -> None:
                 f"study_dir: {study_dir} holds a study with another configuration ({', '.join(diff[:4])} differ); "
                 "use another study_dir or the same overrides")
     else:
-        path.write_text(json.dumps(current, indent=2, sort_keys=True))
-        (study_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+        write_json(path, current, sort_keys=True)
+        write_text(study_dir / "config.yaml", OmegaConf.to_yaml(cfg))
 
 
 def _diff_keys(a: Any, b: Any, prefix: str = "") -> list[str]:

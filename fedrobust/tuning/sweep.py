@@ -10,7 +10,6 @@ is skipped, so running a sweep again finishes what an interrupted run left.
 from __future__ import annotations
 
 import csv
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from ..config import load_config
+from ..atomic import atomic_open, write_json
 from ..progress import interactive
 from ..progress import progress as progress_bar
 from .pool import EventLog, TrialPool, short_node
@@ -63,13 +63,11 @@ def _row(cell: Cell, cfg, scores: dict[str, Any] | None) -> dict[str, Any]:
 
 
 def _write(sweep_dir: Path, rows: list[dict[str, Any]]) -> None:
-    tmp = sweep_dir / "cells.csv.tmp"
-    with open(tmp, "w", newline="") as f:
+    with atomic_open(sweep_dir / "cells.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=CELL_COLUMNS, extrasaction="ignore")
         w.writeheader()
         for r in rows:
             w.writerow({c: "" if r.get(c) is None else r.get(c) for c in CELL_COLUMNS})
-    tmp.replace(sweep_dir / "cells.csv")
 
 
 def run_sweep(name: str, cells: list[Cell], sweep_dir: str | Path, *, max_concurrent: int = 2, cpus_per_cell: float = 1.0,
@@ -83,7 +81,7 @@ def run_sweep(name: str, cells: list[Cell], sweep_dir: str | Path, *, max_concur
     configs = [load_config(c.overrides) for c in cells]  # every cell's config is checked before anything runs
     with study_lock(sweep_dir):
         (sweep_dir / "cells").mkdir(exist_ok=True)
-        (sweep_dir / "sweep.json").write_text(json.dumps({"kind": "sweep", "name": name, "cells": len(cells)}, indent=2))
+        write_json(sweep_dir / "sweep.json", {"kind": "sweep", "name": name, "cells": len(cells)})
         scores: dict[str, dict | None] = {c.name: load_scores(sweep_dir / "cells" / c.name) for c in cells}
         todo = [i for i, c in enumerate(cells) if scores[c.name] is None]
         log.info("sweep %s: %d cell(s), %d done, %d to run", name, len(cells), len(cells) - len(todo), len(todo))

@@ -20,6 +20,8 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from ..atomic import write_json, write_text
+
 __all__ = ["execute", "trial_task", "load_scores", "apply_values"]
 
 log = logging.getLogger("fedrobust")
@@ -94,7 +96,7 @@ def _simulate_in_child(cfg, run_path: Path, threads: int) -> None:
 
     cfg = OmegaConf.merge(cfg, {"engine": {"ray_address": None}})  # never the tuner's cluster (see above)
     spec = run_path / "trial_config.json"
-    spec.write_text(config_to_json(cfg))
+    write_text(spec, config_to_json(cfg))
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
     cmd = [sys.executable, "-m", "fedrobust.tuning.simulate", str(spec), str(run_path), str(max(1, int(threads)))]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -147,9 +149,7 @@ def execute(cfg_yaml: str, values: dict[str, Any], run_dir: str, threads: int = 
     results["trial_seconds"] = round(time.perf_counter() - t0, 2)
     results["trial_values"] = values
     results["trial_node"] = where
-    tmp = results_path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(results, indent=2))
-    os.replace(tmp, results_path)  # the trial counts as done only once this file is whole
+    write_json(results_path, results)  # the trial counts as done only once this file is whole
     scores = load_scores(run_path)
     assert scores is not None
     return scores

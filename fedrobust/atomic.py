@@ -1,0 +1,76 @@
+"""Atomic file writes: a file is either its old self or its new self, never half of each.
+
+Every file the project writes whole (``results.json``, ``eval_sample.json``,
+configs, reports, figures, study files, checkpoints, cache entries) goes
+through :func:`atomic_open`: the content is written to a temporary file in the
+same directory, flushed to disk, and renamed over the target with
+:func:`os.replace`, which POSIX and Windows make atomic within a file system.
+A kill, a full disk or an exception during the write leaves the previous file
+untouched and removes the temporary one (a SIGKILL may leave a ``.*.tmp``
+file beside it, never a damaged target). Append-only logs (``train.log``,
+TensorBoard events, ``executions.jsonl``) are not rewritten and do not need it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+__all__ = ["atomic_open", "save_figure", "save_torch", "write_bytes", "write_json", "write_text"]
+
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | Path, mode: str = "w", **kwargs: Any) -> Iterator[IO]:
+    """Open a temporary file beside ``path``; on a clean exit it replaces ``path``."""
+    if mode not in ("w", "wb"):
+        raise ValueError(f"atomic_open writes whole files (mode 'w' or 'wb'), not {mode!r}")
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode, **kwargs) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp's 0600 would hide results from the user's group
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_text(path: str | Path, text: str) -> None:
+    with atomic_open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+
+
+def write_bytes(path: str | Path, data: bytes) -> None:
+    with atomic_open(path, "wb") as f:
+        f.write(data)
+
+
+def write_json(path: str | Path, obj: Any, **kwargs: Any) -> None:
+    write_text(path, json.dumps(obj, indent=2, **kwargs))
+
+
+def save_torch(obj: Any, path: str | Path) -> None:
+    """``torch.save`` to ``path`` atomically."""
+    import torch
+
+    with atomic_open(path, "wb") as f:
+        torch.save(obj, f)
+
+
+def save_figure(fig: Any, path: str | Path, **kwargs: Any) -> None:
+    """``fig.savefig`` to ``path`` atomically (the format comes from the suffix of ``path``)."""
+    path = Path(path)
+    with atomic_open(path, "wb") as f:
+        fig.savefig(f, format=path.suffix.lstrip(".") or "png", **kwargs)

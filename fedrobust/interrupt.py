@@ -1,0 +1,100 @@
+"""SIGINT and SIGTERM end a command with one line and the shell's exit code.
+
+The command line installs :func:`install`, which turns both signals into an
+:class:`Interrupted` exception in the main thread. Each command catches it,
+says what it kept, and exits with ``128 + signum`` (130 for SIGINT, 143 for
+SIGTERM). Files are written atomically (:mod:`fedrobust.atomic`), so an
+interruption leaves every file whole.
+
+``ray.init`` replaces the SIGTERM handler with ``sys.exit(15)``; a
+``SystemExit(15)`` is therefore read as SIGTERM too (:func:`as_interrupt`),
+and code that starts Ray in the main thread keeps our handlers (:func:`keep_handlers`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import sys
+import threading
+from collections.abc import Callable, Iterator
+
+__all__ = ["Interrupted", "as_interrupt", "guarded", "install", "keep_handlers"]
+
+
+class Interrupted(BaseException):
+    """The process was asked to stop by ``signum``. A BaseException, like KeyboardInterrupt."""
+
+    def __init__(self, signum: int) -> None:
+        self.signum = int(signum)
+        super().__init__(self.name)
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
+def _raise(signum, frame) -> None:
+    # a second signal ends the process at once, as it would without us (files stay whole: atomic writes)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    raise Interrupted(signum)
+
+
+def install() -> None:
+    """Raise :class:`Interrupted` on SIGINT and SIGTERM (main thread only; elsewhere a no-op)."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, _raise)
+        signal.signal(signal.SIGTERM, _raise)
+
+
+@contextlib.contextmanager
+def keep_handlers() -> Iterator[None]:
+    """Restore the SIGINT and SIGTERM handlers after the block (around ``ray.init``, which replaces them)."""
+    main = threading.current_thread() is threading.main_thread()
+    saved = (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) if main else None
+    try:
+        yield
+    finally:
+        if saved is not None:
+            signal.signal(signal.SIGINT, saved[0])
+            signal.signal(signal.SIGTERM, saved[1])
+
+
+def as_interrupt(exc: BaseException) -> Interrupted | None:
+    """``exc`` as an :class:`Interrupted`, if it is one in disguise (KeyboardInterrupt, Ray's SystemExit(15))."""
+    if isinstance(exc, Interrupted):
+        return exc
+    if isinstance(exc, KeyboardInterrupt):
+        return Interrupted(signal.SIGINT)
+    if isinstance(exc, SystemExit) and exc.code == signal.SIGTERM:
+        return Interrupted(signal.SIGTERM)
+    return None
+
+
+def guarded(fn: Callable[[], int], kept: str, prog: str = "fedrobust") -> int:
+    """Run a command with the handlers installed (and restored after): a :class:`ConfigError` exits 2
+    and an interruption ``128 + signum``, each with one line on stderr that says what was kept."""
+    from .config import ConfigError
+
+    saved = (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM))
+    install()
+    try:
+        return fn()
+    except ConfigError as exc:
+        print(f"{prog}: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
+    except BaseException as exc:
+        intr = as_interrupt(exc)
+        if intr is None:
+            raise
+        print(f"{prog}: interrupted ({intr.name}); {kept}", file=sys.stderr)
+        return intr.exit_code
+    finally:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, saved[0])
+            signal.signal(signal.SIGTERM, saved[1])

@@ -1,0 +1,172 @@
+"""SIGINT and SIGTERM in real processes, atomic writes, and an evaluation that resumes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from fedrobust import atomic
+from fedrobust.cli import main
+
+EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143}
+# a small evaluation whose white-box stage lasts long enough to be interrupted
+EVAL = ["attack.num_samples=100", "attack.surrogates=[cnn]", "attack.surrogate_epochs=2", "attack.transfer_attacks=[cwa]",
+        "attack.transfer=cwa", "attack.transfer_steps=2", "attack.query_attacks=[square_linf]", "attack.query=square_linf",
+        "attack.queries=20", "attack.per_member=false", "attack.whitebox=[apgd]", "attack.apgd_steps=200",
+        "attack.tsr=false", "attack.hessian_samples=0", "train.progress=false"]
+
+
+def _env(tmp: Path) -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")} | {
+        "FEDROBUST_CACHE": str(tmp / "cache")}
+
+
+def _start(argv: list[str], tmp: Path, log: Path) -> subprocess.Popen:
+    out = open(log, "w")
+    return subprocess.Popen([sys.executable, "-m", "fedrobust.cli", *argv], cwd=tmp, env=_env(tmp), stdout=out,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _wait_for(path: Path, text: str, proc: subprocess.Popen, timeout: float = 240) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if path.is_file() and text in path.read_text(errors="replace"):
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"the process ended before '{text}' appeared: {path.read_text(errors='replace')[-2000:]}")
+        time.sleep(0.1)
+    raise AssertionError(f"'{text}' did not appear in {path} within {timeout}s")
+
+
+def _finish(proc: subprocess.Popen, sig: int, log: Path) -> str:
+    proc.send_signal(sig)
+    try:
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    return log.read_text(errors="replace")
+
+
+def _assert_one_line(output: str, sig: int, code: int, what: str) -> str:
+    assert code == EXIT[sig], output[-3000:]
+    assert "Traceback" not in output, output[-3000:]
+    lines = [ln for ln in output.splitlines() if ln.startswith("fedrobust: ")]
+    assert len(lines) == 1 and lines[0].startswith(f"fedrobust: interrupted ({signal.Signals(sig).name}); "), output[-3000:]
+    assert what in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.mark.parametrize("sig, engine", [
+    pytest.param(signal.SIGINT, "inline", id="SIGINT-inline"),
+    pytest.param(signal.SIGTERM, "inline", id="SIGTERM-inline"),
+    # ray.init replaces the SIGTERM handler; Flower runs the simulation in the main thread
+    pytest.param(signal.SIGTERM, "simulation", marks=pytest.mark.slow, id="SIGTERM-simulation"),
+    pytest.param(signal.SIGINT, "simulation", marks=pytest.mark.slow, id="SIGINT-simulation"),
+])
+def test_train_interrupted_exits_128_plus_signal_and_leaves_a_run_marked_incomplete(sig, engine, tmp_path):
+    run, log = tmp_path / "run", tmp_path / "out.log"
+    proc = _start(["train", f"engine={engine}", "train.epochs=400", "train.progress=false", f"run_dir={run}"], tmp_path, log)
+    _wait_for(run / "train.log", "round 1/1: training", proc)
+    time.sleep(1.0)  # into the first epochs
+    out = _finish(proc, sig, log)
+    _assert_one_line(out, sig, proc.returncode, "INCOMPLETE")
+    assert (run / "INCOMPLETE").is_file() and not (run / "results.json").exists()
+    assert not list(run.rglob(".*.tmp"))  # no half-written file
+    # both commands refuse it in one line, and change nothing
+    before = sorted(p.name for p in run.rglob("*"))
+    assert main(["evaluate", str(run)]) == 2
+    assert main(["train", f"run_dir={run}"]) == 2
+    assert sorted(p.name for p in run.rglob("*")) == before
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("interrupt") / "run"
+    assert main(["train", "engine=inline", "train.epochs=3", "train.progress=false", f"run_dir={run}"]) == 0
+    return run
+
+
+@pytest.mark.parametrize("sig", [pytest.param(signal.SIGINT, id="SIGINT"), pytest.param(signal.SIGTERM, id="SIGTERM")])
+def test_evaluate_interrupted_keeps_results_and_resumes_at_the_next_stage(sig, trained, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    results_before = (run / "results.json").read_bytes()
+    log = tmp_path / "out.log"
+    proc = _start(["evaluate", str(run), *EVAL], tmp_path, log)
+    _wait_for(run / "evaluate.log", "query:square_linf done", proc)  # now in the long white-box stage
+    out = _finish(proc, sig, log)
+    _assert_one_line(out, sig, proc.returncode, "results.json unchanged")
+    assert (run / "results.json").read_bytes() == results_before
+    partial = json.loads((run / "evaluation.partial.json").read_text())
+    assert sorted(partial["stages"]) == ["query:square_linf", "surrogates", "transfer:cwa"]
+    assert not list(run.rglob(".*.tmp"))
+    if sig == signal.SIGTERM:
+        return  # resuming is the same after either signal; the SIGINT case runs it
+    done = subprocess.run([sys.executable, "-m", "fedrobust.cli", "evaluate", str(run), *EVAL], cwd=tmp_path,
+                          env=_env(tmp_path), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    text = (run / "evaluate.log").read_text()
+    for stage in ("surrogates", "transfer:cwa", "query:square_linf"):
+        assert f"{stage}: reused from the interrupted evaluation" in text, stage
+    assert text.count("whitebox:apgd done") == 1  # the interrupted stage ran once, to the end, on the second run
+    results = json.loads((run / "results.json").read_text())
+    assert results["evaluation"]["resumed_stages"] == ["surrogates", "transfer:cwa", "query:square_linf"]
+    assert "whitebox_apgd" in results["ensemble"]["attacks"] and "transfer_cwa" in results["ensemble"]["attacks"]
+    before = json.loads(results_before)
+    assert results["ensemble"]["clean_accuracy"] == before["ensemble"]["clean_accuracy"]  # the training part is kept
+    assert [m["clean_accuracy"] for m in results["members"]] == [m["clean_accuracy"] for m in before["members"]]
+    assert not (run / "evaluation.partial.json").exists()
+
+
+def test_a_failed_rename_leaves_the_previous_results_intact(trained, tmp_path, monkeypatch):
+    # as when the process is killed or the disk fills during the write: the rename never happens
+    import shutil
+
+    from fedrobust.config import load_config
+    from fedrobust.evaluation.evaluate import evaluate_run
+
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    before = (run / "results.json").read_bytes()
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if Path(dst).name == "results.json":
+            raise OSError(28, "No space left on device")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(atomic.os, "replace", replace)
+    with pytest.raises(OSError, match="No space left"):
+        atomic.write_json(run / "results.json", {"ensemble": {}})
+    assert (run / "results.json").read_bytes() == before
+
+    cfg = load_config(["engine=inline", f"run_dir={run}", *EVAL, "attack.apgd_steps=2"])
+    with pytest.raises(OSError, match="No space left"):
+        evaluate_run(run, cfg)  # every stage runs; the final write of results.json fails
+    assert (run / "results.json").read_bytes() == before
+    assert not list(run.rglob(".*.tmp"))
+    # the finished stages were kept, so the next try only writes the results
+    assert len(json.loads((run / "evaluation.partial.json").read_text())["stages"]) == 4
+    monkeypatch.setattr(atomic.os, "replace", real_replace)
+    results = evaluate_run(run, cfg)
+    assert results["evaluation"]["resumed_stages"] == ["surrogates", "transfer:cwa", "query:square_linf", "whitebox:apgd"]
+    assert json.loads((run / "results.json").read_text())["ensemble"]["clean_accuracy"] == json.loads(before)["ensemble"]["clean_accuracy"]
+
+
+def test_atomic_write_replaces_whole_files_with_the_usual_permissions(tmp_path):
+    path = tmp_path / "results.json"
+    atomic.write_json(path, {"a": 1})
+    atomic.write_json(path, {"a": 2})
+    assert json.loads(path.read_text()) == {"a": 2}
+    assert path.stat().st_mode & 0o777 == 0o666 & ~atomic._UMASK  # as open() would create it, not mkstemp's 0600
+    assert [p.name for p in tmp_path.iterdir()] == ["results.json"]
