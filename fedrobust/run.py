@@ -20,6 +20,7 @@ import datetime as dt
 import logging
 import os
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -146,7 +147,9 @@ def load_member(path: Path, model: torch.nn.Module) -> torch.nn.Module:
     from .ensemble import InvalidUpdateError, validate_member_weights
 
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about pickle protocols of foreign files: the error says it all
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch's own message advises weights_only=False: never pass it on
         raise CheckpointError(f"{path}: not a valid member checkpoint (it does not load as plain tensors: "
                               f"{type(exc).__name__}); replace it with a file written by fedrobust train") from None

@@ -314,3 +314,18 @@ def test_any_run_dir_the_file_system_allows_works(run_dir, tmp_path):
         assert main(["evaluate", run_dir, "attack.num_samples=8", "attack.surrogates=[cnn]", "attack.surrogate_epochs=1",
                      "attack.queries=2", "attack.apgd_steps=1", "attack.whitebox_steps=1", "attack.transfer_steps=1",
                      "attack.hessian_samples=0", "train.progress=false"]) == 0
+
+
+@pytest.mark.parametrize("name", ["evaluate pickled object checkpoint", "attack eps 2", "train unparsable value",
+                                  "report truncated pareto.json"])
+def test_the_console_script_prints_exactly_one_line(name, trained, tmp_path):
+    # a real process: warnings, log handlers and interpreter shutdown would show here, not under capsys
+    import subprocess
+
+    make, code, needle = CASES[name]
+    argv = make(trained, tmp_path)
+    done = subprocess.run([sys.executable, "-m", "fedrobust.cli", *argv], capture_output=True, text=True, timeout=120,
+                          cwd=tmp_path)
+    assert done.returncode == code, done.stderr
+    assert done.stderr.count("\n") == 1 and done.stderr.startswith("fedrobust: error: ") and needle in done.stderr, done.stderr
+    assert done.stdout == ""
