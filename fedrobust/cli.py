@@ -11,6 +11,7 @@ import argparse
 import logging
 import sys
 import time
+from collections.abc import Callable
 
 from .config import ConfigError, load_config
 from .interrupt import Interrupted, as_interrupt, guarded
@@ -65,7 +66,8 @@ def _train(overrides: list[str]) -> int:
         _error(exc)
         return 2
     t0 = time.perf_counter()
-    try:
+
+    def train() -> None:
         if cfg.engine.name == "inline":
             from .engines import run_inline
             from .run import finalize_run
@@ -75,19 +77,35 @@ def _train(overrides: list[str]) -> int:
             from .engines import run_simulation
 
             run_simulation(cfg, run_dir)
-    except BaseException as exc:
-        intr = as_interrupt(exc)
-        if intr is not None:
-            return _interrupted(intr, f"training stopped; {run_dir} is marked {INCOMPLETE}: evaluate and train refuse it")
-        if not isinstance(exc, Exception):
-            raise
-        log.error("training failed: %s", _one_line(exc))
-        _error(exc)
-        return 1
+
+    code = _guarded_step(train, "training",
+                         lambda: f"training stopped; {run_dir} is marked {INCOMPLETE}: evaluate and train refuse it")
+    if code is not None:
+        return code
     log.info("done in %.1fs; results in %s", time.perf_counter() - t0, run_dir / "results.json")
     if cfg.evaluate:
         return _run_evaluation(run_dir, cfg, train_seconds=time.perf_counter() - t0)
     return 0
+
+
+def _guarded_step(fn: Callable[[], object], what: str, kept: Callable[[], str]) -> int | None:
+    """Run a command's main work: None when it succeeds, else the exit code, after one line on stderr
+    (2 for bad input, 1 for a failure, 128 + signum for an interruption, saying what was kept)."""
+    try:
+        fn()
+    except ConfigError as exc:
+        _error(exc)
+        return 2
+    except BaseException as exc:
+        intr = as_interrupt(exc)
+        if intr is not None:
+            return _interrupted(intr, kept())
+        if not isinstance(exc, Exception):
+            raise
+        log.error("%s failed: %s", what, _one_line(exc))
+        _error(exc)
+        return 1
+    return None
 
 
 def _one_line(exc: BaseException) -> str:
@@ -97,24 +115,16 @@ def _one_line(exc: BaseException) -> str:
 def _run_evaluation(run_dir, cfg, train_seconds: float | None = None) -> int:
     from .evaluation.evaluate import PARTIAL, evaluate_run
 
+    def kept() -> str:
+        if (run_dir / PARTIAL).is_file():
+            return (f"results.json unchanged; finished stages kept in {run_dir / PARTIAL}: "
+                    f"run fedrobust evaluate {run_dir} to resume")
+        return "results.json unchanged"
+
     t0 = time.perf_counter()
-    try:
-        evaluate_run(run_dir, cfg)
-    except ConfigError as exc:
-        _error(exc)
-        return 2
-    except BaseException as exc:
-        intr = as_interrupt(exc)
-        if intr is not None:
-            kept = "results.json unchanged"
-            if (run_dir / PARTIAL).is_file():
-                kept += f"; finished stages kept in {run_dir / PARTIAL}: run fedrobust evaluate {run_dir} to resume"
-            return _interrupted(intr, kept)
-        if not isinstance(exc, Exception):
-            raise
-        log.error("evaluation failed: %s", _one_line(exc))
-        _error(exc)
-        return 1
+    code = _guarded_step(lambda: evaluate_run(run_dir, cfg), "evaluation", kept)
+    if code is not None:
+        return code
     seconds = time.perf_counter() - t0
     log.info("evaluated in %.1fs; results in %s", seconds, run_dir / "results.json")
     if train_seconds is not None:
@@ -182,22 +192,10 @@ def _tune(overrides: list[str]) -> int:
         _error(exc)
         return 2
     setup_logging()
-    try:
-        run_study(cfg)
-    except ConfigError as exc:
-        _error(exc)
-        return 2
-    except BaseException as exc:
-        intr = as_interrupt(exc)
-        if intr is not None:
-            return _interrupted(intr, f"the study in {cfg.study_dir} is kept (completed trials in trials.csv); "
-                                      "run the same command to resume")
-        if not isinstance(exc, Exception):
-            raise
-        log.error("tuning failed: %s", _one_line(exc))
-        _error(exc)
-        return 1
-    return 0
+    code = _guarded_step(lambda: run_study(cfg), "tuning",
+                         lambda: f"the study in {cfg.study_dir} is kept (completed trials in study.db and trials.csv); "
+                                 "run the same command to resume")
+    return 0 if code is None else code
 
 
 def _report(path: str) -> int:

@@ -310,14 +310,13 @@ def test_a_poisoned_client_update_fails_the_run_in_one_line_and_never_becomes_a_
 def test_any_run_dir_the_file_system_allows_works(run_dir, tmp_path):
     assert main([*_TRAIN, "deployment=centralized", f"run_dir={run_dir}"]) == 0
     assert (tmp_path / run_dir / "results.json").is_file()
-    if sys.platform.startswith("linux"):
+    if "é" in run_dir:  # and evaluate takes it as it is
         assert main(["evaluate", run_dir, "attack.num_samples=8", "attack.surrogates=[cnn]", "attack.surrogate_epochs=1",
                      "attack.queries=2", "attack.apgd_steps=1", "attack.whitebox_steps=1", "attack.transfer_steps=1",
                      "attack.hessian_samples=0", "train.progress=false"]) == 0
 
 
-@pytest.mark.parametrize("name", ["evaluate pickled object checkpoint", "attack eps 2", "train unparsable value",
-                                  "report truncated pareto.json"])
+@pytest.mark.parametrize("name", ["evaluate pickled object checkpoint", "train unparsable value"])
 def test_the_console_script_prints_exactly_one_line(name, trained, tmp_path):
     # a real process: warnings, log handlers and interpreter shutdown would show here, not under capsys
     import subprocess

@@ -224,10 +224,10 @@ def test_every_strategy_trains_inline(tmp_path, strategy, deployment):
 
 # Flower's engine only carries tasks, members and peers; what a strategy does happens in the same
 # train_node_round as inline (full matrix above, and test_engines checks simulation == inline bit for bit).
-# So each strategy and each deployment goes through the simulation once, peers through Flower records
-# on both federated deployments.
-SIMULATION_CELLS = [("plain", "centralized"), ("curvature", "deep_ensemble"), ("dispersion", "distributed_iid"),
-                    ("edlcm", "distributed_dirichlet"), ("adversarial", "distributed_iid")]
+# So each deployment goes through the simulation once, and each strategy: dispersion's peer exchange
+# through Flower records as part of edlcm (plain with distributed_dirichlet: tests/test_engines.py).
+SIMULATION_CELLS = [("plain", "centralized"), ("curvature", "deep_ensemble"), ("edlcm", "distributed_dirichlet"),
+                    ("adversarial", "distributed_iid")]
 
 
 @pytest.mark.slow
