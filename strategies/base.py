@@ -12,7 +12,15 @@ from torch import nn
 
 @dataclass
 class LossTerms:
-    """The loss to backpropagate and its named parts (detached floats, for logging)."""
+    """The loss to backpropagate and its named parts (detached floats, for logging).
+
+    ``total``'s value is the objective on the batch and its gradient with
+    respect to the weights is the objective's. Its graph need not be the
+    objective's own: a regulariser with ``grad="fd"`` returns the objective's
+    value plus a term that is zero in value and linear in the weights, whose
+    gradient is the penalty's (see :mod:`strategies.regulariser`). Callers
+    backpropagate it once, into the parameters only.
+    """
 
     total: torch.Tensor
     terms: dict[str, float] = field(default_factory=dict)

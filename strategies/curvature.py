@@ -1,8 +1,9 @@
 """Curvature regularisation: ``ce + alpha * mean_n ||grad ce(x + h g) - grad ce(x)||^2`` (EDLCM eq. 9, CURE, AdvRush eq. 9-10).
 
-Needs double backpropagation: the gradient difference is built with
-``create_graph=True`` so that the penalty is differentiable in the weights.
-See :mod:`strategies.hessian` for ``g``, ``h`` and batch-norm handling.
+The penalty's weight gradient comes from four first-order passes
+(``grad="fd"``, the default) or from double backpropagation
+(``grad="exact"``); see :mod:`strategies.regulariser`, and
+:mod:`strategies.hessian` for ``g``, ``h`` and batch-norm handling.
 
 ``every=k`` (opt-in, default 1 = every batch, as in the paper) applies the
 penalty on one batch in k, scaled by k, and plain cross-entropy on the
@@ -15,12 +16,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .base import LossTerms, TrainingStrategy
-from .hessian import default_h, gradient_difference
+from .hessian import default_h
 from .plain import Plain
+from .regulariser import GRADS, regularised_objective
 
 __all__ = ["Curvature", "curvature_penalty"]
 
@@ -34,14 +35,21 @@ class Curvature(TrainingStrategy):
     name = "curvature"
     needs_input_grad = True
 
-    def __init__(self, alpha: float = 1.0, h: float | None = None, every: int = 1) -> None:
+    def __init__(
+        self, alpha: float = 1.0, h: float | None = None, every: int = 1, grad: str = "fd", fd_step: float | None = None
+    ) -> None:
         if alpha < 0:
             raise ValueError(f"alpha must be >= 0, got {alpha}")
         if h is not None and h <= 0:
             raise ValueError(f"h must be > 0, got {h}")
         if every < 1:
             raise ValueError(f"every must be >= 1, got {every}")
+        if grad not in GRADS:
+            raise ValueError(f"unknown grad '{grad}' (choose from {', '.join(GRADS)})")
+        if fd_step is not None and fd_step <= 0:
+            raise ValueError(f"fd_step must be > 0, got {fd_step}")
         self.alpha, self.h, self.every = float(alpha), h, int(every)
+        self.grad, self.fd_step = grad, fd_step
         self._step = 0
 
     def begin_batch(self, step: int) -> None:
@@ -50,9 +58,9 @@ class Curvature(TrainingStrategy):
     def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, peers: Sequence[nn.Module] = ()) -> LossTerms:
         if self._step % self.every:
             return Plain().loss(model, x, y)
-        h = self.h if self.h is not None else default_h(x)
-        logits, diff = gradient_difference(model, x, y, h, create_graph=True)
-        ce = F.cross_entropy(logits, y)
-        reg = curvature_penalty(diff)
-        total = ce + self.every * self.alpha * reg
-        return LossTerms(total, {"ce": float(ce.detach()), "curvature": float(reg.detach())}, logits.detach())
+        obj = regularised_objective(
+            [model], x, y, h=self.h if self.h is not None else default_h(x),
+            terms=lambda diffs: {"curvature": curvature_penalty(diffs[0])},
+            weights={"curvature": self.every * self.alpha}, grad=self.grad, fd_step=self.fd_step,
+        )
+        return LossTerms(obj.total, {"ce": obj.ce[0], "curvature": obj.terms["curvature"]}, obj.logits[0])

@@ -19,7 +19,9 @@ Without augmentation the peers' ``Hg_j`` depend only on the image (the peers
 are frozen and in eval mode), so the trainer computes them once per round for
 the whole shard and slices them per batch (see ``peer_differences``).
 
-``every=k`` is the opt-in lazy form described in :mod:`strategies.curvature`.
+``every=k`` is the opt-in lazy form described in :mod:`strategies.curvature`,
+and ``grad`` (``fd`` or ``exact``) how the penalty's weight gradient is
+computed (:mod:`strategies.regulariser`).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from .base import LossTerms, TrainingStrategy
 from .curvature import curvature_penalty
 from .hessian import default_h, gradient_difference
 from .plain import Plain
+from .regulariser import GRADS, regularised_objective
 
 __all__ = ["Dispersion", "pairwise_cosine", "dispersion_term"]
 
@@ -59,14 +62,27 @@ class Dispersion(TrainingStrategy):
     needs_peers = True
     needs_input_grad = True
 
-    def __init__(self, beta: float = 0.01, h: float | None = None, alpha: float = 0.0, every: int = 1) -> None:
+    def __init__(
+        self,
+        beta: float = 0.01,
+        h: float | None = None,
+        alpha: float = 0.0,
+        every: int = 1,
+        grad: str = "fd",
+        fd_step: float | None = None,
+    ) -> None:
         if alpha < 0 or beta < 0:
             raise ValueError(f"alpha and beta must be >= 0, got alpha={alpha}, beta={beta}")
         if h is not None and h <= 0:
             raise ValueError(f"h must be > 0, got {h}")
         if every < 1:
             raise ValueError(f"every must be >= 1, got {every}")
+        if grad not in GRADS:
+            raise ValueError(f"unknown grad '{grad}' (choose from {', '.join(GRADS)})")
+        if fd_step is not None and fd_step <= 0:
+            raise ValueError(f"fd_step must be > 0, got {fd_step}")
         self.alpha, self.beta, self.h, self.every = float(alpha), float(beta), h, int(every)
+        self.grad, self.fd_step = grad, fd_step
         self._step = 0
 
     def begin_batch(self, step: int) -> None:
@@ -101,17 +117,19 @@ class Dispersion(TrainingStrategy):
     ) -> LossTerms:
         if self._lazy_skip:
             return Plain().loss(model, x, y)
-        logits, diff = gradient_difference(model, x, y, self._h(x), create_graph=True)
         if peer_diffs is None:
             peer_diffs = self.peer_differences(peers, x, y)
-        ce = F.cross_entropy(logits, y)
-        disp = sum((pairwise_cosine(diff, d).mean() for d in peer_diffs), ce.new_zeros(()))
-        curv = curvature_penalty(diff)
-        total = ce + self.every * (self.alpha * curv + self.beta * disp)
-        terms = {"ce": float(ce.detach()), "dispersion": float(disp.detach())}
+
+        def terms(diffs: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+            d = diffs[0]
+            disp = sum((pairwise_cosine(d, p).mean() for p in peer_diffs), d.new_zeros(()))
+            return {"curvature": curvature_penalty(d), "dispersion": disp}
+
+        obj = self._objective([model], x, y, terms)
+        out = {"ce": obj.ce[0], "dispersion": obj.terms["dispersion"]}
         if self.alpha > 0:
-            terms["curvature"] = float(curv.detach())
-        return LossTerms(total, terms, logits.detach())
+            out["curvature"] = obj.terms["curvature"]
+        return LossTerms(obj.total, out, obj.logits[0])
 
     def joint_loss(self, models: Sequence[nn.Module], x: torch.Tensor, y: torch.Tensor) -> tuple[LossTerms, list[torch.Tensor]]:
         """All members on one batch with exact pairwise terms; returns the terms and each member's logits."""
@@ -119,15 +137,18 @@ class Dispersion(TrainingStrategy):
             outs = [Plain().loss(m, x, y) for m in models]
             total = torch.stack([o.total for o in outs]).sum()
             return LossTerms(total, {"ce": sum(o.terms["ce"] for o in outs) / len(outs)}), [o.logits for o in outs]
-        h = self._h(x)
-        pairs = [gradient_difference(m, x, y, h, create_graph=True) for m in models]
-        logits = [p[0] for p in pairs]
-        diffs = [p[1] for p in pairs]
-        ce = torch.stack([F.cross_entropy(z, y) for z in logits])
-        curv = torch.stack([curvature_penalty(d) for d in diffs])
-        disp = dispersion_term(diffs)
-        total = ce.sum() + self.every * (self.alpha * curv.sum() + self.beta * disp)
-        terms = {"ce": float(ce.detach().mean()), "dispersion": float(disp.detach())}
+
+        def terms(diffs: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+            curv = sum((curvature_penalty(d) for d in diffs[1:]), curvature_penalty(diffs[0]))
+            return {"curvature": curv, "dispersion": dispersion_term(diffs)}
+
+        obj = self._objective(models, x, y, terms)
+        out = {"ce": sum(obj.ce) / len(models), "dispersion": obj.terms["dispersion"]}
         if self.alpha > 0:
-            terms["curvature"] = float(curv.detach().mean())
-        return LossTerms(total, terms), [z.detach() for z in logits]
+            out["curvature"] = obj.terms["curvature"] / len(models)
+        return LossTerms(obj.total, out), obj.logits
+
+    def _objective(self, models, x, y, terms):
+        weights = {"curvature": self.every * self.alpha, "dispersion": self.every * self.beta}
+        return regularised_objective(models, x, y, h=self._h(x), terms=terms, weights=weights,
+                                     grad=self.grad, fd_step=self.fd_step)

@@ -10,5 +10,13 @@ __all__ = ["EDLCM"]
 class EDLCM(Dispersion):
     name = "edlcm"
 
-    def __init__(self, alpha: float = 1.0, beta: float = 0.01, h: float | None = None, every: int = 1) -> None:
-        super().__init__(beta=beta, h=h, alpha=alpha, every=every)
+    def __init__(
+        self,
+        alpha: float = 1.0,
+        beta: float = 0.01,
+        h: float | None = None,
+        every: int = 1,
+        grad: str = "fd",
+        fd_step: float | None = None,
+    ) -> None:
+        super().__init__(beta=beta, h=h, alpha=alpha, every=every, grad=grad, fd_step=fd_step)
