@@ -1,25 +1,34 @@
-"""Per-epoch training time of each strategy as a ratio to plain, measured in one run.
+"""Per-epoch training time of the regularisers as a ratio to plain, ``fd`` and ``exact`` gradients, in one run.
 
-Same data (node 0's training shard of the default digits deployment, or random
-CIFAR-sized images with --image 32), same initial member, same batches.
+For each setting (the digits CNN on node 0's shard of the default deployment;
+ResNet-18 on random 3x32x32 images) every strategy gets its own trainer, all
+from the same initial members, and the timed blocks are interleaved: one
+block of each strategy in turn, repeated ``--reps`` times, so drift in the
+machine's speed hits every strategy alike. A block is one round of
+``--round`` epochs (validation included, as in training); the figure is the
+median block over the epochs in it.
 
-* federated form: one member with N-1 frozen peers (default N=3). Without
-  augmentation the peers' directions are computed once per round; we report
-  rounds of 1 epoch (peers recomputed every epoch: the worst case) and of 5.
-* joint form: N members on one node trained together (deep ensemble),
-  against N plain members trained one after the other.
-* scaling of the federated dispersion epoch with the number of peers.
+* curvature: one member.
+* edlcm, federated: one member with ``--members - 1`` frozen peers whose
+  gradient differences are recomputed at the start of every round.
+* edlcm, joint: ``--members`` members on one node trained together (deep
+  ensemble), against as many plain members trained one after the other.
 
-EDLCM's paper reports 596 s against 23 s per epoch (26x, 3 ResNet-18, A100).
-Goal here: <= 4x for edlcm with 3 members. Also shown: the opt-in lazy form
-(``strategy.every=2``: the regulariser on one batch in two, scaled by two).
+Each in both forms of the penalty's weight gradient (``strategy.grad``): ``fd``,
+four first-order passes, and ``exact``, double backpropagation. Goal: ``fd`` at
+most 4x plain and below ``exact``. For scale: EDLCM's paper reports 596 s
+against 23 s per epoch (26x, 3 ResNet-18, A100), TRS 6.5x and CURE 7.7x.
 
-Usage: python benchmarks/bench_strategies.py [--model cnn] [--image 8|32] [--epochs 2]
+``--profile NAME`` prints a torch.profiler table of one block of that
+strategy instead (e.g. ``--profile "edlcm joint fd"``).
+
+Usage: python benchmarks/bench_strategies.py [--settings cnn resnet18] [--reps 3] [--round 5]
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import torch
@@ -29,74 +38,89 @@ from fedrobust.data import load_dataset
 from fedrobust.models import build_model
 from fedrobust.node import shards_for
 from fedrobust.training import MemberTrainer, TrainSettings
-from strategies import EDLCM, Curvature, Dispersion, Plain
+from strategies import EDLCM, Curvature, Plain
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="cnn")
-    p.add_argument("--image", type=int, default=8)
-    p.add_argument("--epochs", type=int, default=5)
-    p.add_argument("--members", type=int, default=3)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--n", type=int, default=512, help="training images for --image 32")
-    args = p.parse_args()
-    torch.set_num_threads(args.threads)
-
-    if args.image == 8:
+def setting(name: str, n_random: int):
+    """(model name, x, y, x_val, y_val, channels, mean, std, batch size) of a benchmark setting."""
+    if name == "cnn":
         data = load_dataset("digits")
         shard = shards_for(load_config([]), data)[0]
         x, y = data.x_train[shard.train], data.y_train[shard.train]
         xv, yv = data.x_train[shard.val], data.y_train[shard.val]
-        c, mean, std = 1, data.mean, data.std
-    else:
-        g = torch.Generator().manual_seed(0)
-        x = torch.rand(args.n, 3, 32, 32, generator=g)
-        y = torch.randint(0, 10, (args.n,), generator=g)
-        xv, yv = x[: args.n // 4], y[: args.n // 4]
-        c, mean, std = 3, (0.5,) * 3, (0.25,) * 3
-    settings = TrainSettings(epochs=1000, batch_size=128)
+        return "cnn", x, y, xv, yv, 1, data.mean, data.std, 128
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(n_random, 3, 32, 32, generator=g)
+    y = torch.randint(0, 10, (n_random,), generator=g)
+    return name, x, y, x[: n_random // 4], y[: n_random // 4], 3, (0.5,) * 3, (0.25,) * 3, 64
 
-    def member(seed: int):
-        torch.manual_seed(seed)
-        return build_model(args.model, c, 10, mean, std)
 
-    def epoch_time(strategy, models, peers=(), epochs_per_round=1) -> float:
-        trainer = MemberTrainer(models, x, y, xv, yv, strategy, settings, seed=0)
-        trainer.run(1, peers=peers, progress=False)  # warm-up
-        t = time.perf_counter()
-        done = 0
-        while done < args.epochs * epochs_per_round:
-            trainer.run(epochs_per_round, peers=peers, progress=False)
-            done += epochs_per_round
-        return (time.perf_counter() - t) / done
-
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--settings", nargs="+", default=["cnn", "resnet18"])
+    p.add_argument("--reps", type=int, default=3, help="interleaved blocks per strategy")
+    p.add_argument("--round", type=int, default=5, help="epochs per block (a federated round)")
+    p.add_argument("--members", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--n", type=int, default=128, help="random training images for resnet18")
+    p.add_argument("--profile", default=None, help="profile one block of this strategy instead")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
     n = args.members
-    peers = [member(i).eval() for i in range(1, n)]
-    base = epoch_time(Plain(), member(0))
-    print(f"data: {len(x)} images {tuple(x.shape[1:])}, model {args.model}, batch 128, {args.threads} threads")
-    print(f"plain                          {base:7.3f} s/epoch   1.00x")
-    for name, strat, ps in [
-        ("curvature", Curvature(), ()),
-        (f"dispersion  federated, {n - 1} peers", Dispersion(), peers),
-        (f"edlcm       federated, {n - 1} peers", EDLCM(), peers),
-    ]:
-        t1 = epoch_time(strat, member(0), ps, 1)
-        line = f"{name:30s} {t1:7.3f} s/epoch  {t1 / base:5.2f}x"
-        if ps:
-            t5 = epoch_time(strat, member(0), ps, 5)
-            line += f"   (5 epochs per round: {t5:.3f} s, {t5 / base:.2f}x)"
-        print(line)
-    lazy = epoch_time(EDLCM(every=2), member(0), peers, 5)
-    print(f"{'edlcm every=2 (lazy, opt-in)':30s} {lazy:7.3f} s/epoch  {lazy / base:5.2f}x   (federated, 5 epochs per round)")
-    plain_all = base * n
-    joint = epoch_time(EDLCM(), [member(i) for i in range(n)])
-    print(f"edlcm joint, {n} members on one node {joint:7.3f} s/epoch vs {n} plain members {plain_all:.3f} s: {joint / plain_all:.2f}x")
-    print("federated dispersion scaling with peers (1 epoch per round):")
-    for k in (1, 2, 4, 6):
-        ps = [member(10 + i).eval() for i in range(k)]
-        t = epoch_time(Dispersion(), member(0), ps, 1)
-        print(f"  {k} peer(s): {t:.3f} s/epoch  {t / base:.2f}x plain")
+
+    for name in args.settings:
+        model_name, x, y, xv, yv, c, mean, std, batch = setting(name, args.n)
+        settings = TrainSettings(epochs=10**6, batch_size=batch, patience=10**6)
+
+        def member(seed: int):
+            torch.manual_seed(seed)
+            return build_model(model_name, c, 10, mean, std)
+
+        peers = [member(i).eval() for i in range(1, n)]
+        cases = {  # label: (strategy, models, peers, plain members it compares with)
+            "plain": (Plain(), member(0), (), 1),
+        }
+        for grad in ("fd", "exact"):
+            cases[f"curvature {grad}"] = (Curvature(grad=grad), member(0), (), 1)
+            cases[f"edlcm federated {grad}"] = (EDLCM(grad=grad), member(0), peers, 1)
+            cases[f"edlcm joint {grad}"] = (EDLCM(grad=grad), [member(i) for i in range(n)], (), n)
+        trainers = {}
+        for label, (strategy, models, ps, _) in cases.items():
+            trainers[label] = MemberTrainer(models, x, y, xv, yv, strategy, settings, seed=0)
+            trainers[label].run(1, peers=ps, progress=False)  # warm-up
+
+        def block(label: str) -> float:
+            _, _, ps, _ = cases[label]
+            t = time.perf_counter()
+            trainers[label].run(args.round, peers=ps, progress=False)
+            return (time.perf_counter() - t) / args.round
+
+        if args.profile:
+            from torch.profiler import ProfilerActivity, profile
+
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                block(args.profile)
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+            continue
+
+        times: dict[str, list[float]] = {label: [] for label in cases}
+        for _ in range(args.reps):
+            for label in cases:
+                times[label].append(block(label))
+        med = {label: statistics.median(v) for label, v in times.items()}
+        print(f"{model_name}: {len(x)} images {tuple(x.shape[1:])}, batch {batch}, {args.threads} threads, "
+              f"{args.reps} interleaved blocks of {args.round} epochs, median s/epoch")
+        print(f"  {'strategy':32s} {'s/epoch':>8s} {'x plain':>8s}")
+        print(f"  {'plain':32s} {med['plain']:8.3f} {1:8.2f}")
+        for kind in ("curvature", "edlcm federated", "edlcm joint"):
+            for grad in ("fd", "exact"):
+                label = f"{kind} {grad}"
+                members = cases[label][3]  # joint: against as many plain members trained one after the other
+                ratio = med[label] / (members * med["plain"])
+                shown = label + (f", {n - 1} peers" if "federated" in kind else f", {n} members" if "joint" in kind else "")
+                print(f"  {shown:32s} {med[label]:8.3f} {ratio:8.2f}")
+            fd, exact = med[f"{kind} fd"], med[f"{kind} exact"]
+            print(f"  {'':32s} fd / exact {fd / exact:.2f}")
 
 
 if __name__ == "__main__":

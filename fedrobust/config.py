@@ -77,6 +77,7 @@ class CurvatureConfig(StrategyConfig):
     alpha: float = 1.0
     h: float | None = None  # None: (8/255) * sqrt(input size), see strategies/hessian.py
     every: int = 1  # opt-in lazy regularisation: penalty on 1 batch in `every`, scaled by `every`
+    grad: str = "fd"  # fd: four first-order passes (strategies/regulariser.py) | exact: double backpropagation
 
 
 @dataclass
@@ -85,6 +86,7 @@ class DispersionConfig(StrategyConfig):
     beta: float = 0.01
     h: float | None = None
     every: int = 1  # opt-in lazy regularisation: penalty on 1 batch in `every`, scaled by `every`
+    grad: str = "fd"  # fd: four first-order passes (strategies/regulariser.py) | exact: double backpropagation
 
 
 @dataclass
@@ -94,6 +96,7 @@ class EDLCMConfig(StrategyConfig):
     beta: float = 0.01
     h: float | None = None
     every: int = 1  # opt-in lazy regularisation: penalty on 1 batch in `every`, scaled by `every`
+    grad: str = "fd"  # fd: four first-order passes (strategies/regulariser.py) | exact: double backpropagation
 
 
 @dataclass
@@ -429,6 +432,8 @@ def validate_strategy(st: DictConfig) -> None:
             _check(st[key] >= 0, f"strategy.{key}", f"must be >= 0, got {st[key]}")
     if "every" in st:
         _check(st.every >= 1, "strategy.every", f"must be >= 1, got {st.every}")
+    if "grad" in st:
+        _check(st.grad in ("fd", "exact"), "strategy.grad", f"unknown value '{st.grad}' (choose from fd, exact)")
     if "h" in st and st.h is not None:
         _check(st.h > 0, "strategy.h", f"must be > 0, got {st.h}")
     if st.name == "adversarial":

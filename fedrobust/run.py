@@ -271,6 +271,8 @@ def finalize_run(cfg: DictConfig, run_dir: Path, members: list[MemberUpdate], *,
         "data": cfg.data.name,
         "model": cfg.model.name,
         "strategy": cfg.strategy.name,
+        # how the regulariser's weight gradient was computed (fd | exact); null for strategies without one
+        "strategy_grad": cfg.strategy.get("grad"),
         "engine": cfg.engine.name,
         "seed": cfg.train.seed,
     }

@@ -5,11 +5,14 @@ Trains (or reuses) two digits ensembles with the default deployment
 ``strategy=edlcm``, same training seeds, then prints the TSR between members
 (PGD, 10 steps) at several budgets, and each ensemble's clean accuracy.
 
-``--every 1 2`` also trains EDLCM in its lazy form (``strategy.every=2``: the
-regulariser on one batch in two, scaled by two) to compare it with the
-every-batch form at the same seeds.
+``--grad fd exact`` trains EDLCM with each way of computing the penalty's
+weight gradient (``strategy.grad``: four first-order passes, or double
+backpropagation) to compare them at the same seeds. ``--every 1 2`` also
+trains EDLCM in its lazy form (``strategy.every=2``: the regulariser on one
+batch in two, scaled by two).
 
-Usage: python simulations/edlcm_tsr.py [--out runs/edlcm_tsr] [--seeds 0 1 2] [--every 1 2] [extra train overrides...]
+Usage: python simulations/edlcm_tsr.py [--out runs/edlcm_tsr] [--seeds 0 1 2] [--grad fd exact] [--every 1 2]
+       [extra train overrides...]
 """
 
 from __future__ import annotations
@@ -44,14 +47,16 @@ def main() -> None:
     p.add_argument("--out", default="runs/edlcm_tsr")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--every", type=int, nargs="+", default=[1], help="EDLCM strategy.every values to train")
+    p.add_argument("--grad", nargs="+", default=["fd"], choices=["fd", "exact"], help="EDLCM strategy.grad values to train")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args()
     torch.set_num_threads(2)
     rows = []
     for seed in args.seeds:
         cells = [("plain", "plain", [])] + [
-            ("edlcm" if k == 1 else f"edlcm/{k}", "edlcm" if k == 1 else f"edlcm-every{k}", [f"strategy.every={k}"])
-            for k in args.every
+            ("edlcm" + (f"/{k}" if k > 1 else "") + f" {grad}", "edlcm" + (f"-every{k}" if k > 1 else "") + f"-{grad}",
+             [f"strategy.every={k}", f"strategy.grad={grad}"])
+            for grad in args.grad for k in args.every
         ]
         for strategy, stem, extra in cells:
             run = Path(args.out) / f"{stem}-seed{seed}"
@@ -62,11 +67,11 @@ def main() -> None:
                     raise SystemExit(code)
             acc = json.loads((run / "results.json").read_text())["ensemble"]["clean_accuracy"]
             rows.append((strategy, seed, acc, [tsr(run, e) for e in EPS]))
-    print("edlcm/k: strategy.every=k (lazy regularisation)")
-    head = f"{'strategy':9s} {'seed':>4s} {'clean':>6s} " + " ".join(f"TSR@{e:.4f}".rjust(12) for e in EPS)
+    print("edlcm/k: strategy.every=k (lazy regularisation); fd | exact: strategy.grad")
+    head = f"{'strategy':15s} {'seed':>4s} {'clean':>6s} " + " ".join(f"TSR@{e:.4f}".rjust(12) for e in EPS)
     print(head)
     for strategy, seed, acc, values in rows:
-        print(f"{strategy:9s} {seed:4d} {acc:6.4f} " + " ".join(f"{v:12.2f}" for v in values))
+        print(f"{strategy:15s} {seed:4d} {acc:6.4f} " + " ".join(f"{v:12.2f}" for v in values))
 
 
 if __name__ == "__main__":

@@ -45,20 +45,19 @@ def default_h(x: torch.Tensor) -> float:
 def frozen_running_stats(model: nn.Module) -> Iterator[None]:
     """Run forward passes without changing batch-norm running statistics.
 
-    The buffers are swapped for copies and the originals put back afterwards
-    (by assignment, not in place), so tensors that autograd saved stay valid
-    for double backpropagation.
+    Batch-norm layers stop tracking for the duration: in training mode they
+    normalise with the batch's statistics as usual but neither read nor
+    update the running ones (nor count the batch); in eval mode they use the
+    running statistics as before.
     """
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-    saved = [(m.running_mean, m.running_var, m.num_batches_tracked) for m in norms]
     for m in norms:
-        m.running_mean, m.running_var = m.running_mean.clone(), m.running_var.clone()
-        m.num_batches_tracked = m.num_batches_tracked.clone()
+        m.track_running_stats = False
     try:
         yield
     finally:
-        for m, (mean, var, count) in zip(norms, saved):
-            m.running_mean, m.running_var, m.num_batches_tracked = mean, var, count
+        for m in norms:
+            m.track_running_stats = True
 
 
 def sign_direction(grad: torch.Tensor) -> torch.Tensor:

@@ -64,12 +64,15 @@ class record(TorchFunctionMode):
         kwargs = kwargs or {}
         if func in _RELU:
             out = func(*args, **kwargs)
-            self.pattern.entries.append(("relu", out.shape, out > 0))
+            # relu's output is >= 0, so its sign is the mask, as a float (a float multiply replays fastest)
+            self.pattern.entries.append(("relu", out.shape, out.detach().sign()))
             return out
         if func in _CLAMP:
             lo, hi = _clamp_bounds(func, args, kwargs)
             out = func(*args, **kwargs)
-            self.pattern.entries.append(("clamp", out.shape, (out > lo) & (out < hi), out >= hi, lo, hi))
+            value = out.detach()
+            mid = ((value > lo) & (value < hi)).to(value.dtype)
+            self.pattern.entries.append(("clamp", out.shape, mid, value * (1 - mid)))  # z -> z * mid + clamped
             return out
         if func in _MAXPOOL:
             wants = bool(kwargs.get("return_indices", False)) or (len(args) > 6 and bool(args[6]))
@@ -104,8 +107,8 @@ class replay(TorchFunctionMode):
             return z * mask
         if func in _CLAMP:
             z = args[0]
-            _, _, mid, top, lo, hi = self._next("clamp", z.shape)
-            return torch.where(mid, z, torch.where(top, z.new_tensor(hi), z.new_tensor(lo)))
+            _, _, mid, clamped = self._next("clamp", z.shape)
+            return z * mid + clamped
         if func in _MAXPOOL:
             z = args[0]
             wants = bool(kwargs.get("return_indices", False)) or (len(args) > 6 and bool(args[6]))

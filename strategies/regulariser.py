@@ -73,9 +73,8 @@ statistics but leave the running ones alone (:func:`~strategies.hessian.frozen_r
 
 Both forms return a loss whose value is the objective ``sum_m ce_m + P`` and
 whose gradient is the objective's (``fd``: to O(eps)); the ``fd`` loss is the
-objective's detached value plus a linear term in the weights that carries the
-combined gradient and is zero in value, so callers backpropagate it like any
-loss. With every penalty weight zero, ``u = 0``, the extra passes are skipped
+objective's detached value plus a term that is zero in value and whose
+gradient is the combined one, so callers backpropagate it like any loss. With every penalty weight zero, ``u = 0``, the extra passes are skipped
 and the gradient is plain training's, bit for bit.
 
 Written here because no maintained library computes this penalty's gradient.
@@ -182,10 +181,22 @@ def _fd_gradient(model: nn.Module, pr: _Probe, x, y, u: torch.Tensor, step: floa
     return out
 
 
+class _WeightGradient(torch.autograd.Function):
+    """A zero scalar whose gradient with respect to each parameter is a given tensor."""
+
+    @staticmethod
+    def forward(ctx, grads, *params):
+        ctx.grads = grads
+        return params[0].new_zeros(())
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        return (None, *(None if g is None else g * grad_output for g in ctx.grads))
+
+
 def _linear_in_weights(params: Sequence[nn.Parameter], grads: Sequence) -> torch.Tensor:
-    """``sum <p, grad>`` minus its own value: zero, with gradient ``grad`` for each parameter."""
-    s = sum(((p * g).sum() for p, g in zip(params, grads) if g is not None), params[0].new_zeros(()))
-    return s - s.detach()
+    """Zero in value, with gradient ``grads[i]`` for ``params[i]``: the first-order form's weight gradient as a loss."""
+    return _WeightGradient.apply(list(grads), *params)
 
 
 def regularised_objective(
