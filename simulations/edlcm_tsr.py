@@ -53,15 +53,15 @@ def main() -> None:
     torch.set_num_threads(2)
     rows = []
     for seed in args.seeds:
-        cells = [("plain", "plain", [])] + [
+        cells = [("plain", "plain", ["strategy=plain"])] + [  # label, run directory stem, overrides
             ("edlcm" + (f"/{k}" if k > 1 else "") + f" {grad}", "edlcm" + (f"-every{k}" if k > 1 else "") + f"-{grad}",
-             [f"strategy.every={k}", f"strategy.grad={grad}"])
+             ["strategy=edlcm", f"strategy.every={k}", f"strategy.grad={grad}"])
             for grad in args.grad for k in args.every
         ]
         for strategy, stem, extra in cells:
             run = Path(args.out) / f"{stem}-seed{seed}"
             if not (run / "results.json").is_file():  # resumable: finished cells are skipped
-                code = fedrobust(["train", "engine=inline", f"strategy={strategy.split('/')[0]}", f"train.seed={seed}",
+                code = fedrobust(["train", "engine=inline", f"train.seed={seed}",
                                   "train.progress=false", *extra, *args.overrides, f"run_dir={run}"])
                 if code != 0:
                     raise SystemExit(code)

@@ -38,6 +38,8 @@ BAD = [
     (["attack.surrogates=[cnn,resnet50]"], "attack.surrogates"),
     (["attack.whitebox_loss=hinge"], "attack.whitebox_loss"),
     (["attack.queries=0"], "attack.queries"),
+    (["strategy=edlcm", "strategy.grad=forward"], "strategy.grad"),
+    (["strategy=curvature", "strategy.every=0"], "strategy.every"),
 ]
 
 

@@ -95,9 +95,10 @@ def _digits_trainer(strategy, peers=()):
     return t
 
 
-def test_alpha_beta_zero_reproduce_plain_exactly():
+@pytest.mark.parametrize("grad", ["fd", "exact"])
+def test_alpha_beta_zero_reproduce_plain_exactly(grad):
     plain = _digits_trainer(Plain())
-    for zero in (EDLCM(alpha=0.0, beta=0.0), Curvature(alpha=0.0), Dispersion(beta=0.0)):
+    for zero in (EDLCM(alpha=0.0, beta=0.0, grad=grad), Curvature(alpha=0.0, grad=grad), Dispersion(beta=0.0, grad=grad)):
         other = _digits_trainer(zero)
         for k, v in plain.model.state_dict().items():
             assert torch.equal(v, other.model.state_dict()[k]), (zero.name, k)
@@ -220,6 +221,7 @@ def test_every_strategy_trains_inline(tmp_path, strategy, deployment):
         assert f"loss_terms/{who}/{term}" in tags, (term, sorted(tags))
     assert len(results["members"]) == (1 if deployment == "centralized" else 3)
     assert single or len({m["node"] for m in results["members"]}) == 3
+    assert results["strategy_grad"] == ("fd" if strategy in ("curvature", "dispersion", "edlcm") else None)
 
 
 # Flower's engine only carries tasks, members and peers; what a strategy does happens in the same
