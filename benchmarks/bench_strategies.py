@@ -5,8 +5,9 @@ ResNet-18 on random 3x32x32 images) every strategy gets its own trainer, all
 from the same initial members, and the timed blocks are interleaved: one
 block of each strategy in turn, repeated ``--reps`` times, so drift in the
 machine's speed hits every strategy alike. A block is one round of
-``--round`` epochs (validation included, as in training); the figure is the
-median block over the epochs in it.
+``--round`` epochs (5 on the CNN, 2 on ResNet-18; validation included, as in
+training; learning rate 0, so that every block computes on the same
+weights); the figure is the median block, per epoch.
 
 * curvature: one member.
 * edlcm, federated: one member with ``--members - 1`` frozen peers whose
@@ -22,7 +23,7 @@ against 23 s per epoch (26x, 3 ResNet-18, A100), TRS 6.5x and CURE 7.7x.
 ``--profile NAME`` prints a torch.profiler table of one block of that
 strategy instead (e.g. ``--profile "edlcm joint fd"``).
 
-Usage: python benchmarks/bench_strategies.py [--settings cnn resnet18] [--reps 3] [--round 5]
+Usage: python benchmarks/bench_strategies.py [--settings cnn resnet18] [--reps 3] [--round EPOCHS] [--n 64]
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import time
 import torch
 
 from fedrobust.config import load_config
-from fedrobust.data import load_dataset
+from fedrobust.data import load_dataset, to_float
 from fedrobust.models import build_model
 from fedrobust.node import shards_for
 from fedrobust.training import MemberTrainer, TrainSettings
@@ -55,14 +56,48 @@ def setting(name: str, n_random: int):
     return name, x, y, x[: n_random // 4], y[: n_random // 4], 3, (0.5,) * 3, (0.25,) * 3, 64
 
 
+def step_breakdown(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, reps: int) -> dict[str, float]:
+    """Median seconds of a plain step and of each part of one curvature ``fd`` step, on one batch."""
+    from strategies.curvature import curvature_penalty
+    from strategies.hessian import default_h
+    from strategies.regulariser import _fd_gradient, _linear_in_weights, _probe
+
+    model.train()
+    params = list(model.parameters())
+    parts: dict[str, list[float]] = {}
+
+    def timed(name, fn):
+        t = time.perf_counter()
+        out = fn()
+        parts.setdefault(name, []).append(time.perf_counter() - t)
+        return out
+
+    for i in range(reps + 2):
+        timed("plain step (forward + backward)", lambda: Plain().loss(model, x, y).total.backward(inputs=params))
+        pr = timed("passes at x and x1 (input and weight gradients)", lambda: _probe(model, x, y, default_h(x)))
+
+        def direction():
+            leaf = pr.diff.detach().requires_grad_(True)
+            with torch.enable_grad():
+                return torch.autograd.grad(curvature_penalty(leaf), leaf)[0]
+
+        u = timed("u = dpenalty/dD (autograd on the detached D)", direction)
+        grads = timed("passes at x+eps u and x1+eps u, combination", lambda: _fd_gradient(model, pr, x, y, u, None))
+        timed("backward of the loss (injects the gradient)",
+              lambda: (pr.ce + _linear_in_weights(pr.params, grads)).backward(inputs=params))
+        if i < 2:  # warm-up
+            parts = {}
+    return {k: statistics.median(v) for k, v in parts.items()}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--settings", nargs="+", default=["cnn", "resnet18"])
     p.add_argument("--reps", type=int, default=3, help="interleaved blocks per strategy")
-    p.add_argument("--round", type=int, default=5, help="epochs per block (a federated round)")
+    p.add_argument("--round", type=int, default=None, help="epochs per block (a federated round); default 5 on cnn, 2 on resnet18")
     p.add_argument("--members", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--n", type=int, default=128, help="random training images for resnet18")
+    p.add_argument("--n", type=int, default=64, help="random training images for resnet18")
     p.add_argument("--profile", default=None, help="profile one block of this strategy instead")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -70,7 +105,10 @@ def main() -> None:
 
     for name in args.settings:
         model_name, x, y, xv, yv, c, mean, std, batch = setting(name, args.n)
-        settings = TrainSettings(epochs=10**6, batch_size=batch, patience=10**6)
+        # lr 0: the weights stay where they start, so timings do not depend on where training goes (ResNet-18 on
+        # random labels with the curvature penalty diverges to NaN within a few epochs at lr 0.1)
+        settings = TrainSettings(lr=0.0, epochs=10**6, batch_size=batch, patience=10**6)
+        epochs = args.round or (5 if name == "cnn" else 2)
 
         def member(seed: int):
             torch.manual_seed(seed)
@@ -92,8 +130,8 @@ def main() -> None:
         def block(label: str) -> float:
             _, _, ps, _ = cases[label]
             t = time.perf_counter()
-            trainers[label].run(args.round, peers=ps, progress=False)
-            return (time.perf_counter() - t) / args.round
+            trainers[label].run(epochs, peers=ps, progress=False)
+            return (time.perf_counter() - t) / epochs
 
         if args.profile:
             from torch.profiler import ProfilerActivity, profile
@@ -109,7 +147,7 @@ def main() -> None:
                 times[label].append(block(label))
         med = {label: statistics.median(v) for label, v in times.items()}
         print(f"{model_name}: {len(x)} images {tuple(x.shape[1:])}, batch {batch}, {args.threads} threads, "
-              f"{args.reps} interleaved blocks of {args.round} epochs, median s/epoch")
+              f"{args.reps} interleaved blocks of {epochs} epochs, median s/epoch")
         print(f"  {'strategy':32s} {'s/epoch':>8s} {'x plain':>8s}")
         print(f"  {'plain':32s} {med['plain']:8.3f} {1:8.2f}")
         for kind in ("curvature", "edlcm federated", "edlcm joint"):
@@ -121,6 +159,13 @@ def main() -> None:
                 print(f"  {shown:32s} {med[label]:8.3f} {ratio:8.2f}")
             fd, exact = med[f"{kind} fd"], med[f"{kind} exact"]
             print(f"  {'':32s} fd / exact {fd / exact:.2f}")
+        bd = step_breakdown(member(0), to_float(x[:batch]), y[:batch],
+                            reps=30 if name == "cnn" else 5)
+        plain_step = bd.pop("plain step (forward + backward)")
+        print(f"  one curvature fd step on one batch of {batch}, by part, in plain steps ({plain_step * 1e3:.1f} ms):")
+        for part, t in bd.items():
+            print(f"    {part:50s} {t / plain_step:5.2f}")
+        print(f"    {'total':50s} {sum(bd.values()) / plain_step:5.2f}")
 
 
 if __name__ == "__main__":

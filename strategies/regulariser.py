@@ -111,10 +111,16 @@ class Objective:
 
 
 def fd_step_size(u: torch.Tensor, step: float | None = None) -> float:
-    """eps with ``eps * max_n ||u_n|| / sqrt(d) = step`` (default ``sqrt(machine_eps) / 3`` of u's dtype); 0 if u = 0."""
+    """eps with ``eps * max_n ||u_n|| / sqrt(d) = step`` (default ``sqrt(machine_eps) / 3`` of u's dtype).
+
+    0 if u = 0; NaN if u is not finite (a diverged penalty), so that the
+    gradient is NaN too, as double backpropagation's would be.
+    """
     if step is None:
         step = math.sqrt(torch.finfo(u.dtype).eps) / 3
     rms = float(u.flatten(1).norm(dim=1).max()) / math.sqrt(u[0].numel())
+    if not math.isfinite(rms):
+        return math.nan
     return step / rms if rms > 0 else 0.0
 
 

@@ -7,6 +7,8 @@ alone (the whole loss's gradient is mostly cross-entropy's when beta is
 0.01, so the penalty's own part is checked too).
 """
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -135,6 +137,7 @@ def test_fd_step_moves_the_most_displaced_sample_by_the_step():
     rms = (eps * u).flatten(1).norm(dim=1) / 8
     assert float(rms.max()) == pytest.approx(1e-4) and float(rms[2]) == pytest.approx(1e-4 / 3)
     assert fd_step_size(torch.zeros(2, 3)) == 0.0
+    assert math.isnan(fd_step_size(torch.tensor([[1.0, float("nan")]]))) and math.isnan(fd_step_size(u * float("inf")))
     assert fd_step_size(u) == pytest.approx((torch.finfo(torch.float32).eps ** 0.5 / 3) / 3)
     ratio = (torch.finfo(torch.float64).eps / torch.finfo(torch.float32).eps) ** 0.5  # sqrt(machine eps) scaling
     assert fd_step_size(u.double()) == pytest.approx(fd_step_size(u) * ratio)
