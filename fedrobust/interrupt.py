@@ -65,14 +65,24 @@ def keep_handlers() -> Iterator[None]:
             signal.signal(signal.SIGTERM, saved[1])
 
 
-def as_interrupt(exc: BaseException) -> Interrupted | None:
-    """``exc`` as an :class:`Interrupted`, if it is one in disguise (KeyboardInterrupt, Ray's SystemExit(15))."""
-    if isinstance(exc, Interrupted):
-        return exc
-    if isinstance(exc, KeyboardInterrupt):
-        return Interrupted(signal.SIGINT)
-    if isinstance(exc, SystemExit) and exc.code == signal.SIGTERM:
-        return Interrupted(signal.SIGTERM)
+def as_interrupt(exc: BaseException | None) -> Interrupted | None:
+    """``exc`` as an :class:`Interrupted`, if it is one in disguise.
+
+    KeyboardInterrupt, Ray's SystemExit(15), and any error whose cause or
+    context is one of these: a signal that lands inside a C extension (Ray's
+    ``CoreWorker.wait``) comes out as ``SystemError: ... returned a result
+    with an exception set``, with the interruption as its cause.
+    """
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, Interrupted):
+            return exc
+        if isinstance(exc, KeyboardInterrupt):
+            return Interrupted(signal.SIGINT)
+        if isinstance(exc, SystemExit) and exc.code == signal.SIGTERM:
+            return Interrupted(signal.SIGTERM)
+        exc = exc.__cause__ or exc.__context__
     return None
 
 

@@ -187,3 +187,24 @@ def test_tune_interrupted_keeps_the_study_in_one_line(tmp_path):
     rows = read_trials_csv(study / "trials.csv")
     assert 1 <= sum(r["state"] == "COMPLETE" for r in rows) < 8
     assert not list(study.rglob(".*.tmp"))
+
+
+def test_an_interruption_inside_a_c_extension_is_still_an_interruption():
+    """A signal that lands inside Ray's CoreWorker.wait surfaces as SystemError with the interruption as cause."""
+    from fedrobust.interrupt import Interrupted, as_interrupt
+
+    try:
+        try:
+            raise Interrupted(signal.SIGINT)
+        except Interrupted as inner:
+            raise SystemError("<cyfunction CoreWorker.wait> returned a result with an exception set") from inner
+    except SystemError as exc:
+        assert as_interrupt(exc).signum == signal.SIGINT
+    try:
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            raise RuntimeError("cleanup failed")  # context, not cause
+    except RuntimeError as exc:
+        assert as_interrupt(exc).signum == signal.SIGINT
+    assert as_interrupt(ValueError("bad")) is None and as_interrupt(SystemExit(1)) is None
