@@ -65,7 +65,7 @@ CNN and near 4e-5 on ResNet-18 (deeper, with more batch-norm curvature), and
 at 1e-4 the penalty's gradient is within 0.9% of the exact one on both, at
 initialisation and after training (``tests/test_regulariser.py``). In
 float64 the error falls in proportion to delta down to 1e-8. The
-displacement is about 300 times smaller than h's (8/255 per value), so the
+displacement is about 250 times smaller than h's (8/255 per value), so the
 difference probes the gradient at x and at x1, not between them.
 
 Batch norm: the pass at x runs as plain training does and updates the
