@@ -21,7 +21,7 @@ from torch import nn
 from .base import LossTerms, TrainingStrategy
 from .hessian import default_h
 from .plain import Plain
-from .regulariser import GRADS, regularised_objective
+from .regulariser import check_grad, regularised_objective
 
 __all__ = ["Curvature", "curvature_penalty"]
 
@@ -44,10 +44,7 @@ class Curvature(TrainingStrategy):
             raise ValueError(f"h must be > 0, got {h}")
         if every < 1:
             raise ValueError(f"every must be >= 1, got {every}")
-        if grad not in GRADS:
-            raise ValueError(f"unknown grad '{grad}' (choose from {', '.join(GRADS)})")
-        if fd_step is not None and fd_step <= 0:
-            raise ValueError(f"fd_step must be > 0, got {fd_step}")
+        check_grad(grad, fd_step)
         self.alpha, self.h, self.every = float(alpha), h, int(every)
         self.grad, self.fd_step = grad, fd_step
         self._step = 0

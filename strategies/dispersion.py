@@ -36,7 +36,7 @@ from .base import LossTerms, TrainingStrategy
 from .curvature import curvature_penalty
 from .hessian import default_h, gradient_difference
 from .plain import Plain
-from .regulariser import GRADS, regularised_objective
+from .regulariser import check_grad, regularised_objective
 
 __all__ = ["Dispersion", "pairwise_cosine", "dispersion_term"]
 
@@ -77,10 +77,7 @@ class Dispersion(TrainingStrategy):
             raise ValueError(f"h must be > 0, got {h}")
         if every < 1:
             raise ValueError(f"every must be >= 1, got {every}")
-        if grad not in GRADS:
-            raise ValueError(f"unknown grad '{grad}' (choose from {', '.join(GRADS)})")
-        if fd_step is not None and fd_step <= 0:
-            raise ValueError(f"fd_step must be > 0, got {fd_step}")
+        check_grad(grad, fd_step)
         self.alpha, self.beta, self.h, self.every = float(alpha), float(beta), h, int(every)
         self.grad, self.fd_step = grad, fd_step
         self._step = 0

@@ -95,7 +95,7 @@ from torch import nn
 from .hessian import frozen_running_stats, gradient_difference, sign_direction
 from .pattern import ActivationPattern, record, replay
 
-__all__ = ["GRADS", "Objective", "fd_step_size", "regularised_objective"]
+__all__ = ["GRADS", "Objective", "check_grad", "fd_step_size", "regularised_objective"]
 
 GRADS = ("fd", "exact")
 
@@ -110,6 +110,14 @@ class Objective:
     ce: list[float]  # each member's mean cross-entropy
     logits: list[torch.Tensor]  # each member's logits at x, detached
     terms: dict[str, float] = field(default_factory=dict)  # the unweighted penalty terms
+
+
+def check_grad(grad: str, fd_step: float | None = None) -> None:
+    """Refuse an unknown gradient form or a non-positive step, with a ValueError."""
+    if grad not in GRADS:
+        raise ValueError(f"unknown grad '{grad}' (choose from {', '.join(GRADS)})")
+    if fd_step is not None and fd_step <= 0:
+        raise ValueError(f"fd_step must be > 0, got {fd_step}")
 
 
 def fd_step_size(u: torch.Tensor, step: float | None = None) -> float:
@@ -224,6 +232,7 @@ def regularised_objective(
     penalties; it must be differentiable in them (it is called on the graph
     in the exact form and on detached leaves in the first-order form).
     """
+    check_grad(grad, fd_step)
     if grad == "exact":
         pairs = [gradient_difference(m, x, y, h, create_graph=True) for m in models]
         ces = [F.cross_entropy(z, y) for z, _ in pairs]
@@ -231,8 +240,6 @@ def regularised_objective(
         total = sum(ces[1:], ces[0]) + sum((w * values[k] for k, w in weights.items()), ces[0].new_zeros(()))
         return Objective(total, [float(c.detach()) for c in ces], [z.detach() for z, _ in pairs],
                          {k: float(v.detach()) for k, v in values.items()})
-    if grad != "fd":
-        raise ValueError(f"unknown grad '{grad}' (choose from {', '.join(GRADS)})")
 
     probes = [_probe(m, x, y, h) for m in models]
     leaves = [p.diff.detach().requires_grad_(True) for p in probes]
