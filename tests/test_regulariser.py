@@ -100,20 +100,14 @@ def test_fd_error_falls_with_the_step_in_float64():
     assert errors[-1] < 1e-4, errors
 
 
-def test_without_the_recorded_pattern_relu_crossings_ruin_the_difference():
+def test_without_the_recorded_pattern_relu_crossings_ruin_the_difference(monkeypatch):
     """Why the displaced passes replay the activation pattern: without it the difference is noise."""
     members, x, y = _members("cnn", 1, 0)
-    model = members[0]
     exact, _ = _grad(Curvature(grad="exact"), members, x, y)
     ce, _ = _grad(Plain(), members, x, y)
-    import strategies.regulariser as regulariser
-
-    original = regulariser.replay
-    try:
-        regulariser.replay = lambda pattern: record(ActivationPattern())  # displaced passes with their own pattern
-        fd, _ = _grad(Curvature(grad="fd"), [model], x, y)
-    finally:
-        regulariser.replay = original
+    # the displaced passes with their own pattern
+    monkeypatch.setattr("strategies.regulariser.replay", lambda pattern: record(ActivationPattern()))
+    fd, _ = _grad(Curvature(grad="fd"), members, x, y)
     assert _agreement(fd - ce, exact - ce)[1] > 0.5
 
 
