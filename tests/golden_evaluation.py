@@ -1,0 +1,52 @@
+"""The attack figures of a small evaluation on digits, and the run that produces them.
+
+``python tests/golden_evaluation.py OUT.json`` trains and evaluates that run and
+writes its figures; ``tests/data/evaluation_golden.json`` holds the figures the
+evaluation gave before it was split into stages, and
+``tests/test_evaluation_stages.py`` checks that today's evaluation gives them
+again, bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+TRAIN = ["engine=inline", "train.epochs=2", "train.progress=false"]
+ATTACK = [
+    "attack.num_samples=40", "attack.queries=15", "attack.surrogates=[cnn,vgg16]", "attack.surrogate_epochs=2",
+    "attack.apgd_steps=4", "attack.whitebox_steps=3", "attack.transfer_steps=2", "attack.tsr_steps=2",
+    "attack.hessian_samples=4", "attack.power_iters=3", "attack.batch_size=16",
+]
+
+
+def figures(results: dict) -> dict:
+    """What an evaluation measured (no timings, paths or cache flags)."""
+    ens = results["ensemble"]
+    attacks = {name: {k: v for k, v in e.items() if k != "cached"} for name, e in ens["attacks"].items()}
+    return {
+        "clean_accuracy_sample": ens["clean_accuracy_sample"],
+        "robust_accuracy": ens["robust_accuracy"],
+        "attacks": attacks,
+        "tsr": ens["tsr"],
+        "smoothness": ens["smoothness"],
+        "members": [m["robust_accuracy"] for m in results["members"]],
+        "surrogate_clean_accuracy": results["evaluation"]["surrogate_clean_accuracy"],
+    }
+
+
+def run(run_dir: Path, cache_dir: Path) -> dict:
+    from fedrobust.cli import main
+
+    assert main(["train", *TRAIN, f"run_dir={run_dir}"]) == 0
+    assert main(["evaluate", str(run_dir), *ATTACK, "train.progress=false", f"attack.cache_dir={cache_dir}"]) == 0
+    return figures(json.loads((run_dir / "results.json").read_text()))
+
+
+if __name__ == "__main__":
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = run(Path(tmp) / "run", Path(tmp) / "cache")
+    Path(sys.argv[1]).write_text(json.dumps(out, indent=1, sort_keys=True) + "\n")
