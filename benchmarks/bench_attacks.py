@@ -17,7 +17,7 @@ import time
 import torch
 
 from fedrobust.ensemble import LogitAverageEnsemble
-from fedrobust.evaluation import CWA, MIFGSM, SquareAttack
+from fedrobust.attacks import CWA, MIFGSM, SquareAttack
 from fedrobust.models import build_model
 
 

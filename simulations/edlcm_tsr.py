@@ -26,8 +26,8 @@ import torch
 
 from fedrobust.cli import main as fedrobust
 from fedrobust.data import load_dataset, to_float
-from fedrobust.evaluation import PGD
-from fedrobust.evaluation.metrics import transferability
+from fedrobust.attacks import PGD
+from fedrobust.attacks import transferability
 from fedrobust.interrupt import guarded
 from fedrobust.run import load_ensemble
 

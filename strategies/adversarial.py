@@ -7,7 +7,7 @@
   the start of each epoch, so training leans on adversarial examples while
   the member is not robust, and back on clean ones as it becomes robust.
 
-The attack is step 2's :class:`~fedrobust.evaluation.gradient.PGD` (step
+The attack is step 2's :class:`~fedrobust.attacks.gradient.PGD` (step
 ``2.5 * eps / steps``, random start) or FGSM, run in train mode with
 batch-norm running statistics frozen. Its random start is seeded by the
 member's seed and the epoch, so a run resumes exactly.
@@ -45,7 +45,7 @@ class Adversarial(TrainingStrategy):
         return self.eps * (self.eps_start + (1.0 - self.eps_start) * frac)
 
     def _attack(self, model: nn.Module, eps: float):
-        from fedrobust.evaluation.gradient import FGSM, PGD
+        from fedrobust.attacks import FGSM, PGD
 
         if self.attack_name == "fgsm":
             return FGSM(model, eps)
@@ -56,7 +56,7 @@ class Adversarial(TrainingStrategy):
             return self._attack(model, eps)(x, y)
 
     def begin_epoch(self, model: nn.Module, epoch: int, total_epochs: int, x_val, y_val, seed: int) -> dict[str, float]:
-        from fedrobust.evaluation.metrics import accuracy
+        from fedrobust.attacks import accuracy
 
         self._seed = seed * 100003 + epoch
         self.current_eps = self.epsilon_at(epoch, total_epochs)

@@ -5,10 +5,10 @@ import math
 import pytest
 import torch
 
-from fedrobust.evaluation import APGD, BIM, CWA, FGSM, MIFGSM, PGD, SquareAttack, accuracy
-from fedrobust.evaluation.gradient import CWA_INNER_RATIO
-from fedrobust.evaluation.losses import LOSSES, attack_loss, margin
-from fedrobust.evaluation.square import p_schedule
+from fedrobust.attacks import APGD, BIM, CWA, FGSM, MIFGSM, PGD, SquareAttack, accuracy
+from fedrobust.attacks.gradient import CWA_INNER_RATIO
+from fedrobust.attacks.losses import LOSSES, attack_loss, margin
+from fedrobust.attacks.square import p_schedule
 from fedrobust.training import TrainSettings, train_member
 from strategies import Plain
 

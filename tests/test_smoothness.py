@@ -2,7 +2,7 @@
 
 import torch
 
-from fedrobust.evaluation.smoothness import fd_hvp, gradient_cosine, hessian_lambda_max, hvp, input_gradient
+from fedrobust.attacks.smoothness import fd_hvp, gradient_cosine, hessian_lambda_max, hvp, input_gradient
 
 
 def _smooth_model():

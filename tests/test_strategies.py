@@ -9,7 +9,7 @@ from flwr.app import Context, Message, MessageType, RecordDict
 from fedrobust.cli import main
 from fedrobust.config import load_config
 from fedrobust.data import load_dataset
-from fedrobust.evaluation.smoothness import hvp
+from fedrobust.attacks.smoothness import hvp
 from fedrobust.node import initial_weights
 from fedrobust.protocol import decode_reply, encode_task
 from fedrobust.training import MemberTrainer, TrainSettings
@@ -148,7 +148,7 @@ def test_adversarial_schedule_and_adaptive_weight():
 
     model = build_member(load_config([]), d, seed=0)
     terms = adv.begin_epoch(model, 5, 10, d.x_test[:64], d.y_test[:64], seed=0)
-    from fedrobust.evaluation.metrics import accuracy
+    from fedrobust.attacks import accuracy
 
     clean = accuracy(model.eval(), d.x_test[:64], d.y_test[:64])
     a = terms["clean_weight"]

@@ -1,0 +1,53 @@
+"""Adversarial attacks and robustness measures on any logits model.
+
+This package knows nothing of runs, configs or caches: its only dependency
+is ``model``, a callable that maps a batch of inputs in [0, 1] pixel space
+to logits (an ``nn.Module`` in eval mode, an ensemble, a lambda). The
+evaluation stages (:mod:`fedrobust.evaluation`) and the adversarial-training
+strategy (:mod:`strategies.adversarial`) both build on it.
+
+Every attack is a small object built with its budget and called on
+``(x, y)``; it returns ``x_adv`` of the same shape, inside the budget's ball
+around ``x`` and inside [0, 1], and never mutates its inputs. Randomness
+comes from an explicit seed, never from the global RNG.
+
+Gradient attacks, L-infinity (:mod:`.gradient`)
+    ``FGSM(model, eps, loss)``, ``BIM(model, eps, steps, alpha, loss)``,
+    ``PGD(model, eps, steps, alpha, loss, seed)``,
+    ``APGD(model, eps, steps, loss, seed)`` (Auto-PGD, Croce & Hein 2020),
+    ``MIFGSM(model, eps, steps, alpha, mu, loss)``,
+    ``CWA(models, eps, steps, ...)`` (MI-Common-Weakness on a list of
+    surrogates, Chen et al. 2024); ``build_gradient_attack(name, ...)``.
+Query attack (:mod:`.square`)
+    ``SquareAttack(model, eps, norm="linf"|"l2", n_queries, p_init, loss,
+    seed)``; ``attack.run(x, y)`` also returns the queries spent per image
+    (each forward pass on an image counts once) in a :class:`SquareResult`.
+Losses (:mod:`.losses`)
+    per-sample and "larger is more adversarial": ``ce``, ``margin``, ``dlr``,
+    chosen by name with ``loss=...`` (AutoLoss-AR, paper 004).
+Measures (:mod:`.metrics`, :mod:`.smoothness`)
+    ``accuracy``/``predict``; ``transferability`` (TSR, EDLCM eq. 12);
+    ``hessian_lambda_max`` (input-Hessian power iteration), ``hvp``,
+    ``fd_hvp``, ``input_gradient``, ``gradient_cosine``.
+
+Example::
+
+    from fedrobust.attacks import APGD, SquareAttack, accuracy
+
+    ensemble.eval()
+    x_adv = APGD(ensemble, eps=8 / 255, steps=100, loss="dlr")(x, y)
+    result = SquareAttack(ensemble, eps=8 / 255, n_queries=500).run(x, y)
+    print(accuracy(ensemble, x_adv, y), accuracy(ensemble, result.x_adv, y), result.queries.float().mean())
+"""
+
+from .gradient import APGD, BIM, CWA, FGSM, MIFGSM, PGD, build_gradient_attack
+from .losses import LOSSES, attack_loss, margin
+from .metrics import accuracy, predict, transferability
+from .smoothness import fd_hvp, gradient_cosine, hessian_lambda_max, hvp, input_gradient
+from .square import SquareAttack, SquareResult
+
+__all__ = [
+    "APGD", "BIM", "CWA", "FGSM", "LOSSES", "MIFGSM", "PGD", "SquareAttack", "SquareResult", "accuracy",
+    "attack_loss", "build_gradient_attack", "fd_hvp", "gradient_cosine", "hessian_lambda_max", "hvp",
+    "input_gradient", "margin", "predict", "transferability",
+]
