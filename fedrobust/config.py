@@ -464,18 +464,16 @@ def validate_attack(a: DictConfig, data_name: str = "digits") -> None:
         for name in a.surrogates:
             one_of("surrogates", name, MODELS)
     _check(a.surrogate_epochs >= 1, "attack.surrogate_epochs", f"must be >= 1, got {a.surrogate_epochs}")
-    _check(len(a.transfer_attacks) > 0, "attack.transfer_attacks",
-           f"must name at least one attack (from {', '.join(TRANSFER_ATTACKS)})")
-    _check(len(a.query_attacks) > 0, "attack.query_attacks",
-           f"must name at least one attack (from {', '.join(QUERY_ATTACKS)})")
-    for name in a.transfer_attacks:
-        one_of("transfer_attacks", name, TRANSFER_ATTACKS)
+    from .evaluation.stages import stage_names  # the registered stages are what the lists may name
+
+    for group, key in (("transfer", "transfer_attacks"), ("query", "query_attacks"), ("whitebox", "whitebox")):
+        names = stage_names(group)
+        if key != "whitebox":
+            _check(len(a[key]) > 0, f"attack.{key}", f"must name at least one attack (from {', '.join(names)})")
+        for name in a[key]:
+            one_of(key, name, names)
     one_of("transfer", a.transfer, tuple(a.transfer_attacks))
-    for name in a.query_attacks:
-        one_of("query_attacks", name, QUERY_ATTACKS)
     one_of("query", a.query, tuple(a.query_attacks))
-    for name in a.whitebox:
-        one_of("whitebox", name, WHITEBOX_ATTACKS)
     one_of("transfer_loss", a.transfer_loss, ATTACK_LOSSES)
     one_of("whitebox_loss", a.whitebox_loss, ATTACK_LOSSES)
     one_of("square_loss", a.square_loss, ("margin", "ce"))

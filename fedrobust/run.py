@@ -7,7 +7,8 @@ Layout::
       train.log            the log
       partition.csv        per-node class counts of the training shards
       members/member_M.pt  state dicts (load with torch.load(..., weights_only=True))
-      tensorboard/         events: per-node train/val loss and accuracy, ensemble accuracy
+      tensorboard/         events: per-node train/val loss and accuracy, ensemble accuracy, class-mix image;
+        hparams/           the run's HParams session (fedrobust.views)
       results.json         ensemble and per-member metrics
       INCOMPLETE           only while training runs, or after it was interrupted or failed
 
@@ -26,13 +27,14 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from .config import ConfigError
+from .config import ConfigError, load_config
 from .atomic import atomic_open, save_torch, write_json, write_text
 from .data import ImageDataset, load_dataset
 from .ensemble import LogitAverageEnsemble
 from .node import MemberUpdate, build_member
 from .partition import class_counts_table
 from .training import evaluate_model, resolve_device
+from .views import add_figure, class_mix_figure, run_hparams, write_hparams
 
 __all__ = ["CheckpointError", "finalize_run", "load_ensemble", "load_member", "prepare_run_dir", "setup_logging"]
 
@@ -209,6 +211,8 @@ def _write_tensorboard(run_dir: Path, cfg: DictConfig, members: list[MemberUpdat
         tb.add_scalar("ensemble/clean_accuracy", results["ensemble"]["clean_accuracy"], 0)
         tb.add_text("partition", "```\n" + table + "\n```", 0)
         tb.add_text("config", "```\n" + OmegaConf.to_yaml(cfg) + "\n```", 0)
+        add_figure(tb, "partition/class_counts", class_mix_figure({u.node: u.class_counts for u in members}))
+    write_hparams(run_dir, run_hparams(cfg, load_config([])), {"clean_accuracy": results["ensemble"]["clean_accuracy"]})
 
 
 def _summary(results: dict) -> str:

@@ -1,12 +1,13 @@
-"""Evaluation: transfer (CWA, MI-FGSM, PGD on a surrogate zoo), query (Square), white-box attacks,
-TSR between members, and smoothness diagnostics."""
+"""Evaluation of a run: the attacks of :mod:`fedrobust.attacks` applied to a run's ensemble, as stages.
 
-from .gradient import APGD, BIM, CWA, FGSM, MIFGSM, PGD
-from .metrics import accuracy, transferability
-from .smoothness import fd_hvp, gradient_cosine, hessian_lambda_max, hvp
-from .square import SquareAttack, SquareResult
+:func:`evaluate_run` is a short driver over the stages registered in
+:mod:`.stages` (surrogate zoo, transfer, query and white-box attacks, TSR,
+smoothness); :mod:`.surrogates` trains the zoo and :mod:`.cache` keeps heavy
+artefacts by content.
+"""
 
-__all__ = [
-    "APGD", "BIM", "CWA", "FGSM", "MIFGSM", "PGD", "SquareAttack", "SquareResult", "accuracy",
-    "fd_hvp", "gradient_cosine", "hessian_lambda_max", "hvp", "transferability",
-]
+from .evaluate import evaluate_run, evaluation_sample, prepare_transfer_artefacts, read_results
+from .stages import REGISTRY, Stage, build_stages, register
+
+__all__ = ["REGISTRY", "Stage", "build_stages", "evaluate_run", "evaluation_sample", "prepare_transfer_artefacts",
+           "read_results", "register"]

@@ -130,8 +130,10 @@ def write_recommended(path: Path, front: list[dict[str, Any]], param_names: list
     return text
 
 
-def plot_front(study_dir: Path, rows: list[dict[str, Any]], objectives: str, title: str) -> list[Path]:
-    """Scatter of every completed trial with the feasible Pareto front, as PNG and PDF."""
+def plot_front(study_dir: Path, rows: list[dict[str, Any]], objectives: str, title: str,
+               tensorboard: bool = False) -> list[Path]:
+    """Scatter of every completed trial with the feasible Pareto front, as PNG and PDF; with
+    ``tensorboard``, also as the image ``pareto/front`` of the study's TensorBoard (step: completed trials)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -160,5 +162,12 @@ def plot_front(study_dir: Path, rows: list[dict[str, Any]], objectives: str, tit
     paths = [study_dir / "pareto.png", study_dir / "pareto.pdf"]
     for p in paths:
         save_figure(fig, p, dpi=150)
+    if tensorboard:
+        from torch.utils.tensorboard import SummaryWriter
+
+        from ..views import add_figure
+
+        with SummaryWriter(str(study_dir / "tensorboard")) as w:
+            add_figure(w, "pareto/front", fig, len(done))
     plt.close(fig)
     return paths

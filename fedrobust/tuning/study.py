@@ -240,7 +240,7 @@ def write_outputs(study_dir: Path, cfg: DictConfig, study: optuna.Study, space: 
     if final:
         title = f"{cfg.data.name}, {cfg.deployment.name} (N={cfg.deployment.num_nodes}), {cfg.strategy.name}"
         outputs.write_recommended(study_dir / "recommended.md", front, space.names, title, baseline, min_acc)
-        outputs.plot_front(study_dir, rows, cfg.tune.objectives, title)
+        outputs.plot_front(study_dir, rows, cfg.tune.objectives, title, tensorboard=True)
     return rows
 
 

@@ -1,0 +1,128 @@
+"""Evaluation as registered stages: same figures as before the split, one class per new attack, TensorBoard views."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedrobust.cli import main
+from fedrobust.config import ConfigError, load_config
+from fedrobust.evaluation import stages as st
+from golden_evaluation import ATTACK, figures, run
+
+GOLDEN = Path(__file__).parent / "data" / "evaluation_golden.json"
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory):
+    """The small digits run of golden_evaluation.py, trained and evaluated once for this module."""
+    tmp = tmp_path_factory.mktemp("stages")
+    got = run(tmp / "run", tmp / "cache")
+    return tmp / "run", tmp / "cache", got
+
+
+def test_stages_give_the_figures_of_the_evaluation_before_the_split(evaluated):
+    _, _, got = evaluated
+    want = json.loads(GOLDEN.read_text())
+    assert set(got["attacks"]) == set(want["attacks"])
+    for name in want["attacks"]:
+        assert got["attacks"][name] == want["attacks"][name], name
+    assert got == want  # and the rest: TSR matrix, smoothness summaries, per-member RA, surrogate accuracy
+
+
+def test_the_registry_orders_the_stages_and_each_names_its_inputs():
+    a = load_config([]).attack
+    ids = [s.id for s in st.build_stages(a, 3)]
+    assert ids == ["surrogates", "transfer:cwa", "transfer:mifgsm", "transfer:pgd", "query:square_linf",
+                   "query:square_l2", "whitebox:fgsm", "whitebox:bim", "whitebox:pgd", "whitebox:apgd", "tsr",
+                   "smoothness"]
+    assert [s.id for s in st.build_stages(a, 1)][-1] == "smoothness"  # no TSR with one member
+    a.whitebox, a.transfer_attacks, a.hessian_samples = ["apgd", "fgsm"], ["pgd", "cwa"], 0
+    assert [s.id for s in st.build_stages(a, 2)] == [
+        "surrogates", "transfer:pgd", "transfer:cwa", "query:square_linf", "query:square_l2", "whitebox:apgd",
+        "whitebox:fgsm", "tsr"]  # the config's order within a group
+    assert st.REGISTRY["surrogates"][""].needs() == ("zoo", "x", "y")
+    assert set(st.REGISTRY["transfer"]["cwa"].needs()) == {"attack", "zoo", "transfer", "target", "members", "x", "y",
+                                                           "board"}
+    assert "zoo" not in st.REGISTRY["whitebox"]["pgd"].needs()  # a white-box stage never loads the zoo
+
+
+class _UniformNoise:
+    """A test attack: a seeded uniform draw in the eps-ball."""
+
+    def __init__(self, eps: float, seed: int) -> None:
+        self.eps, self.seed = eps, seed
+
+    def __call__(self, x, y):
+        g = torch.Generator().manual_seed(self.seed)
+        return (x + (2 * torch.rand(x.shape, generator=g) - 1) * self.eps).clamp(0, 1)
+
+
+def test_a_new_attack_is_one_class_and_one_config_entry(evaluated, tmp_path, monkeypatch, capsys):
+    src, cache, got = evaluated
+    run_dir = tmp_path / "run"
+    shutil.copytree(src, run_dir)
+    monkeypatch.setitem(st.REGISTRY, "whitebox", dict(st.REGISTRY["whitebox"]))  # undone after the test
+
+    with pytest.raises(ConfigError, match=r"^attack\.whitebox: unknown value 'noise'"):
+        load_config(["attack.whitebox=[fgsm,noise]"])
+
+    @st.register
+    class NoiseWhitebox(st.WhiteboxStage):
+        name = "noise"
+
+        def build(self, target, attack):
+            return _UniformNoise(attack.eps, attack.seed)
+
+    assert main(["evaluate", str(run_dir), *ATTACK, "attack.whitebox=[fgsm,noise]", "train.progress=false",
+                 f"attack.cache_dir={cache}"]) == 0
+    results = json.loads((run_dir / "results.json").read_text())
+    attacks = results["ensemble"]["attacks"]
+    assert attacks["whitebox_fgsm"] == got["attacks"]["whitebox_fgsm"]
+    noise = attacks["whitebox_noise"]
+    assert noise["kind"] == "whitebox" and noise["steps"] == 3
+    # random noise in the ball is a far weaker attack than FGSM
+    assert noise["robust_accuracy"] >= attacks["whitebox_fgsm"]["robust_accuracy"]
+    assert list(results["evaluation"]["seconds"])[-4:-2] == ["whitebox:fgsm", "whitebox:noise"]
+
+
+def _accumulator(path: Path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(str(path), size_guidance={"images": 0, "scalars": 0, "tensors": 0})
+    ea.Reload()
+    return ea
+
+
+def test_a_runs_tensorboard_holds_hparams_the_adversarial_grids_and_the_class_mix(evaluated):
+    from tensorboard.plugins.hparams import metadata
+
+    run_dir, _, got = evaluated
+    board = _accumulator(run_dir / "tensorboard")
+    images = set(board.Tags()["images"])
+    assert {"partition/class_counts", "adversarial_examples/transfer_cwa", "adversarial_examples/query_square_linf"} <= images
+    assert not any(t.startswith("adversarial_examples/") and t.endswith(("mifgsm", "l2")) for t in images)  # primaries only
+    grid = board.Images("adversarial_examples/transfer_cwa")[-1]
+    assert grid.width > grid.height > 0  # 8 columns, 3 rows
+
+    hp = _accumulator(run_dir / "tensorboard" / "hparams")
+    content = hp.PluginTagToContent(metadata.PLUGIN_NAME)
+    assert metadata.SESSION_START_INFO_TAG in content
+    assert metadata.EXPERIMENT_TAG not in content  # TensorBoard unions the sessions of all runs
+    start = metadata.parse_session_start_info_plugin_data(content[metadata.SESSION_START_INFO_TAG])
+    hparams = {k: v.ListFields()[0][1] for k, v in start.hparams.items()}
+    assert hparams["strategy.name"] == "plain" and hparams["train.seed"] == 0
+    assert hparams["deployment.name"] == "distributed_dirichlet"
+    assert hparams["train.epochs"] == 2 and hparams["engine.name"] == "inline"  # the overrides, and only what differs
+    assert "optimizer.lr" not in hparams and "run_dir" not in hparams and "train.progress" not in hparams
+    scalars = {t: hp.Scalars(t)[-1].value for t in hp.Tags()["scalars"]}
+    results = json.loads((run_dir / "results.json").read_text())
+    assert set(scalars) == {"hparams/clean_accuracy", "hparams/RA_T", "hparams/RA_Q", "hparams/TSR"}
+    assert scalars["hparams/clean_accuracy"] == pytest.approx(results["ensemble"]["clean_accuracy"])
+    assert scalars["hparams/RA_T"] == pytest.approx(got["robust_accuracy"]["transfer"])
+    assert scalars["hparams/RA_Q"] == pytest.approx(got["robust_accuracy"]["query"])
+    assert scalars["hparams/TSR"] == pytest.approx(got["tsr"]["value"])
