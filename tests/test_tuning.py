@@ -91,13 +91,27 @@ def test_study_of_12_trials_on_two_ray_workers(tmp_path):
                 if not any(_dominates((q["ra_t"], q["ra_q"]), (r["ra_t"], r["ra_q"])) for q in feasible)}
     assert {t["number"] for t in doc["trials"]} == expected and expected
 
-    # the NSGA-II sampler ran with the study's population, and the optuna storage agrees with the csv
+    # the storage, opened as a user's notebook (or optuna-dashboard) would, holds every trial with its
+    # parameters, objective values and accuracy constraint, and agrees with trials.csv
     st = optuna.load_study(study_name="fedrobust", storage=f"sqlite:///{study / 'study.db'}")
-    assert {t.number: t.values for t in st.get_trials() if t.values} == {
-        r["number"]: [r["ra_t"], r["ra_q"]] for r in complete}
+    assert st.directions == [optuna.study.StudyDirection.MAXIMIZE] * 2
+    trials = {t.number: t for t in st.get_trials(states=(optuna.trial.TrialState.COMPLETE,))}
+    assert sorted(trials) == sorted(r["number"] for r in complete)
+    for r in complete:
+        t = trials[r["number"]]
+        assert t.values == [r["ra_t"], r["ra_q"]]
+        names = ("optimizer.lr", "optimizer.momentum", "optimizer.weight_decay", "train.batch_size")
+        assert t.params == {p: r[p] for p in names} and all(r[p] is not None for p in names)
+        assert t.constraints == {"clean_accuracy": pytest.approx(doc["min_accuracy"] - r["ca"])}
+        assert (t.constraints["clean_accuracy"] <= 0) == r["feasible"]
     for name in ("pareto.png", "pareto.pdf", "recommended.md"):
         assert (study / name).stat().st_size > 0
     assert len([p for p in (study / "tensorboard").iterdir() if p.is_dir()]) == 12  # one HParams run per trial
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    board = EventAccumulator(str(study / "tensorboard"), size_guidance={"images": 0})
+    board.Reload()
+    assert [e.step for e in board.Images("pareto/front")] == [12]  # the Pareto plot, at the number of trials
     assert "| balanced: best min(RA_T, RA_Q) |" in (study / "recommended.md").read_text()
 
     # running the same command again completes nothing new and runs nothing
