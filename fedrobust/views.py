@@ -170,6 +170,7 @@ class Board:
         pred, pred_adv = model(x).argmax(1), model(x_adv).argmax(1)
         fig = adversarial_figure(f"{attack}: {int((pred_adv != y).sum())}/{k} fooled", x, x_adv, y, pred, pred_adv)
         add_figure(self.writer, f"adversarial_examples/{attack}", fig)
+        self.writer.flush()  # on disk with its stage's part, even if the evaluation is killed later
 
     def hparam_metrics(self, metrics: Mapping[str, float]) -> None:
         """Metric values of the run's HParams session (see :func:`write_hparams`)."""
