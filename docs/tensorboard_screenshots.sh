@@ -3,7 +3,7 @@
 #   bash docs/tensorboard_screenshots.sh [WORK_DIR]
 # Trains and evaluates three digits runs that differ in one override each (attack.eps=0.1, so that the
 # perturbations show on 8x8 images), serves them with TensorBoard, and writes docs/tensorboard_*.png.
-# Needs Chromium (Debian: apt-get install chromium).
+# Needs Chromium (Debian: apt-get install chromium) and Node.js with npm (playwright-core is installed in WORK_DIR).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 work="${1:-$(mktemp -d)}"
@@ -28,13 +28,6 @@ for _ in $(seq 60); do
     sleep 1
 done
 
-shot() {  # shot OUT.png URL WIDTH HEIGHT
-    profile=$(mktemp -d)
-    chromium --headless --no-sandbox --disable-gpu --disable-quic --no-first-run --disable-background-networking \
-        --disable-component-update --disable-sync --hide-scrollbars "--user-data-dir=$profile" \
-        "--window-size=$3,$4" --virtual-time-budget=20000 "--screenshot=$1" "$2" > /dev/null 2>&1
-    rm -rf "$profile"
-}
-shot docs/tensorboard_hparams.png "http://127.0.0.1:$port/#hparams" 1600 700
-shot docs/tensorboard_images.png "http://127.0.0.1:$port/#images&tagFilter=adversarial_examples%2Ftransfer_cwa&regexInput=default" 1400 1000
+[ -d "$work/node/node_modules/playwright-core" ] || npm install --silent --prefix "$work/node" playwright-core@1
+NODE_PATH="$work/node/node_modules" node docs/tensorboard_screenshots.cjs "http://127.0.0.1:$port" docs
 echo "screenshots: docs/tensorboard_hparams.png docs/tensorboard_images.png (runs in $runs)"
