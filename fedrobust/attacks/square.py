@@ -18,8 +18,10 @@ Algorithm (paper, Alg. 1-3):
   per channel and keeps it if the loss decreases.
 * L2: init with a grid of "meta pseudo-Gaussian" squares scaled to norm eps;
   each step moves the perturbation's energy from a second random window into
-  the first, with a fresh meta pseudo-Gaussian pattern, keeping the total L2
-  norm at eps.
+  the first, with a fresh meta pseudo-Gaussian pattern added to the old one,
+  keeping the total L2 norm at eps. As in the paper's code, this is done per
+  channel: each channel keeps its energy, and the old and new patterns have
+  equal weight in it.
 """
 
 from __future__ import annotations
@@ -71,6 +73,10 @@ def _meta_pseudo_gaussian(s: int, generator: torch.Generator, device) -> torch.T
     if torch.rand(1, generator=generator).item() > 0.5:
         delta = delta.t()
     return delta
+
+
+def _channel_norm(t: torch.Tensor) -> torch.Tensor:
+    return t.pow(2).sum((2, 3), keepdim=True).sqrt().clamp_min(1e-12)
 
 
 class SquareAttack:
@@ -190,13 +196,15 @@ class SquareAttack:
         mask = torch.zeros(1, 1, h, w, device=x.device)
         mask[..., vh : vh + s, vw : vw + s] = 1
         mask[..., vh2 : vh2 + s, vw2 : vw2 + s] = 1
-        # energy outside both windows stays; the rest is re-spent on window 1
-        rest = (delta * (1 - mask)).flatten(1).norm(dim=1)
-        budget = (self.eps**2 - rest**2).clamp_min(0).sqrt().view(-1, 1, 1, 1)
+        # Per channel, as in the paper's code: the energy of both windows, plus an equal share of the budget
+        # that clipping left unspent, is re-spent on window 1, along the new pattern plus the old one, each of
+        # unit norm in every channel (normalising over all channels at once lets the new pattern swamp the old).
+        slack = (self.eps**2 - delta.flatten(1).pow(2).sum(1)).clamp_min(0).view(-1, 1, 1, 1) / c
+        budget = (slack + (delta * mask).pow(2).sum((2, 3), keepdim=True)).sqrt()
         old = delta[:, :, vh : vh + s, vw : vw + s]
-        old = old / old.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
+        old = old / _channel_norm(old)
         new = _meta_pseudo_gaussian(s, g, x.device) * self._rand_sign((n, c, 1, 1), g, x.device) + old
-        new = new / new.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1) * budget
+        new = new / _channel_norm(new) * budget
         delta = delta * (1 - mask)
         delta[:, :, vh : vh + s, vw : vw + s] = new
         return (x + self._project_l2(delta)).clamp(0.0, 1.0)
