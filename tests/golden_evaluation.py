@@ -1,10 +1,12 @@
 """The attack figures of a small evaluation on digits, and the run that produces them.
 
-``python tests/golden_evaluation.py OUT.json`` trains and evaluates that run and
-writes its figures; ``tests/data/evaluation_golden.json`` holds the figures the
-evaluation gave before it was split into stages, and
+``python tests/golden_evaluation.py OUT.json [WORK_DIR]`` trains and evaluates
+that run (in WORK_DIR/run, with its cache in WORK_DIR/cache; a temporary
+folder if none is given) and writes its figures; ``tests/data/evaluation_golden.json``
+holds the figures the evaluation gave before it was split into stages, and
 ``tests/test_evaluation_stages.py`` checks that today's evaluation gives them
-again, bit for bit.
+again, bit for bit. Both run it as a fresh process: the figures depend on
+process-wide state that earlier tests change (torch's thread count, for one).
 """
 
 from __future__ import annotations
@@ -47,6 +49,9 @@ def run(run_dir: Path, cache_dir: Path) -> dict:
 if __name__ == "__main__":
     import tempfile
 
-    with tempfile.TemporaryDirectory() as tmp:
-        out = run(Path(tmp) / "run", Path(tmp) / "cache")
+    if len(sys.argv) > 2:
+        out = run(Path(sys.argv[2]) / "run", Path(sys.argv[2]) / "cache")
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            out = run(Path(tmp) / "run", Path(tmp) / "cache")
     Path(sys.argv[1]).write_text(json.dumps(out, indent=1, sort_keys=True) + "\n")
