@@ -29,6 +29,28 @@ def test_digits_in_unit_range_with_fixed_stratified_split():
     assert torch.equal(again.y_test, d.y_test) and torch.equal(again.x_test, d.x_test)
 
 
+def test_digits_equal_scikit_learns_load_digits_and_split_without_importing_it():
+    """The stored split is scikit-learn's stratified split, image for image and in the same order."""
+    import subprocess
+    import sys
+
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    from fedrobust.data import DIGITS_SPLIT_SEED, DIGITS_TEST_FRACTION
+
+    bunch = load_digits()
+    images = (bunch.images / 16.0).astype(np.float32)[:, None]
+    x_tr, x_te, y_tr, y_te = train_test_split(images, bunch.target.astype(np.int64), test_size=DIGITS_TEST_FRACTION,
+                                              stratify=bunch.target, random_state=DIGITS_SPLIT_SEED)
+    d = load_dataset("digits")
+    assert torch.equal(d.x_train, torch.from_numpy(x_tr)) and torch.equal(d.y_train, torch.from_numpy(y_tr))
+    assert torch.equal(d.x_test, torch.from_numpy(x_te)) and torch.equal(d.y_test, torch.from_numpy(y_te))
+    code = "import sys; from fedrobust.data import load_dataset; load_dataset('digits'); print('sklearn' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+
+
 @pytest.mark.parametrize("name,classes", [("cifar10", 10), ("cifar100", 100)])
 @pytest.mark.parametrize("as_tarball", [False, True])
 def test_cifar_loader_reads_real_format(tmp_path, name, classes, as_tarball):
