@@ -28,7 +28,7 @@ Hydra overrides, e.g.:
 groups:   data={digits,cifar10,cifar100}  model={cnn,resnet18,resnet34,mobilenetv2,vgg16,resnet8,vgg7,mlp}
           deployment={centralized,deep_ensemble,distributed_iid,distributed_dirichlet}
           strategy={plain,curvature,dispersion,edlcm,adversarial}  engine={simulation,inline}
-keys:     optimizer.{lr,momentum,weight_decay}  train.{epochs,rounds,batch_size,patience,seed,device,progress}
+keys:     optimizer.{lr,momentum,weight_decay}  train.{epochs,rounds,batch_size,patience,seed,device,precision,progress}
           deployment.{num_nodes,alpha,partition_seed}  data.{root,augment,crop_padding,val_fraction}
           engine.{num_cpus,num_gpus,timeout,on_missing,min_members,ray_address}  evaluate=true  attack.*  run_dir=PATH
 """

@@ -132,6 +132,7 @@ class TrainConfig:
     patience: int = 10  # early stopping on validation loss
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: str = "fp32"  # fp32 | bf16 | fp16: autocast for training (fp16 with a grad scaler); attacks stay fp32
     progress: bool = True
 
 
@@ -395,6 +396,8 @@ def validate(cfg: DictConfig) -> None:
         "train.device",
         f"must be auto, cpu, cuda, cuda:N or mps, got '{cfg.train.device}'",
     )
+    _check(cfg.train.precision in ("fp32", "bf16", "fp16"), "train.precision",
+           f"unknown value '{cfg.train.precision}' (choose from fp32, bf16, fp16)")
     _check(cfg.engine.num_cpus > 0, "engine.num_cpus", f"must be > 0, got {cfg.engine.num_cpus}")
     _check(cfg.engine.num_gpus >= 0, "engine.num_gpus", f"must be >= 0, got {cfg.engine.num_gpus}")
     _check(cfg.engine.timeout >= 0, "engine.timeout", f"must be >= 0, got {cfg.engine.timeout}")

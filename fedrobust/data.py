@@ -91,7 +91,9 @@ def _load_digits() -> ImageDataset:
     scikit-learn's own split), so loading the data needs no scikit-learn import.
     """
     raw = np.loadtxt(_digits_csv(), delimiter=",", dtype=np.float64)
-    images = (raw[:, :-1].reshape(-1, 1, 8, 8) / 16.0).astype(np.float32)  # (N, 1, 8, 8) in [0, 1]
+    # (N, 1, 8, 8) in [0, 1]. The channel axis is inserted as a view, as scikit-learn's loader and split left it:
+    # with one channel, the strides say whether convolutions take the channels-last kernels, and so the round-off
+    images = (raw[:, :-1].reshape(-1, 8, 8) / 16.0).astype(np.float32)[:, None]
     labels = raw[:, -1].astype(np.int64)
     split = json.loads(Path(__file__).with_name("digits_split.json").read_text())
     train, test = np.asarray(split["train"], dtype=np.int64), np.asarray(split["test"], dtype=np.int64)

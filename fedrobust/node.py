@@ -102,6 +102,7 @@ def train_settings(cfg: DictConfig) -> TrainSettings:
         patience=cfg.train.patience,
         augment=cfg.data.augment,
         crop_padding=cfg.data.crop_padding,
+        precision=cfg.train.precision,
     )
 
 

@@ -27,7 +27,7 @@ from torch import nn
 
 from strategies import TrainingStrategy
 
-from .augment import random_crop_flip
+from .augment import crop_flip, draw_crop_flip
 from .data import to_float
 from .progress import progress as progress_bar
 
@@ -36,6 +36,7 @@ __all__ = [
     "MemberTrainer",
     "TrainSettings",
     "cosine_lr",
+    "autocast",
     "evaluate_model",
     "member_seed",
     "resolve_device",
@@ -63,6 +64,16 @@ def cosine_lr(base_lr: float, epoch: int, total_epochs: int) -> float:
     return base_lr * 0.5 * (1.0 + math.cos(math.pi * epoch / total_epochs))
 
 
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast(device: torch.device, precision: str):
+    """``torch.autocast`` for ``precision`` on ``device``'s type; a no-op context for fp32."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision '{precision}' (choose from {', '.join(PRECISIONS)})")
+    return torch.autocast(device.type, dtype=PRECISIONS[precision], enabled=precision != "fp32")
+
+
 @dataclass(frozen=True)
 class TrainSettings:
     lr: float = 0.1
@@ -73,6 +84,7 @@ class TrainSettings:
     patience: int = 10
     augment: bool = False
     crop_padding: int = 4
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast; fp16 adds a grad scaler)
 
 
 @dataclass
@@ -127,6 +139,10 @@ class MemberTrainer:
     ) -> None:
         self.device = torch.device(device)
         self.models = [m.to(self.device) for m in ([model] if isinstance(model, nn.Module) else model)]
+        # channels-last on CUDA: the layout its convolution kernels (and tensor cores) prefer
+        self.channels_last = self.device.type == "cuda" and x_train.dim() == 4
+        if self.channels_last:
+            self.models = [m.to(memory_format=torch.channels_last) for m in self.models]
         if len(self.models) > 1 and not hasattr(strategy, "joint_loss"):
             raise ValueError(f"strategy '{strategy.name}' cannot train members jointly")
         self.x_train, self.y_train = x_train.to(self.device), y_train.to(self.device)
@@ -139,6 +155,8 @@ class MemberTrainer:
             self.params, lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay
         )
         self.generator = torch.Generator().manual_seed(seed)  # batching and augmentation
+        # fp16 needs loss scaling against gradient underflow; bf16 has fp32's range and needs none
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=settings.precision == "fp16")
         self.epoch = 0
         self.bad_epochs = 0
         self.stopped = False
@@ -169,23 +187,29 @@ class MemberTrainer:
     def _batch_loss(self, xb, yb, idx, peers):
         if len(self.models) > 1:
             out, logits = self.strategy.joint_loss(self.models, xb, yb)
-            correct = sum(int((z.argmax(1) == yb).sum()) for z in logits) / len(logits)
+            correct = sum((z.argmax(1) == yb).sum() for z in logits) / len(logits)
             return out, correct
         if self._peer_diffs is not None:
             out = self.strategy.loss(self.model, xb, yb, peers=peers, peer_diffs=[d[idx] for d in self._peer_diffs])
         else:
             out = self.strategy.loss(self.model, xb, yb, peers=peers)
-        correct = int((out.logits.argmax(1) == yb).sum()) if out.logits is not None else 0
+        correct = (out.logits.argmax(1) == yb).sum() if out.logits is not None else 0
         return out, correct
 
     def _train_epoch(self, peers: Sequence[nn.Module]) -> tuple[float, float, dict[str, float]]:
+        """One epoch. Batches are gathered and augmented on the device from index tensors drawn once per
+        epoch, and the running sums stay on the device, so no batch waits for a copy or a sync."""
         s = self.settings
         for m in self.models:
             m.train()
         n = len(self.x_train)
         perm = torch.randperm(n, generator=self.generator).to(self.device)
-        loss_sum, correct, seen = 0.0, 0.0, 0
-        term_sums: dict[str, float] = {}
+        if s.augment:
+            dy, dx, flip = (t.to(self.device) for t in draw_crop_flip(n, s.crop_padding, self.generator))
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        correct = torch.zeros((), dtype=torch.float64, device=self.device)
+        seen = 0
+        term_sums: dict[str, float | torch.Tensor] = {}
         term_seen: dict[str, int] = {}
         batches = math.ceil(n / s.batch_size)
         for b_idx, start in enumerate(range(0, n, s.batch_size)):
@@ -195,21 +219,27 @@ class MemberTrainer:
                 continue
             xb = to_float(self.x_train[idx])
             if s.augment:
-                xb = random_crop_flip(xb, s.crop_padding, self.generator)
+                part = slice(start, start + len(idx))
+                xb = crop_flip(xb, dy[part], dx[part], flip[part], s.crop_padding)
+            if self.channels_last:
+                xb = xb.contiguous(memory_format=torch.channels_last)
             yb = self.y_train[idx]
-            out, batch_correct = self._batch_loss(xb, yb, idx, peers)
+            with autocast(self.device, s.precision):
+                out, batch_correct = self._batch_loss(xb, yb, idx, peers)
             self.optimizer.zero_grad(set_to_none=True)
-            out.total.backward(inputs=self.params)  # no gradients for the inputs a strategy differentiated
-            self.optimizer.step()
+            # no gradients for the inputs a strategy differentiated
+            self.scaler.scale(out.total).backward(inputs=self.params)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
             b = len(idx)
-            loss_sum += float(out.total.detach()) * b
+            loss_sum += out.total.detach().double() * b
             seen += b
             correct += batch_correct
             for k, v in out.terms.items():
-                term_sums[k] = term_sums.get(k, 0.0) + v * b
+                term_sums[k] = term_sums.get(k, 0.0) + (v.double() if isinstance(v, torch.Tensor) else v) * b
                 term_seen[k] = term_seen.get(k, 0) + b
         seen = max(seen, 1)
-        return loss_sum / seen, correct / seen, {k: v / term_seen[k] for k, v in term_sums.items()}
+        return float(loss_sum) / seen, float(correct) / seen, {k: float(v) / term_seen[k] for k, v in term_sums.items()}
 
     def _validate(self) -> tuple[float, float]:
         scores = [evaluate_model(m, self.x_val, self.y_val) for m in self.models]
@@ -279,6 +309,8 @@ class MemberTrainer:
             buf = self.optimizer.state.get(p, {}).get("momentum_buffer")
             if buf is not None:
                 state[f"momentum.{i}"] = buf.detach().cpu()
+        if self.scaler.is_enabled():
+            state["scaler"] = torch.tensor([self.scaler.get_scale(), self.scaler._get_growth_tracker()], dtype=torch.float64)
         state["rng"] = self.generator.get_state()
         state["counters"] = torch.tensor([self.epoch, self.bad_epochs, int(self.stopped), self.best_epoch], dtype=torch.int64)
         state["best_val_loss"] = torch.tensor([self.best_val_loss], dtype=torch.float64)
@@ -294,6 +326,10 @@ class MemberTrainer:
         for n, v in state.items():
             if n.startswith("momentum."):
                 self.optimizer.state[self.params[int(n.split(".")[1])]]["momentum_buffer"] = v.to(self.device).clone()
+        if "scaler" in state and self.scaler.is_enabled():
+            scale, tracker = (float(v) for v in state["scaler"])
+            self.scaler.load_state_dict({"scale": scale, "growth_factor": 2.0, "backoff_factor": 0.5,
+                                         "growth_interval": 2000, "_growth_tracker": int(tracker)})
         self.generator.set_state(state["rng"].to(torch.uint8).cpu())
         epoch, bad, stopped, best_epoch = (int(v) for v in state["counters"])
         self.epoch, self.bad_epochs, self.stopped, self.best_epoch = epoch, bad, bool(stopped), best_epoch

@@ -12,7 +12,7 @@ from torch import nn
 
 @dataclass
 class LossTerms:
-    """The loss to backpropagate and its named parts (detached floats, for logging).
+    """The loss to backpropagate and its named parts (detached floats or 0-d tensors, for logging).
 
     ``total``'s value is the objective on the batch and its gradient with
     respect to the weights is the objective's. Its graph need not be the

@@ -96,11 +96,12 @@ class Dispersion(TrainingStrategy):
     def peer_differences(self, peers: Sequence[nn.Module], x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
         """The frozen peers' gradient differences on ``(x, y)`` (constants for the loss)."""
         out = []
-        for peer in peers:
-            was_training = peer.training
-            peer.eval()
-            out.append(gradient_difference(peer, x, y, self._h(x), create_graph=False)[1])
-            peer.train(was_training)
+        with torch.autocast(x.device.type, enabled=False):  # fp32, as the members' own differences
+            for peer in peers:
+                was_training = peer.training
+                peer.eval()
+                out.append(gradient_difference(peer, x, y, self._h(x), create_graph=False)[1])
+                peer.train(was_training)
         return out
 
     def loss(

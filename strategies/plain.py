@@ -17,4 +17,4 @@ class Plain(TrainingStrategy):
     def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, peers: Sequence[nn.Module] = ()) -> LossTerms:
         logits = model(x)
         ce = F.cross_entropy(logits, y)
-        return LossTerms(total=ce, terms={"ce": float(ce.detach())}, logits=logits.detach())
+        return LossTerms(total=ce, terms={"ce": ce.detach()}, logits=logits.detach())

@@ -68,6 +68,13 @@ float64 the error falls in proportion to delta down to 1e-8. The
 displacement is about 250 times smaller than h's (8/255 per value), so the
 difference probes the gradient at x and at x1, not between them.
 
+Precision. The objective always runs with autocast off, in the dtype of its
+input (fp32 in training), even inside ``train.precision=bf16|fp16``: in
+bf16 (8 bits of mantissa) ``sqrt(machine_eps)`` is 0.06 per value, so the
+displacement could no longer be both small against h and large against
+round-off. Only the plain cross-entropy batches of ``every > 1`` gain from
+reduced precision.
+
 Batch norm: the pass at x runs as plain training does and updates the
 running statistics; the passes at x1, x + eps u and x1 + eps u use batch
 statistics but leave the running ones alone (:func:`~strategies.hessian.frozen_running_stats`).
@@ -233,6 +240,12 @@ def regularised_objective(
     in the exact form and on detached leaves in the first-order form).
     """
     check_grad(grad, fd_step)
+    # fp32 whatever the caller's autocast: the finite difference's step is sized to fp32's round-off
+    with torch.autocast(x.device.type, enabled=False):
+        return _objective(models, x, y, h=h, terms=terms, weights=weights, grad=grad, fd_step=fd_step)
+
+
+def _objective(models, x, y, *, h, terms, weights, grad, fd_step) -> Objective:
     if grad == "exact":
         pairs = [gradient_difference(m, x, y, h, create_graph=True) for m in models]
         ces = [F.cross_entropy(z, y) for z, _ in pairs]

@@ -46,6 +46,8 @@ def test_digits_equal_scikit_learns_load_digits_and_split_without_importing_it()
     d = load_dataset("digits")
     assert torch.equal(d.x_train, torch.from_numpy(x_tr)) and torch.equal(d.y_train, torch.from_numpy(y_tr))
     assert torch.equal(d.x_test, torch.from_numpy(x_te)) and torch.equal(d.y_test, torch.from_numpy(y_te))
+    # and the same strides: with one channel they pick the convolution kernels, and so the figures' round-off
+    assert d.x_train.stride() == torch.from_numpy(x_tr).stride() and d.x_test.stride() == torch.from_numpy(x_te).stride()
     code = "import sys; from fedrobust.data import load_dataset; load_dataset('digits'); print('sklearn' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"

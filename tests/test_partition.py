@@ -60,3 +60,27 @@ def test_class_counts_table_has_a_row_per_node():
     lines = table.splitlines()
     assert lines[1].split() == ["node", "0", "1", "total"]
     assert lines[3].split() == ["0", "1", "2", "3"] and lines[4].split() == ["1", "3", "4", "7"]
+
+
+def test_partitions_are_cached_on_disk_and_a_bad_entry_is_recomputed(tmp_path, monkeypatch):
+    """A second process finds the partition on disk and never imports flwr-datasets; a tampered entry is ignored."""
+    import json
+    import subprocess
+    import sys
+
+    monkeypatch.setenv("FEDROBUST_CACHE", str(tmp_path))
+    first = partition_indices(LABELS, "distributed_dirichlet", 4, 0.9, 123)
+    (entry,) = (tmp_path / "shards").glob("distributed_dirichlet-*.json")
+    code = ("import sys; import numpy as np; from fedrobust.partition import partition_indices; "
+            f"s = partition_indices(np.array({LABELS.tolist()}), 'distributed_dirichlet', 4, 0.9, 123); "
+            "print(sum(map(len, s)), 'flwr_datasets' in sys.modules)")
+    env = {**__import__("os").environ, "FEDROBUST_CACHE": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout
+    assert out.split() == [str(sum(map(len, first))), "False"]
+    # an entry whose indices overlap (or leave the data set) is not trusted: the partition is computed again
+    bad = json.loads(entry.read_text())
+    bad["shards"][1] = bad["shards"][0]
+    entry.write_text(json.dumps(bad))
+    again = partition_indices(LABELS, "distributed_dirichlet", 4, 0.9, 123)
+    assert all(np.array_equal(a, b) for a, b in zip(first, again))
+    assert json.loads(entry.read_text())["shards"][1] != bad["shards"][1]  # and rewritten
