@@ -12,9 +12,9 @@ mapped over that axis (``torch.func.vmap`` of ``functional_call``). vmap turns
 each convolution into one grouped convolution over all members, so the
 ensemble costs one kernel launch per layer instead of one per member and
 layer. That pays where launches dominate (a GPU, small models), and not on a
-CPU, which is compute-bound either way: on 2 cores, 3 and 7 digits CNNs and
-ResNet-18s ran no faster vectorised, and up to 1.25x slower
-(``benchmarks/bench_gpu.py``). So ``vectorise="auto"`` (the default)
+CPU, which is compute-bound either way and runs grouped convolutions
+slower: on 2 cores, 3, 5 and 7 ResNet-18s ran at 0.67x, 0.53x and 0.53x the
+loop's speed (``benchmarks/bench_gpu.py``). So ``vectorise="auto"`` (the default)
 vectorises on CUDA only; ``True`` forces it wherever the members allow it,
 ``False`` never. Mixed architectures (the surrogate zoo) always take the loop.
 

@@ -180,8 +180,14 @@ def _tell_complete(study: optuna.Study, trial: optuna.Trial, scores: dict[str, A
     study.tell(trial, list(outputs.objective_values(scores, objectives)))
 
 
-def _requeue_stale(study: optuna.Study, trials_dir: Path, min_acc: float, objectives: str) -> int:
-    """Running trials left by a dead tuner: record those that finished, queue the others again."""
+def _requeue_stale(study: optuna.Study, trials_dir: Path, min_acc: float, objectives: str,
+                   names: list[str] | None = None) -> int:
+    """Running trials left by a dead tuner: record those that finished, queue the others again.
+
+    A trial killed while its parameters were being suggested holds only some
+    of ``names``; queued again, the rest would be sampled afresh, so it is
+    failed and not queued (it never ran; the study asks a new trial instead).
+    """
     n = 0
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         run_dir = trials_dir / f"trial_{t.number:04d}"
@@ -190,6 +196,10 @@ def _requeue_stale(study: optuna.Study, trials_dir: Path, min_acc: float, object
         if scores is not None:
             log.info("trial %d had finished before the tuner stopped: recorded", t.number)
             _tell_complete(study, handle, scores, min_acc, objectives)
+            continue
+        if names is not None and not set(names) <= set(t.params):
+            handle.set_user_attr("error", "the tuner stopped while this trial's parameters were suggested")
+            study.tell(handle, state=optuna.trial.TrialState.FAIL)
             continue
         study.tell(handle, state=optuna.trial.TrialState.FAIL)
         study.enqueue_trial(t.params, user_attrs={"requeued_from": t.number}, skip_if_exists=False)
@@ -274,7 +284,7 @@ def run_study(cfg: DictConfig) -> list[dict[str, Any]]:
         study = open_study(cfg, study_dir)
         trials_dir = study_dir / "trials"
         trials_dir.mkdir(exist_ok=True)
-        _requeue_stale(study, trials_dir, min_acc, cfg.tune.objectives)
+        _requeue_stale(study, trials_dir, min_acc, cfg.tune.objectives, space.names)
         return _loop(cfg, base, study, space, study_dir, trials_dir, baseline, min_acc)
 
 
