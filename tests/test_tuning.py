@@ -212,3 +212,23 @@ def test_accuracy_mode_maximises_validation_accuracy_and_the_weaker_robustness(t
         u = t.user_attrs
         assert t.values == [u["val_accuracy"], min(u["ra_t"], u["ra_q"])]
         assert 0.0 <= u["val_accuracy"] <= 1.0
+
+
+def test_a_trial_run_in_process_leaves_torchs_thread_count_as_it_found_it(tmp_path, monkeypatch):
+    """``execute`` sets the trial's threads and restores the caller's, even when the trial fails."""
+    import torch
+
+    from fedrobust.tuning import trial
+
+    seen = []
+
+    def failing_body(*args):
+        seen.append(torch.get_num_threads())
+        raise RuntimeError("the trial failed")
+
+    monkeypatch.setattr(trial, "_execute", failing_body)
+    before = torch.get_num_threads()
+    want = 1 if before > 1 else 2
+    with pytest.raises(RuntimeError, match="the trial failed"):
+        trial.execute("{}", {}, str(tmp_path / "run"), threads=want)
+    assert seen == [want] and torch.get_num_threads() == before

@@ -109,11 +109,26 @@ def execute(cfg_yaml: str, values: dict[str, Any], run_dir: str, threads: int = 
             artefacts: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train and evaluate one configuration in a new ``run_dir``; return its scores.
 
-    ``artefacts`` (``{"names": [...], "ref": [object ref]}``) are the tuner's cache files (zoo,
-    transfer examples); the ones this node's cache lacks are written there before evaluating.
+    torch runs on ``threads`` threads for the trial, and on as many as before once it returns (a
+    trial run in the caller's process must not change the caller's thread count).
     """
     import torch
 
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, int(threads)))
+    try:
+        return _execute(cfg_yaml, values, run_dir, threads, artefacts)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _execute(cfg_yaml: str, values: dict[str, Any], run_dir: str, threads: int,
+             artefacts: dict[str, Any] | None) -> dict[str, Any]:
+    """:func:`execute`'s body, at the trial's thread count.
+
+    ``artefacts`` (``{"names": [...], "ref": [object ref]}``) are the tuner's cache files (zoo,
+    transfer examples); the ones this node's cache lacks are written there before evaluating.
+    """
     from ..data import load_dataset
     from ..evaluation.cache import cache_root
     from ..evaluation.evaluate import evaluate_run
@@ -121,7 +136,6 @@ def execute(cfg_yaml: str, values: dict[str, Any], run_dir: str, threads: int = 
     from ..node import host_identity
     from .remote import install_files
 
-    torch.set_num_threads(max(1, int(threads)))
     cfg = apply_values(OmegaConf.create(cfg_yaml), values)
     cfg.train.progress = False
     t0 = time.perf_counter()
