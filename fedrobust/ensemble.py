@@ -7,8 +7,7 @@ averaging). The ensemble is kept in eval mode: ``train()`` is refused.
 Vectorised forward. When every member has the same architecture (the same
 module classes, parameter and buffer names, shapes, dtypes and device), the
 members can run as one batched call: their weights stacked along a new
-leading axis (``torch.func.stack_module_state``) and one member's structure
-mapped over that axis (``torch.func.vmap`` of ``functional_call``). vmap turns
+leading axis and one member's structure mapped over that axis (``torch.func.vmap`` of ``functional_call``). vmap turns
 each convolution into one grouped convolution over all members, so the
 ensemble costs one kernel launch per layer instead of one per member and
 layer. That pays where launches dominate (a GPU, small models), and not on a
@@ -18,12 +17,14 @@ loop's speed (``benchmarks/bench_gpu.py``). So ``vectorise="auto"`` (the default
 vectorises on CUDA only; ``True`` forces it wherever the members allow it,
 ``False`` never. Mixed architectures (the surrogate zoo) always take the loop.
 
-The stacked weights are a copy made on every vectorised call, so a member
-changed in place (``load_state_dict``, an optimiser step, ``.data``) is
-never served stale, and with weights that require gradients the copy is
-part of the graph, so gradients still reach the members. The copy costs one
-pass over the weights, a small fraction of a forward pass over a batch. Logits agree with the loop's to float32 round-off (the grouped
-convolution sums in another order): ``tests/test_ensemble.py``.
+The stacked weights are a copy made on every vectorised call with
+``torch.stack`` (not ``torch.func.stack_module_state``, whose stacks are
+detached leaves): a member changed in place (``load_state_dict``, an
+optimiser step, ``.data``) is never served stale, and with weights that
+require gradients the copy is part of the graph, so gradients still reach
+the members. The copy costs one pass over the weights, a small fraction of a
+forward pass over a batch. Logits agree with the loop's to float32 round-off
+(the grouped convolution sums in another order): ``tests/test_vectorised.py``.
 """
 
 from __future__ import annotations
@@ -95,10 +96,11 @@ class LogitAverageEnsemble(nn.Module):
 
     def _stacked(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """Every member's parameters and buffers, stacked along a new leading axis (a copy, made per call)."""
-        per_member = [dict([*m.named_parameters(), *m.named_buffers()]) for m in self.members]
-        stacked = {name: torch.stack([state[name] for state in per_member]) for name in per_member[0]}
-        params = {name for name, _ in self.members[0].named_parameters()}
-        return ({n: t for n, t in stacked.items() if n in params}, {n: t for n, t in stacked.items() if n not in params})
+        def stack(named) -> dict[str, torch.Tensor]:
+            per_member = [dict(named(m)) for m in self.members]
+            return {name: torch.stack([state[name] for state in per_member]) for name in per_member[0]}
+
+        return stack(nn.Module.named_parameters), stack(nn.Module.named_buffers)
 
     def _forward_vectorised(self, x: torch.Tensor) -> torch.Tensor:
         if not self._template:
