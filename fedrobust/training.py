@@ -310,7 +310,8 @@ class MemberTrainer:
             if buf is not None:
                 state[f"momentum.{i}"] = buf.detach().cpu()
         if self.scaler.is_enabled():
-            state["scaler"] = torch.tensor([self.scaler.get_scale(), self.scaler._get_growth_tracker()], dtype=torch.float64)
+            sd = self.scaler.state_dict()
+            state["scaler"] = torch.tensor([sd["scale"], sd["_growth_tracker"]], dtype=torch.float64)
         state["rng"] = self.generator.get_state()
         state["counters"] = torch.tensor([self.epoch, self.bad_epochs, int(self.stopped), self.best_epoch], dtype=torch.int64)
         state["best_val_loss"] = torch.tensor([self.best_val_loss], dtype=torch.float64)
@@ -328,8 +329,7 @@ class MemberTrainer:
                 self.optimizer.state[self.params[int(n.split(".")[1])]]["momentum_buffer"] = v.to(self.device).clone()
         if "scaler" in state and self.scaler.is_enabled():
             scale, tracker = (float(v) for v in state["scaler"])
-            self.scaler.load_state_dict({"scale": scale, "growth_factor": 2.0, "backoff_factor": 0.5,
-                                         "growth_interval": 2000, "_growth_tracker": int(tracker)})
+            self.scaler.load_state_dict(self.scaler.state_dict() | {"scale": scale, "_growth_tracker": int(tracker)})
         self.generator.set_state(state["rng"].to(torch.uint8).cpu())
         epoch, bad, stopped, best_epoch = (int(v) for v in state["counters"])
         self.epoch, self.bad_epochs, self.stopped, self.best_epoch = epoch, bad, bool(stopped), best_epoch
