@@ -24,6 +24,7 @@ cmd="${1:-demo}"
 shift || true
 case "$cmd" in
     demo) exec .venv/bin/fedrobust train evaluate=true "$@" ;;
-    test) exec .venv/bin/python -m pytest "$@" ;;
+    # one pytest-xdist worker per core; tests that share a module's fixture stay on one worker (xdist_group)
+    test) exec .venv/bin/python -m pytest -n auto --dist loadgroup "$@" ;;
     *) echo "usage: bash run.sh {demo|test} [args...]" >&2; exit 2 ;;
 esac

@@ -7,9 +7,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    # pytest-xdist's workers share the cores. In a worker, one intra-op thread per core it has; in the
+    # processes the tests start (which keep torch's default threads: the golden figures depend on them),
+    # OpenMP threads that sleep rather than spin while they wait, so that they do not steal the cores
+    # the other workers compute on. Neither changes a result: the thread counts stay what they were.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
 
 _RAY_MARKERS = ("raylet", "gcs_server", "ray::", "default_worker.py", "ray start", "frray-")  # frray-: tests/raycluster.py
@@ -22,11 +31,47 @@ def _ray_processes() -> dict[int, str]:
     return {pid: cmd for pid, cmd in live_processes().items() if any(m in cmd for m in _RAY_MARKERS)}
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _no_ray_process_left_behind():
-    """Fail the session if a Ray process that a test started still runs at the end (then stop it, by id)."""
-    before = set(_ray_processes())
-    yield
+# Every process the suite starts inherits this mark, so the leak check below can tell this session's
+# Ray processes from anyone else's even after pytest-xdist's workers have exited.
+SESSION_MARK = "FEDROBUST_TEST_SESSION"
+os.environ.setdefault(SESSION_MARK, f"{os.getpid()}-{time.time_ns()}")
+_BEFORE = pytest.StashKey[set]()  # the Ray processes that ran when the session started
+
+
+def _is_controller(config) -> bool:
+    return not hasattr(config, "workerinput")  # pytest-xdist's workers have it; a serial run is its own controller
+
+
+def _ours(pid: int, cmd: str) -> bool:
+    """Started by this session: a test cluster's node, or the mark in its environment or an ancestor's
+    (Ray's agents rename themselves over their environment, so their parent raylet vouches for them)."""
+    from raycluster import TEMP_PREFIX, parent
+
+    if TEMP_PREFIX in cmd:
+        return True
+    mark = f"{SESSION_MARK}={os.environ[SESSION_MARK]}".encode()
+    while pid > 1:
+        try:
+            if mark in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+                return True
+        except OSError:
+            return False
+        pid = parent(pid)
+    return False
+
+
+def pytest_sessionstart(session):
+    if _is_controller(session.config):
+        session.config.stash[_BEFORE] = set(_ray_processes())
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Fail the run if a Ray process started during it still runs at the end, and stop those this
+    session started, by id. Checked once, in the controller, after every worker has finished: a
+    worker's own check would see the Ray processes of tests still running on the other workers."""
+    if not _is_controller(session.config) or _BEFORE not in session.config.stash:
+        return
+    before = session.config.stash[_BEFORE]
     deadline = time.time() + 30  # a local instance's services take a moment to exit after ray.shutdown()
     left = {}
     while time.time() < deadline:
@@ -34,17 +79,20 @@ def _no_ray_process_left_behind():
         if not left:
             return
         time.sleep(0.5)
-    from raycluster import TEMP_PREFIX, descendants
-
-    ours = descendants(os.getpid())
-    for pid, cmd in left.items():  # stop only what this session started: its descendants and its test nodes
-        if pid in ours or TEMP_PREFIX in cmd:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-    raise AssertionError("Ray processes left running by the tests (those this session started are now killed): "
-                         + "; ".join(f"{p}: {c[:120]}" for p, c in sorted(left.items())))
+    ours = {p for p, c in left.items() if _ours(p, c)}
+    for pid in ours:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    message = ("Ray processes started during the tests still ran at the end (this session's now killed): "
+               + "; ".join(f"{p}{'' if p in ours else ' (not ours)'}: {c[:120]}" for p, c in sorted(left.items())))
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line(message, red=True)
+    else:
+        print(message)
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 @pytest.fixture(autouse=True)

@@ -12,6 +12,9 @@ from fedrobust.attacks.square import p_schedule
 from fedrobust.training import TrainSettings, train_member
 from strategies import Plain
 
+# under pytest-xdist one worker runs this module, so its trained models are built once
+pytestmark = pytest.mark.xdist_group("attacks")
+
 EPS = 8 / 255
 
 

@@ -21,6 +21,9 @@ import torch
 from conftest import write_cifar
 from fedrobust.cli import main
 
+# under pytest-xdist one worker runs this module, so one trained run is built once
+pytestmark = pytest.mark.xdist_group("bad_input")
+
 _TRAIN = ["train", "engine=inline", "train.epochs=1", "train.progress=false"]
 
 

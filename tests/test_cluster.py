@@ -23,7 +23,8 @@ import torch
 from fedrobust.tuning.outputs import read_trials_csv
 from raycluster import LocalCluster
 
-pytestmark = pytest.mark.slow
+# under pytest-xdist one worker runs this module, so one Ray cluster is built once
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("cluster")]
 
 # A digits study small enough for the suite (as in test_tuning.py).
 TINY = [

@@ -19,7 +19,8 @@ import pytest
 
 from fedrobust.cli import main as cli
 
-pytestmark = pytest.mark.slow
+# under pytest-xdist one worker runs this module, so one federation is built once
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("deploy")]
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent

@@ -16,6 +16,9 @@ from fedrobust.config import ConfigError, load_config
 from fedrobust.evaluation import stages as st
 from golden_evaluation import ATTACK
 
+# under pytest-xdist one worker runs this module, so one evaluated run is built once
+pytestmark = pytest.mark.xdist_group("evaluation_stages")
+
 GOLDEN = Path(__file__).parent / "data" / "evaluation_golden.json"
 
 

@@ -15,6 +15,9 @@ import pytest
 from fedrobust import atomic
 from fedrobust.cli import main
 
+# under pytest-xdist one worker runs this module, so one trained run is built once
+pytestmark = pytest.mark.xdist_group("interrupt")
+
 EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143}
 # a small evaluation whose white-box stage lasts long enough to be interrupted
 EVAL = ["attack.num_samples=100", "attack.surrogates=[cnn]", "attack.surrogate_epochs=2", "attack.transfer_attacks=[cwa]",

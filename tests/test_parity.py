@@ -51,6 +51,9 @@ from fedrobust.models import build_model  # noqa: E402
 from fedrobust.training import TrainSettings, train_member  # noqa: E402
 from strategies import Plain  # noqa: E402
 
+# under pytest-xdist one worker runs this module, so one trained ensemble is built once
+pytestmark = pytest.mark.xdist_group("parity")
+
 TOLERANCE = 0.02
 # Digits have 17 grey levels: 8/255 is half a level and leaves about 0.99 robust accuracy on this
 # ensemble, so L-inf uses the README's digits budget 0.1; L2 keeps the project default 0.5.
