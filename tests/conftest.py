@@ -13,10 +13,9 @@ os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
-    # pytest-xdist's workers share the cores. In a worker, one intra-op thread per core it has; in the
-    # processes the tests start (which keep torch's default threads: the golden figures depend on them),
-    # OpenMP threads that sleep rather than spin while they wait, so that they do not steal the cores
-    # the other workers compute on. Neither changes a result: the thread counts stay what they were.
+    # pytest-xdist's workers share the cores. A worker runs torch with one intra-op thread per core it has.
+    # The processes the tests start keep torch's default threads (the golden figures depend on them), but
+    # their OpenMP threads sleep rather than spin while they wait, so as not to steal the other workers' cores.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
@@ -95,11 +94,28 @@ def pytest_sessionfinish(session, exitstatus):
     session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
+@pytest.fixture(scope="session")
+def _session_shards(tmp_path_factory) -> Path:
+    """One partition cache for the whole run (shared by pytest-xdist's workers): its entries are named by
+    content and checked when read (fedrobust/partition.py), so no test can see another's state in it."""
+    root = tmp_path_factory.getbasetemp()
+    if "PYTEST_XDIST_WORKER" in os.environ:
+        root = root.parent  # the run's folder, above each worker's own
+    shards = root / "shards"
+    shards.mkdir(exist_ok=True)
+    return shards
+
+
 @pytest.fixture(autouse=True)
-def _isolated_cwd(tmp_path, monkeypatch):
-    """Every test runs in its own folder with its own cache, so nothing touches the repo or ~/.cache."""
+def _isolated_cwd(tmp_path, monkeypatch, _session_shards):
+    """Every test runs in its own folder with its own cache, so nothing touches the repo or ~/.cache.
+    Only the node partitions are shared, so that each process a test starts need not import
+    flwr-datasets (4 s) to compute them again."""
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("FEDROBUST_CACHE", str(tmp_path / "fedrobust-cache"))
+    cache = tmp_path / "fedrobust-cache"
+    cache.mkdir()
+    (cache / "shards").symlink_to(_session_shards, target_is_directory=True)
+    monkeypatch.setenv("FEDROBUST_CACHE", str(cache))
 
 
 def write_cifar(root: Path, name: str = "cifar10", n_train_per_file: int = 6, n_test: int = 8, as_tarball: bool = False, seed: int = 0) -> Path:
