@@ -165,12 +165,13 @@ def test_a_failed_rename_leaves_the_previous_results_intact(trained, tmp_path, m
 
 
 def test_atomic_write_replaces_whole_files_with_the_usual_permissions(tmp_path):
-    path = tmp_path / "results.json"
+    (folder := tmp_path / "out").mkdir()  # a folder of its own: the test's tmp_path also holds its cache
+    path = folder / "results.json"
     atomic.write_json(path, {"a": 1})
     atomic.write_json(path, {"a": 2})
     assert json.loads(path.read_text()) == {"a": 2}
     assert path.stat().st_mode & 0o777 == 0o666 & ~atomic._UMASK  # as open() would create it, not mkstemp's 0600
-    assert [p.name for p in tmp_path.iterdir()] == ["results.json"]
+    assert [p.name for p in folder.iterdir()] == ["results.json"]
 
 
 @pytest.mark.slow
