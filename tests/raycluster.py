@@ -42,14 +42,8 @@ def parent(pid: int) -> int:
 def _children() -> dict[int, list[int]]:
     tree: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        tree.setdefault(ppid, []).append(int(entry))
+        if entry.isdigit() and (ppid := parent(int(entry))):  # 0: gone since the listing
+            tree.setdefault(ppid, []).append(int(entry))
     return tree
 
 
