@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import threading
 from pathlib import Path
@@ -79,13 +80,18 @@ def backend_config(cfg: DictConfig, num_cpus: int | None = None) -> dict:
     resources decide how many client actors run and where (Flower places
     one actor per ``engine.num_cpus``/``engine.num_gpus`` that a node has
     free). Without it, a new local instance is started (``address="local"``)
-    even where a cluster runs on this machine or ``RAY_ADDRESS`` is set.
+    even where a cluster runs on this machine or ``RAY_ADDRESS`` is set. It
+    gets this machine's CPUs (or ``num_cpus``), but no more than the virtual
+    nodes can use: Flower would start an actor for every ``engine.num_cpus``
+    of it, and each actor imports torch whether or not a node ever runs on it.
     """
     init_args: dict = {"logging_level": "error", "log_to_driver": False}
     if cfg.engine.ray_address:
         init_args["address"] = cfg.engine.ray_address
     else:
-        init_args |= {"address": "local", "num_cpus": num_cpus or os.cpu_count() or 1, "include_dashboard": False}
+        usable = math.ceil(num_nodes(cfg.deployment.name, cfg.deployment.num_nodes) * cfg.engine.num_cpus)
+        cpus = min(num_cpus or os.cpu_count() or 1, max(1, usable))
+        init_args |= {"address": "local", "num_cpus": cpus, "include_dashboard": False}
         if cfg.engine.num_gpus > 0:
             init_args["num_gpus"] = torch.cuda.device_count()
     return {"client_resources": {"num_cpus": cfg.engine.num_cpus, "num_gpus": cfg.engine.num_gpus},
@@ -113,7 +119,9 @@ def run_simulation(cfg: DictConfig, run_dir: Path, *, num_cpus: int | None = Non
     errors: list[BaseException] = []
     stop = threading.Event()
     n = num_nodes(cfg.deployment.name, cfg.deployment.num_nodes)
-    where = f"the Ray cluster at {cfg.engine.ray_address}" if cfg.engine.ray_address else "a private local Ray instance"
+    backend = backend_config(cfg, num_cpus)
+    where = (f"the Ray cluster at {cfg.engine.ray_address}" if cfg.engine.ray_address
+             else f"a private local Ray instance of {backend['init_args']['num_cpus']} CPU(s)")
     log.info("simulation engine: %d virtual SuperNode(s), %s CPU / %s GPU per client, on %s", n, cfg.engine.num_cpus,
              cfg.engine.num_gpus, where)
     try:
@@ -121,7 +129,7 @@ def run_simulation(cfg: DictConfig, run_dir: Path, *, num_cpus: int | None = Non
             server_app=make_server_app(cfg, run_dir, errors, stop),
             client_app=client_app,
             num_supernodes=n,
-            backend_config=backend_config(cfg, num_cpus),
+            backend_config=backend,
         )
     except (Exception, SystemExit) as exc:  # flwr exits through sys.exit for some failures
         if as_interrupt(exc) is not None:

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from .config import ConfigError, load_config
+from .config import ConfigError, default_config
 from .atomic import atomic_open, save_torch, write_json, write_text
 from .data import ImageDataset, load_dataset
 from .ensemble import LogitAverageEnsemble
@@ -212,7 +212,7 @@ def _write_tensorboard(run_dir: Path, cfg: DictConfig, members: list[MemberUpdat
         tb.add_text("partition", "```\n" + table + "\n```", 0)
         tb.add_text("config", "```\n" + OmegaConf.to_yaml(cfg) + "\n```", 0)
         add_figure(tb, "partition/class_counts", class_mix_figure({u.node: u.class_counts for u in members}))
-    write_hparams(run_dir, run_hparams(cfg, load_config([])), {"clean_accuracy": results["ensemble"]["clean_accuracy"]})
+    write_hparams(run_dir, run_hparams(cfg, default_config()), {"clean_accuracy": results["ensemble"]["clean_accuracy"]})
 
 
 def _summary(results: dict) -> str:

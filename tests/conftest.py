@@ -94,28 +94,29 @@ def pytest_sessionfinish(session, exitstatus):
     session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
-@pytest.fixture(scope="session")
-def _session_shards(tmp_path_factory) -> Path:
-    """One partition cache for the whole run (shared by pytest-xdist's workers): its entries are named by
-    content and checked when read (fedrobust/partition.py), so no test can see another's state in it."""
+@pytest.fixture(scope="session", autouse=True)
+def _session_cache(tmp_path_factory):
+    """One partition folder for the whole run (shared by pytest-xdist's workers; tests/shared_cache.py),
+    and a cache for the module and session fixtures, which run before a test's own cache is set."""
+    from shared_cache import SHARDS_ENV, cache_dir
+
     root = tmp_path_factory.getbasetemp()
-    if "PYTEST_XDIST_WORKER" in os.environ:
-        root = root.parent  # the run's folder, above each worker's own
-    shards = root / "shards"
+    shards = (root.parent if "PYTEST_XDIST_WORKER" in os.environ else root) / "shards"  # the run's folder
     shards.mkdir(exist_ok=True)
-    return shards
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(SHARDS_ENV, str(shards))
+        mp.setenv("FEDROBUST_CACHE", str(cache_dir(root / "fedrobust-cache")))
+        yield
 
 
 @pytest.fixture(autouse=True)
-def _isolated_cwd(tmp_path, monkeypatch, _session_shards):
-    """Every test runs in its own folder with its own cache, so nothing touches the repo or ~/.cache.
-    Only the node partitions are shared, so that each process a test starts need not import
-    flwr-datasets (4 s) to compute them again."""
+def _isolated_cwd(tmp_path, monkeypatch):
+    """Every test runs in its own folder with its own cache, so nothing touches the repo or ~/.cache;
+    only the node partitions are the run's (tests/shared_cache.py)."""
+    from shared_cache import cache_dir
+
     monkeypatch.chdir(tmp_path)
-    cache = tmp_path / "fedrobust-cache"
-    cache.mkdir()
-    (cache / "shards").symlink_to(_session_shards, target_is_directory=True)
-    monkeypatch.setenv("FEDROBUST_CACHE", str(cache))
+    monkeypatch.setenv("FEDROBUST_CACHE", str(cache_dir(tmp_path / "fedrobust-cache")))
 
 
 def write_cifar(root: Path, name: str = "cifar10", n_train_per_file: int = 6, n_test: int = 8, as_tarball: bool = False, seed: int = 0) -> Path:

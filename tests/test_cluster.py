@@ -58,7 +58,7 @@ def _env() -> dict[str, str]:
 
 
 def _tune_cmd(study: Path, address: str) -> list[str]:
-    return [sys.executable, "-m", "fedrobust.cli", "tune", f"study_dir={study}", "tune.n_trials=6",
+    return [sys.executable, "-m", "fedrobust.cli", "tune", f"study_dir={study}", "tune.n_trials=4",
             "tune.population_size=2", "tune.max_concurrent=2", f"ray.address={address}", "tune.max_accuracy_drop=0.3",
             *TINY]
 
@@ -81,7 +81,7 @@ def test_study_runs_on_both_nodes_and_ships_every_run_home(cluster, tmp_path):
     done = subprocess.run(_tune_cmd(study, cluster.address), capture_output=True, text=True, timeout=900, env=_env())
     assert done.returncode == 0, done.stderr[-3000:]
     rows = read_trials_csv(study / "trials.csv")
-    assert len(rows) == 6 and all(r["state"] == "COMPLETE" for r in rows)
+    assert len(rows) == 4 and all(r["state"] == "COMPLETE" for r in rows)
     head, worker = _short(cluster.ids["head"]), _short(cluster.ids["worker"])
     assert {r["node"].split("/")[1] for r in rows} == {head, worker}  # both nodes ran trials (IP/short id)
     for r in rows:
@@ -163,11 +163,12 @@ def test_default_train_beside_a_running_cluster_uses_a_private_instance(cluster,
     env = _env() | {"RAY_ADDRESS": cluster.address}
     t0 = time.perf_counter()
     # the default command with fewer epochs: what is tested is how Ray is started, not how long it trains
-    done = subprocess.run([sys.executable, "-m", "fedrobust.cli", "train", "train.epochs=12", "train.progress=false",
+    # (4 epochs give 0.57 inline, whose members the simulation's equal; untrained members give about 0.1)
+    done = subprocess.run([sys.executable, "-m", "fedrobust.cli", "train", "train.epochs=4", "train.progress=false",
                            f"run_dir={tmp_path / 'run'}"], capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads((tmp_path / "run" / "results.json").read_text())
-    assert results["ensemble"]["clean_accuracy"] > 0.9 and len(results["members"]) == 3
+    assert results["ensemble"]["clean_accuracy"] > 0.4 and len(results["members"]) == 3
     assert not {m["trained_on"]["node_id"] for m in results["members"]} & set(cluster.ids.values())
     assert time.perf_counter() - t0 < 240
 
@@ -198,10 +199,10 @@ def test_losing_the_worker_node_mid_study_requeues_its_trials(cluster, tmp_path)
     assert proc.returncode == 0, err[-3000:]
     rows = read_trials_csv(study / "trials.csv")
     complete = [r for r in rows if r["state"] == "COMPLETE"]
-    assert len(complete) == 6
+    assert len(complete) == 4
     events = _events(study)
     ends = collections.Counter(e["key"] for e in events if e["event"] == "end")
-    assert all(ends[r["number"]] == 1 for r in complete) and sum(ends.values()) == 6  # none recorded twice
+    assert all(ends[r["number"]] == 1 for r in complete) and sum(ends.values()) == 4  # none recorded twice
     lost = {e["key"] for e in events if e["event"] == "lost"}
     noticed = min(e["time"] for e in events if e["event"] == "lost") - killed_at
     print(f"the tuner noticed the lost node {noticed:.1f}s after the kill")

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from fedrobust.cli import main as cli
+from shared_cache import cache_dir
 
 # under pytest-xdist one worker runs this module, so one federation is built once
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("deploy")]
@@ -47,7 +48,7 @@ class Federation:
         self.procs: dict[str, subprocess.Popen] = {}
         self.env = {**os.environ, "FLWR_HOME": str(root / "flwr-home"), "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
                     "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "PYTHONUNBUFFERED": "1",
-                    "FEDROBUST_CACHE": str(root / "cache")}
+                    "FEDROBUST_CACHE": str(cache_dir(root / "cache"))}
         self.port = _free_port()
         self.name = "fedrobust-test"
 

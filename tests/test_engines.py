@@ -98,6 +98,25 @@ def test_default_run_dir_is_timestamped_under_runs(tmp_path):
     assert (run / "results.json").is_file()
 
 
+def test_a_private_ray_instance_gets_no_more_cpus_than_its_virtual_nodes_can_use(monkeypatch):
+    """Flower starts one client actor per ``engine.num_cpus`` of the instance, each importing torch:
+    on a 64-core machine three nodes must not start 64 actors."""
+    from fedrobust.config import load_config
+    from fedrobust.engines import backend_config
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+
+    def cpus(*overrides, num_cpus=None):
+        return backend_config(load_config(list(overrides)), num_cpus)["init_args"].get("num_cpus")
+
+    assert cpus() == 3  # the default federation: three nodes, one CPU each
+    assert cpus("deployment=centralized") == cpus("deployment=deep_ensemble") == 1  # one node, its members in turn
+    assert cpus("deployment.num_nodes=100") == 64  # no more than the machine has
+    assert cpus("engine.num_cpus=2") == 6 and cpus("engine.num_cpus=0.5") == 2
+    assert cpus("deployment.num_nodes=10", num_cpus=4) == 4  # a tuning trial's share of a machine
+    assert cpus("engine.ray_address=auto") is None  # a cluster's own resources decide
+
+
 @pytest.mark.slow
 def test_a_crashed_simulation_runtime_exits_nonzero_at_once_with_one_line(tmp_path):
     # The actor pool cannot be built (Ray refuses, a node vanished, ...): the ServerApp must not wait for replies.

@@ -14,7 +14,7 @@ import torch
 from fedrobust.cli import main
 from fedrobust.config import ConfigError, load_config
 from fedrobust.evaluation import stages as st
-from golden_evaluation import ATTACK
+from golden_evaluation import ATTACK, TRAIN
 
 # under pytest-xdist one worker runs this module, so one evaluated run is built once
 pytestmark = pytest.mark.xdist_group("evaluation_stages")
@@ -41,6 +41,56 @@ def test_stages_give_the_figures_of_the_evaluation_before_the_split(evaluated):
     for name in want["attacks"]:
         assert got["attacks"][name] == want["attacks"][name], name
     assert got == want  # and the rest: TSR matrix, smoothness summaries, per-member RA, surrogate accuracy
+
+
+def test_train_with_evaluate_then_reuse_the_cache_on_another_run(evaluated, tmp_path):
+    """The fixture's run was trained with ``evaluate=true``; a second run reuses its cache."""
+    src, src_cache, _ = evaluated
+    r1 = json.loads((src / "results.json").read_text())
+    ens = r1["ensemble"]
+    for key in ("transfer", "query"):
+        assert 0.0 <= ens["robust_accuracy"][key] <= 1.0
+    assert ens["robust_accuracy"]["transfer"] == ens["attacks"]["transfer_cwa"]["robust_accuracy"]
+    assert ens["robust_accuracy"]["query"] == ens["attacks"]["query_square_linf"]["robust_accuracy"]
+    expected = {f"transfer_{n}" for n in ("cwa", "mifgsm", "pgd")} | {"query_square_linf", "query_square_l2"} | {
+        f"whitebox_{n}" for n in ("fgsm", "bim", "pgd", "apgd")}
+    assert set(ens["attacks"]) == expected
+    for name, e in ens["attacks"].items():
+        assert e["asr"] == pytest.approx(1 - e["robust_accuracy"]) and e["eps"] > 0, name
+    q = ens["attacks"]["query_square_linf"]
+    assert 1 <= q["queries_used"]["mean"] <= 15 and q["queries_used"]["max"] <= 15
+    assert 0 <= ens["tsr"]["value"] <= 100 * (3 - 1) and len(ens["tsr"]["matrix"]) == 3
+    assert ens["smoothness"]["lambda_max"]["n"] == 4
+    assert -1 <= ens["smoothness"]["grad_cosine_surrogate_target"]["mean"] <= 1
+    for m in r1["members"]:
+        assert {"transfer_cwa", "query_square_linf"} <= set(m["robust_accuracy"])
+    assert r1["evaluation"]["cache_hits"]["surrogates"] is False
+    sample1 = json.loads((src / "eval_sample.json").read_text())["indices"]
+    assert len(sample1) == 40
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(str(src / "tensorboard"))
+    ea.Reload()
+    tags = set(ea.Tags()["scalars"])
+    assert {"robust_accuracy/transfer", "robust_accuracy/query", "tsr/members_pgd", "attack_ra/whitebox_apgd"} <= tags
+    assert "smoothness/lambda_max" in ea.Tags()["histograms"]
+
+    # another run (another seed) with a copy of the first one's cache
+    run2, cache = tmp_path / "run2", tmp_path / "cache"
+    shutil.copytree(src_cache, cache)
+    assert main(["train", *TRAIN, "train.seed=5", f"run_dir={run2}"]) == 0
+    assert main(["evaluate", str(run2), *ATTACK, "train.progress=false", f"attack.cache_dir={cache}"]) == 0
+    r2 = json.loads((run2 / "results.json").read_text())
+    hits = r2["evaluation"]["cache_hits"]
+    assert hits["surrogates"] is True and all(hits["transfer"].values())
+    assert r2["evaluation"]["surrogate_zoo"] == r1["evaluation"]["surrogate_zoo"]
+    assert json.loads((run2 / "eval_sample.json").read_text())["indices"] == sample1
+    log = (run2 / "evaluate.log").read_text()
+    assert "reused cached zoo" in log and "reused cached adversarial examples" in log
+    # the replayed transfer examples are the same images for both targets
+    assert (r2["ensemble"]["attacks"]["transfer_cwa"]["surrogate_accuracy"]
+            == r1["ensemble"]["attacks"]["transfer_cwa"]["surrogate_accuracy"])
 
 
 def test_the_registry_orders_the_stages_and_each_names_its_inputs():

@@ -14,6 +14,7 @@ import pytest
 
 from fedrobust import atomic
 from fedrobust.cli import main
+from shared_cache import cache_dir
 
 # under pytest-xdist one worker runs this module, so one trained run is built once
 pytestmark = pytest.mark.xdist_group("interrupt")
@@ -28,7 +29,7 @@ EVAL = ["attack.num_samples=100", "attack.surrogates=[cnn]", "attack.surrogate_e
 
 def _env(tmp: Path) -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")} | {
-        "FEDROBUST_CACHE": str(tmp / "cache")}
+        "FEDROBUST_CACHE": str(cache_dir(tmp / "cache"))}
 
 
 def _start(argv: list[str], tmp: Path, log: Path) -> subprocess.Popen:

@@ -138,7 +138,7 @@ def _kill_group(proc: subprocess.Popen) -> None:
 @pytest.mark.slow
 def test_sigkill_mid_study_then_resume_runs_no_completed_trial_twice(tmp_path):
     study = tmp_path / "study"
-    cmd = [sys.executable, "-m", "fedrobust.cli", "tune", f"study_dir={study}", "tune.n_trials=6",
+    cmd = [sys.executable, "-m", "fedrobust.cli", "tune", f"study_dir={study}", "tune.n_trials=4",
            "tune.population_size=2", "tune.max_concurrent=2", "tune.baseline_accuracy=0.5", "train.epochs=4", *TINY]
     events = study / "executions.jsonl"
 
@@ -155,19 +155,19 @@ def test_sigkill_mid_study_then_resume_runs_no_completed_trial_twice(tmp_path):
     finally:
         _kill_group(proc)  # the tuner and its Ray workers, all at once
     killed_at = read_trials_csv(study / "trials.csv")
-    assert sum(r["state"] == "COMPLETE" for r in killed_at) < 6
+    assert sum(r["state"] == "COMPLETE" for r in killed_at) < 4
 
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     rows = read_trials_csv(study / "trials.csv")
     complete = [r for r in rows if r["state"] == "COMPLETE"]
-    assert len(complete) == 6
+    assert len(complete) == 4
     log = [json.loads(line) for line in events.read_text().splitlines()]
     starts = collections.Counter(e["key"] for e in log if e["event"] == "start")
     finished = collections.Counter(e["key"] for e in log if e["event"] == "end")
     for r in complete:
         assert starts[r["number"]] == 1 and finished[r["number"]] == 1, r["number"]
-    assert sum(finished.values()) == 6  # no trial's work was done twice
+    assert sum(finished.values()) == 4  # no trial's work was done twice
     # the trials killed while running were failed and their parameters queued again (all but one killed
     # while its parameters were being suggested: that one has some of them only, and is not queued again)
     space = ("optimizer.lr", "optimizer.momentum", "optimizer.weight_decay", "train.batch_size")
