@@ -57,10 +57,10 @@ def _env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
 
 
-def _tune_cmd(study: Path, address: str) -> list[str]:
+def _tune_cmd(study: Path, address: str, *extra: str) -> list[str]:
     return [sys.executable, "-m", "fedrobust.cli", "tune", f"study_dir={study}", "tune.n_trials=4",
             "tune.population_size=2", "tune.max_concurrent=2", f"ray.address={address}", "tune.max_accuracy_drop=0.3",
-            *TINY]
+            *TINY, *extra]
 
 
 def _short(node_id: str) -> str:
@@ -180,7 +180,8 @@ def test_losing_the_worker_node_mid_study_requeues_its_trials(cluster, tmp_path)
     def node(e):
         return (e.get("node") or "/").split("/")[-1]
 
-    proc = subprocess.Popen(_tune_cmd(study, cluster.address), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    # a given baseline accuracy: no baseline run before the trials (the study test above runs one)
+    proc = subprocess.Popen(_tune_cmd(study, cluster.address, "tune.baseline_accuracy=0.5"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             text=True, env=_env(), start_new_session=True)
     try:
         deadline = time.time() + 300

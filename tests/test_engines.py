@@ -35,18 +35,21 @@ def _assert_same_members(a: Path, b: Path):
 
 @pytest.mark.slow
 def test_simulation_and_inline_engines_give_identical_members(tmp_path):
-    # (one round on a local instance equals inline too: tests/test_cluster.py runs it on a cluster)
+    # (one round of plain on a local instance equals inline too: tests/test_cluster.py runs it on a cluster)
     sim, inline = tmp_path / "sim", tmp_path / "inline"
-    assert main(["train", "engine=inline", *FAST, f"run_dir={inline}"]) == 0
-    # Two rounds, with the trainer state carried in the Flower Context, continue bit for bit.
-    assert main(["train", "engine=simulation", "train.rounds=2", *FAST, f"run_dir={sim}"]) == 0
+    # EDLCM over two rounds: each node's dispersion term uses the members its peers sent after round 1,
+    # through Flower's records in the simulation, and the trainer state carried in the Flower Context
+    # continues each member's training; both must match the inline engine bit for bit.
+    edlcm = ["strategy=edlcm", "train.rounds=2", "train.progress=false", "train.epochs=2", "train.batch_size=64"]
+    assert main(["train", "engine=inline", *edlcm, f"run_dir={inline}"]) == 0
+    assert main(["train", "engine=simulation", *edlcm, f"run_dir={sim}"]) == 0
     _assert_same_members(sim, inline)
 
     # the run directory
     for name in ("config.yaml", "train.log", "partition.csv", "results.json"):
         assert (sim / name).is_file(), name
     cfg = OmegaConf.load(sim / "config.yaml")
-    assert cfg.engine.name == "simulation" and cfg.train.epochs == 3
+    assert cfg.engine.name == "simulation" and cfg.train.epochs == 2 and cfg.strategy.name == "edlcm"
     results = json.loads((sim / "results.json").read_text())
     acc = results["ensemble"]["clean_accuracy"]
     assert isinstance(acc, float) and 0.0 <= acc <= 1.0
@@ -62,9 +65,10 @@ def test_simulation_and_inline_engines_give_identical_members(tmp_path):
     ea.Reload()
     tags = set(ea.Tags()["scalars"])
     for node in range(3):
-        for metric in ("train_loss", "val_loss", "train_acc", "val_acc"):
-            assert f"{metric}/node{node}" in tags
-            assert len(ea.Scalars(f"{metric}/node{node}")) == 3
+        for metric in ("train_loss", "val_loss", "train_acc", "val_acc", "loss_terms/node{}/dispersion"):
+            tag = metric.format(node) if "{}" in metric else f"{metric}/node{node}"
+            assert tag in tags
+            assert len(ea.Scalars(tag)) == 2  # one point per epoch
     assert ea.Scalars("ensemble/clean_accuracy")[0].value == pytest.approx(acc)
 
 

@@ -30,6 +30,26 @@ TINY = [
 ]
 
 
+@pytest.fixture(scope="module")
+def local_ray():
+    """One local Ray instance for this module's in-process studies. The tuner joins a Ray it finds
+    initialised and leaves it running, so one set of trial workers (each has imported torch) serves
+    every study. The studies run as processes of their own (the SIGKILL test below, tests/test_interrupt.py)
+    start and stop the tuner's own instance."""
+    import ray
+
+    ray.init(address="local", num_cpus=max(2, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False,
+             configure_logging=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+# under pytest-xdist the studies that share local_ray stay on one worker
+SHARED_RAY = pytest.mark.xdist_group("tuning_ray")
+
+
 def _dominates(a, b) -> bool:
     return all(x >= y for x, y in zip(a, b)) and any(x > y for x, y in zip(a, b))
 
@@ -71,7 +91,8 @@ def test_bad_tune_configs_exit_2_with_one_line(overrides, message, capsys):
 
 
 @pytest.mark.slow
-def test_study_of_8_trials_on_two_ray_workers(tmp_path):
+@SHARED_RAY
+def test_study_of_8_trials_on_two_ray_workers(local_ray, tmp_path):
     # two generations of NSGA-II's population of 4
     study = tmp_path / "study"
     args = ["tune", f"study_dir={study}", "tune.n_trials=8", "tune.population_size=4", "tune.max_concurrent=2",
@@ -180,7 +201,8 @@ def test_sigkill_mid_study_then_resume_runs_no_completed_trial_twice(tmp_path):
 
 
 @pytest.mark.slow
-def test_sweep_runs_its_cells_once_and_report_plots_them(tmp_path):
+@SHARED_RAY
+def test_sweep_runs_its_cells_once_and_report_plots_them(local_ray, tmp_path):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "simulations"))
     import rq12
 
@@ -202,7 +224,8 @@ def test_sweep_runs_its_cells_once_and_report_plots_them(tmp_path):
 
 
 @pytest.mark.slow
-def test_accuracy_mode_maximises_validation_accuracy_and_the_weaker_robustness(tmp_path):
+@SHARED_RAY
+def test_accuracy_mode_maximises_validation_accuracy_and_the_weaker_robustness(local_ray, tmp_path):
     study = tmp_path / "study"
     assert cli(["tune", f"study_dir={study}", "tune.n_trials=2", "tune.population_size=2", "tune.objectives=accuracy",
                 "tune.baseline_accuracy=0.0", *TINY]) == 0
