@@ -94,6 +94,14 @@ def test_each_deployment_trains_inline(tmp_path, deployment, nodes, members):
     if seeds_differ:
         w = _weights(run)
         assert not torch.equal(w[0]["1.classifier.weight"], w[1]["1.classifier.weight"])
+    # the plain strategy's one loss term, per node (per member on a deep ensemble's one node)
+    assert results["strategy"] == "plain" and results["strategy_grad"] is None
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(str(run / "tensorboard"))
+    ea.Reload()
+    who = [f"node0_member{m}" for m in range(3)] if deployment == "deep_ensemble" else [f"node{n}" for n in range(nodes)]
+    assert {f"loss_terms/{w}/ce" for w in who} <= set(ea.Tags()["scalars"]), sorted(ea.Tags()["scalars"])
 
 
 def test_default_run_dir_is_timestamped_under_runs(tmp_path):
