@@ -163,7 +163,7 @@ def test_default_train_beside_a_running_cluster_uses_a_private_instance(cluster,
     env = _env() | {"RAY_ADDRESS": cluster.address}
     t0 = time.perf_counter()
     # the default command with fewer epochs: what is tested is how Ray is started, not how long it trains
-    # (4 epochs give 0.57 inline, whose members the simulation's equal; untrained members give about 0.1)
+    # (4 epochs gave 0.57 inline, and the simulation's members equal inline's; untrained ones give about 0.1)
     done = subprocess.run([sys.executable, "-m", "fedrobust.cli", "train", "train.epochs=4", "train.progress=false",
                            f"run_dir={tmp_path / 'run'}"], capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -181,8 +181,8 @@ def test_losing_the_worker_node_mid_study_requeues_its_trials(cluster, tmp_path)
         return (e.get("node") or "/").split("/")[-1]
 
     # a given baseline accuracy: no baseline run before the trials (the study test above runs one)
-    proc = subprocess.Popen(_tune_cmd(study, cluster.address, "tune.baseline_accuracy=0.5"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True, env=_env(), start_new_session=True)
+    proc = subprocess.Popen(_tune_cmd(study, cluster.address, "tune.baseline_accuracy=0.5"), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, env=_env(), start_new_session=True)
     try:
         deadline = time.time() + 300
         while time.time() < deadline and proc.poll() is None:
