@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Sequence
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -34,6 +35,7 @@ from .progress import progress as progress_bar
 __all__ = [
     "EpochRecord",
     "MemberTrainer",
+    "MomentumSGD",
     "TrainSettings",
     "cosine_lr",
     "autocast",
@@ -116,6 +118,44 @@ def evaluate_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_siz
     return loss_sum / n, correct / n
 
 
+class MomentumSGD:
+    """``torch.optim.SGD`` (momentum, weight decay), stepped through its functional form.
+
+    ``step`` makes the call that ``torch.optim.SGD.step`` makes, to
+    ``torch.optim.sgd.sgd`` with the same arguments, so parameters and momentum
+    buffers are ``torch.optim.SGD``'s bit for bit (tests/test_training.py checks
+    it). It is not a ``torch.optim.Optimizer`` because constructing one imports
+    ``torch._dynamo``: 1.5-2 s of CPU, paid by every process that trains (each
+    Flower actor and ClientApp process, each Ray trial worker) and more than
+    importing torch itself. ``param_groups`` and ``state`` have the optimizer's
+    layout, which is all :class:`torch.amp.GradScaler` and the code below use.
+    """
+
+    def __init__(self, params: Iterable[torch.Tensor], *, lr: float, momentum: float, weight_decay: float) -> None:
+        self.param_groups = [{"params": list(params), "lr": lr, "momentum": momentum, "weight_decay": weight_decay}]
+        self.state: defaultdict[torch.Tensor, dict[str, torch.Tensor]] = defaultdict(dict)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.param_groups[0]["params"]:
+            if set_to_none:
+                p.grad = None
+            elif p.grad is not None:
+                p.grad.detach_().zero_()
+
+    @torch.no_grad()
+    def step(self) -> None:
+        from torch.optim.sgd import sgd
+
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            buffers = [self.state.get(p, {}).get("momentum_buffer") for p in params]
+            sgd(params, [p.grad for p in params], buffers, weight_decay=group["weight_decay"],
+                momentum=group["momentum"], lr=group["lr"], dampening=0.0, nesterov=False, maximize=False)
+            if group["momentum"] != 0:
+                for p, buf in zip(params, buffers):
+                    self.state[p]["momentum_buffer"] = buf
+
+
 class MemberTrainer:
     """Trains one member, or several jointly; call :meth:`run` once, or once per round.
 
@@ -151,7 +191,7 @@ class MemberTrainer:
         self.settings = settings
         self.seed = seed
         self.params = [p for m in self.models for p in m.parameters()]
-        self.optimizer = torch.optim.SGD(
+        self.optimizer = MomentumSGD(
             self.params, lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay
         )
         self.generator = torch.Generator().manual_seed(seed)  # batching and augmentation

@@ -1,4 +1,6 @@
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -6,7 +8,7 @@ import torch
 from fedrobust.augment import random_crop_flip
 from fedrobust.config import load_config
 from fedrobust.node import epochs_per_round, train_node_round
-from fedrobust.training import MemberTrainer, TrainSettings, cosine_lr, evaluate_model, member_seed
+from fedrobust.training import MemberTrainer, MomentumSGD, TrainSettings, cosine_lr, evaluate_model, member_seed
 from strategies import LossTerms, Plain, TrainingStrategy
 
 
@@ -22,6 +24,50 @@ def test_cosine_schedule_matches_torch():
         assert math.isclose(cosine_lr(0.1, e, 7), opt.param_groups[0]["lr"], rel_tol=1e-9)
         opt.step()
         sched.step()
+
+
+@pytest.mark.parametrize("momentum, weight_decay", [(0.9, 5e-4), (0.0, 1e-2), (0.5, 0.0)])
+def test_momentum_sgd_steps_as_torch_optim_sgd_bit_for_bit(momentum, weight_decay):
+    def model():
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            return torch.nn.Sequential(torch.nn.Conv2d(1, 3, 3), torch.nn.BatchNorm2d(3), torch.nn.Flatten(),
+                                       torch.nn.Linear(12, 2))
+
+    ours, ref = model(), model()
+    opt = MomentumSGD(ours.parameters(), lr=0.1, momentum=momentum, weight_decay=weight_decay)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=momentum, weight_decay=weight_decay)
+    g = torch.Generator().manual_seed(1)
+    for step in range(6):
+        x, y = torch.randn(5, 1, 4, 4, generator=g), torch.randint(0, 2, (5,), generator=g)
+        for m, o in ((ours, opt), (ref, ref_opt)):
+            for group in o.param_groups:
+                group["lr"] = cosine_lr(0.1, step, 6)  # as MemberTrainer sets it, once per epoch
+            o.zero_grad(set_to_none=True)
+            torch.nn.functional.cross_entropy(m(x), y).backward()
+            if step == 2:
+                m[3].bias.grad = None  # a parameter without a gradient this step is left alone by both
+            o.step()
+    for (name, a), b in zip(ours.named_parameters(), ref.parameters()):
+        assert torch.equal(a, b), name
+        if momentum:
+            assert torch.equal(opt.state[a]["momentum_buffer"], ref_opt.state[b]["momentum_buffer"]), name
+    assert bool(opt.state) == bool(momentum)
+
+
+def test_training_does_not_import_torch_dynamo():
+    """A process that trains never builds a torch.optim optimiser, whose construction imports torch._dynamo
+    (1.5-2 s of CPU in every Flower actor, ClientApp process and Ray trial worker)."""
+    code = ("import sys, torch\n"
+            "from fedrobust.training import MemberTrainer, TrainSettings\n"
+            "from strategies import Plain\n"
+            "x, y = torch.rand(16, 1, 4, 4), torch.randint(0, 2, (16,))\n"
+            "m = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 2))\n"
+            "MemberTrainer(m, x, y, x, y, Plain(), TrainSettings(epochs=2, batch_size=8), seed=0).run(2, progress=False)\n"
+            "print('torch._dynamo' in sys.modules)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["False"]
 
 
 def test_augmentation_crops_and_flips_within_the_image():
