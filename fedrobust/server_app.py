@@ -62,20 +62,30 @@ class FlowerRounds:
         if self.stop is not None and self.stop.is_set():
             raise RuntimeError("the simulation runtime stopped; no more replies can come")
 
-    def _send_and_receive(self, messages: list[Message], timeout: float | None) -> list[Message]:
-        """``Grid.send_and_receive``, which also gives up when the engine has stopped."""
-        if self.stop is None:
-            return list(self.grid.send_and_receive(messages, timeout=timeout))
-        waiting = set(self.grid.push_messages(messages))
-        deadline = None if timeout is None else time.monotonic() + timeout
-        replies: list[Message] = []
-        while waiting and (deadline is None or time.monotonic() < deadline):
-            got = list(self.grid.pull_messages(waiting))
-            replies += got
-            waiting -= {m.metadata.reply_to_message_id for m in got}
+    def _send_and_receive(self, round_idx: int, messages: list[Message],
+                          timeout: float | None) -> list[tuple[int, Message]]:
+        """Push the round's messages, then pull replies until all are in, ``timeout`` has passed, or the
+        engine has stopped. Each reply is logged as it arrives and returned with the Flower node it
+        answers for: an error reply's source is the SuperLink, not the node."""
+        ids = list(self.grid.push_messages(messages))
+        node_of = {mid: m.metadata.dst_node_id for mid, m in zip(ids, messages)}
+        waiting = set(node_of)
+        start = time.monotonic()
+        # Flower's own send_and_receive polls every 3 s; in a simulation the grid is in memory
+        poll_s = 0.1 if self.stop is not None else 1.0
+        replies: list[tuple[int, Message]] = []
+        while waiting and (timeout is None or time.monotonic() - start < timeout):
+            for reply in self.grid.pull_messages(waiting):
+                mid = reply.metadata.reply_to_message_id
+                if mid not in waiting:
+                    continue
+                waiting.discard(mid)
+                replies.append((node_of[mid], reply))
+                log.info("round %d: reply %d/%d, from flower node %s, after %.1fs%s", round_idx + 1, len(replies),
+                         len(messages), node_of[mid], time.monotonic() - start, " (an error)" if reply.has_error() else "")
             if waiting:
                 self._check_stop()
-                time.sleep(0.1)
+                time.sleep(poll_s)
         return replies
 
     def __call__(self, round_idx: int, current: dict[int, dict]) -> list[MemberUpdate]:
@@ -88,35 +98,36 @@ class FlowerRounds:
             messages.append(
                 Message(content=encode_task(self.cfg, round_idx, peers), dst_node_id=nid, message_type=MessageType.TRAIN)
             )
-        replies = self._send_and_receive(messages, self.cfg.engine.timeout or None)
+        replies = self._send_and_receive(round_idx, messages, self.cfg.engine.timeout or None)
         updates: list[MemberUpdate] = []
         claimed: dict[int, int] = {}
         tolerate = self.cfg.engine.on_missing == "min_members"
         replied: set[int] = set()
-        failures: list[str] = []
-        for reply in replies:
-            src = reply.metadata.src_node_id
+        failed: dict[int, str] = {}  # Flower node id -> the reason in its error reply
+        for nid, reply in replies:
             if reply.has_error():
-                reason = " ".join(str(reply.error.reason).split())
-                failures.append(reason)
-                log.warning("flower node %s failed in round %d: %s", src, round_idx + 1, reason)
+                failed[nid] = " ".join(str(reply.error.reason).split())
+                log.warning("flower node %s failed in round %d: %s", nid, round_idx + 1, failed[nid])
                 continue
-            replied.add(src)
-            for u in decode_reply(reply.content, f"flower node {src}"):
-                if claimed.setdefault(u.node, src) != src:
-                    raise InvalidUpdateError(f"node {u.node}: claimed by flower nodes {claimed[u.node]} and {src}")
-                self.partition_of[src] = u.node
+            replied.add(nid)
+            for u in decode_reply(reply.content, f"flower node {nid}"):
+                if claimed.setdefault(u.node, nid) != nid:
+                    raise InvalidUpdateError(f"node {u.node}: claimed by flower nodes {claimed[u.node]} and {nid}")
+                self.partition_of[nid] = u.node
                 updates.append(u)
-        if failures and not tolerate:
+        if failed and not tolerate:
             lost = sorted(set(range(num_nodes(self.cfg.deployment.name, self.cfg.deployment.num_nodes)))
                           - {u.node for u in updates})
-            raise RuntimeError(f"round {round_idx + 1}: node(s) {lost} lost ({failures[0][:300]}); "
+            raise RuntimeError(f"round {round_idx + 1}: node(s) {lost} lost ({next(iter(failed.values()))[:300]}); "
                                "set engine.on_missing=min_members to finish without them")
-        silent = [nid for nid in self.node_ids if nid not in replied]
-        if silent and tolerate:  # collect_members decides whether the run can go on without them
-            log.warning("round %d: no reply from flower node(s) %s within engine.timeout=%ss; dropped from later rounds",
-                        round_idx + 1, silent, self.cfg.engine.timeout)
-            self.lost += silent
+        silent = [nid for nid in self.node_ids if nid not in replied and nid not in failed]
+        if tolerate and (failed or silent):  # collect_members decides whether the run can go on without them
+            if failed:
+                log.warning("round %d: flower node(s) %s failed; dropped from later rounds", round_idx + 1, sorted(failed))
+            if silent:
+                log.warning("round %d: no reply from flower node(s) %s within engine.timeout=%ss; dropped from later "
+                            "rounds", round_idx + 1, silent, self.cfg.engine.timeout)
+            self.lost += sorted(failed) + silent
             self.node_ids = [nid for nid in self.node_ids if nid in replied]
         return updates
 

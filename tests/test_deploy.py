@@ -161,3 +161,7 @@ def test_a_supernode_killed_mid_training_leaves_the_run_to_finish_with_min_membe
     assert results["missing"]["nodes"] == [2] and results["missing"]["members"] == [2]
     assert len(results["missing"]["flower_node_ids"]) == 1
     assert results["warnings"] and "node(s) [2]" in results["warnings"][0]
+    # the log names the lost node by its Flower id (not the SuperLink's, which sends the error reply)
+    lost, log = results["missing"]["flower_node_ids"][0], (run_dir / "train.log").read_text()
+    assert f"flower node(s) [{lost}] failed" in log or f"no reply from flower node(s) [{lost}]" in log, log[-3000:]
+    assert log.count("round 1: reply ") == 3 - (f"no reply from flower node(s) [{lost}]" in log), log[-3000:]

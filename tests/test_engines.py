@@ -171,3 +171,6 @@ def test_a_node_lost_mid_simulation_is_dropped_with_min_members(tmp_path, monkey
     results = json.loads((run / "results.json").read_text())
     assert [m["node"] for m in results["members"]] == [0, 1]
     assert results["missing"]["nodes"] == [2] and results["missing"]["members"] == [2]
+    (lost,) = results["missing"]["flower_node_ids"]
+    log = (run / "train.log").read_text()
+    assert f"flower node {lost} failed in round 1: " in log and f"flower node(s) [{lost}] failed" in log, log[-2000:]

@@ -1,5 +1,8 @@
 """Members are validated before they join; the ensemble averages logits in eval mode."""
 
+import contextlib
+import logging
+
 import numpy as np
 import pytest
 import torch
@@ -99,27 +102,37 @@ class _LoopbackGrid:
             for i in range(n)
         }
         self.poison = poison
+        self.replies = {}  # message id -> the reply waiting to be pulled
 
     def get_node_ids(self):
         return list(self.contexts)
 
-    def send_and_receive(self, messages, *, timeout=None):
-        replies = []
-        for msg in messages:
-            nid = msg.metadata.dst_node_id
-            if self.contexts[nid].node_config["partition-id"] == self.lose:
-                replies.append(Message(Error(code=0, reason="<class 'ActorDiedError'>: the actor died"), reply_to=msg))
-                continue
-            reply = client_app(msg, self.contexts[nid])
-            if self.poison is not None and self.contexts[nid].node_config["partition-id"] == self.poison:
-                rec = reply.content["weights.%d" % self.poison]
-                arr = rec["1.classifier.bias"].numpy().copy()
-                arr[:] = np.nan
+    def push_messages(self, messages):
+        """Run the ClientApp on each message now; its reply waits for pull_messages, as Flower's do."""
+        ids = []
+        for i, msg in enumerate(messages):
+            msg.metadata.__dict__["_message_id"] = f"task-{len(self.replies)}-{i}"  # as a Grid sets it on push
+            ids.append(msg.metadata.message_id)
+            self.replies[msg.metadata.message_id] = self._reply(msg)
+        return ids
 
+    def pull_messages(self, message_ids):
+        return [self.replies.pop(mid) for mid in list(message_ids) if mid in self.replies]
 
-                rec["1.classifier.bias"] = Array(arr)
-            replies.append(reply)
-        return replies
+    def _reply(self, msg):
+        nid = msg.metadata.dst_node_id
+        if self.contexts[nid].node_config["partition-id"] == self.lose:
+            # as the SuperLink reports a node that stopped sending heartbeats: the error comes from the SuperLink
+            reply = Message(Error(code=0, reason="<class 'ActorDiedError'>: the actor died"), reply_to=msg)
+            reply.metadata.__dict__["_src_node_id"] = 1
+            return reply
+        reply = client_app(msg, self.contexts[nid])
+        if self.poison is not None and self.contexts[nid].node_config["partition-id"] == self.poison:
+            rec = reply.content["weights.%d" % self.poison]
+            arr = rec["1.classifier.bias"].numpy().copy()
+            arr[:] = np.nan
+            rec["1.classifier.bias"] = Array(arr)
+        return reply
 
 
 def test_flower_messages_round_trip_through_the_client_app(task_identity):
@@ -140,8 +153,36 @@ def test_a_lost_node_fails_the_round_naming_it_or_is_dropped_with_min_members(ta
         collect_members(CFG, FlowerRounds(_LoopbackGrid(3, lose=2), CFG, node_wait_s=1))
     cfg = load_config(["train.progress=false", "train.epochs=1", "engine.on_missing=min_members", "engine.min_members=2"])
     missing: dict = {}
-    members = collect_members(cfg, FlowerRounds(_LoopbackGrid(3, lose=2), cfg, node_wait_s=1), missing)
+    rounds = FlowerRounds(_LoopbackGrid(3, lose=2), cfg, node_wait_s=1)
+    with _fedrobust_log() as lines:
+        members = collect_members(cfg, rounds, missing)
     assert [m.node for m in members] == [0, 1] and missing["nodes"] == [2] and missing["members"] == [2]
+    # the lost node is named by its own id (102), not the SuperLink's that sent the error (1)
+    assert rounds.lost == [102] and rounds.node_ids == [100, 101]
+    progress = [ln for ln in lines if ln.startswith("round 1: reply ")]  # one line per reply, as it arrives
+    assert [ln.split(",")[0] for ln in progress] == [f"round 1: reply {i}/3" for i in (1, 2, 3)]
+    assert sorted(ln.split("from flower node ")[1].split(",")[0] for ln in progress) == ["100", "101", "102"]
+    assert [ln.endswith("(an error)") for ln in progress].count(True) == 1
+    assert any(ln.startswith("flower node 102 failed in round 1: <class 'ActorDiedError'>") for ln in lines), lines
+    assert "round 1: flower node(s) [102] failed; dropped from later rounds" in lines
+    assert not any("no reply from flower node" in ln or "flower node 1 " in ln for ln in lines), lines
+
+
+@contextlib.contextmanager
+def _fedrobust_log():
+    """The messages logged on the ``fedrobust`` logger (which may not propagate to pytest's capture)."""
+    lines: list[str] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: lines.append(record.getMessage())
+    logger = logging.getLogger("fedrobust")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield lines
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
 
 
 def test_ensemble_averages_logits_and_stays_in_eval_mode():
