@@ -125,7 +125,7 @@ class MomentumSGD:
     ``torch.optim.sgd.sgd`` with the same arguments, so parameters and momentum
     buffers are ``torch.optim.SGD``'s bit for bit (tests/test_training.py checks
     it). It is not a ``torch.optim.Optimizer`` because constructing one imports
-    ``torch._dynamo``: 1.5-2 s of CPU, paid by every process that trains (each
+    ``torch._dynamo``: about 2 s of CPU, paid by every process that trains (each
     Flower actor and ClientApp process, each Ray trial worker) and more than
     importing torch itself. ``param_groups`` and ``state`` have the optimizer's
     layout, which is all :class:`torch.amp.GradScaler` and the code below use.
@@ -136,7 +136,7 @@ class MomentumSGD:
         self.state: defaultdict[torch.Tensor, dict[str, torch.Tensor]] = defaultdict(dict)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        for p in self.param_groups[0]["params"]:
+        for p in (p for group in self.param_groups for p in group["params"]):
             if set_to_none:
                 p.grad = None
             elif p.grad is not None:
