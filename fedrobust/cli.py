@@ -56,13 +56,9 @@ def _interrupted(intr: Interrupted, kept: str) -> int:
 
 def _train(overrides: list[str]) -> int:
     try:
-        cfg = load_config(overrides)
-    except ConfigError as exc:  # before torch is imported: a bad override is answered at once
-        _error(exc)
-        return 2
-    from .run import INCOMPLETE, check_run_dir, preflight, prepare_run_dir
+        cfg = load_config(overrides)  # before torch is imported: a bad override is answered at once
+        from .run import INCOMPLETE, check_run_dir, preflight, prepare_run_dir
 
-    try:
         check_run_dir(cfg.run_dir)
         preflight(cfg)
         run_dir = prepare_run_dir(cfg, cfg.run_dir)
@@ -184,16 +180,12 @@ keys: tune.{n_trials,population_size,max_concurrent,seed,objectives,max_accuracy
 
 def _tune(overrides: list[str]) -> int:
     try:
-        cfg = load_config(overrides)
+        cfg = load_config(overrides)  # before torch is imported
         if not cfg.study_dir:
             raise ConfigError("study_dir: required, e.g. fedrobust tune study_dir=studies/demo")
-    except ConfigError as exc:  # before torch is imported
-        _error(exc)
-        return 2
-    from .run import check_output_dir, preflight, setup_logging
-    from .tuning.study import run_study
+        from .run import check_output_dir, preflight, setup_logging
+        from .tuning.study import run_study
 
-    try:
         check_output_dir(cfg.study_dir, "study_dir")
         preflight(cfg)
     except ConfigError as exc:
