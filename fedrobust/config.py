@@ -154,14 +154,18 @@ TRANSFER_ATTACKS = ("cwa", "mifgsm", "pgd")
 QUERY_ATTACKS = ("square_linf", "square_l2")
 WHITEBOX_ATTACKS = ("fgsm", "bim", "pgd", "apgd")
 ATTACK_LOSSES = ("ce", "margin", "dlr")
+SPLITS = ("test", "validation")  # attack.split
 
 
 @dataclass
 class AttackConfig:
     eps: float = 8 / 255  # L-inf budget in [0, 1] pixel units
     eps_l2: float = 0.5  # L2 budget for square_l2
-    num_samples: int = 1000  # evaluation sample (the whole test set if smaller)
+    num_samples: int = 1000  # evaluation sample (the whole split if smaller)
     sample_seed: int = 0
+    # the held-out images a run is scored on: test (the test set) | validation (the union of the nodes'
+    # validation splits: what a study's trials are scored on, so that nothing is selected on the test set)
+    split: str = "test"
     batch_size: int = 500
     # surrogate zoo for transfer attacks; None = the dataset's default zoo
     surrogates: list[str] | None = None
@@ -214,7 +218,10 @@ class TuneConfig:
     study_name: str = "fedrobust"
     cpus_per_trial: float = 1.0
     gpus_per_trial: float = 0.0
-    max_failures: int = 10  # stop when this many trials raised (not counting re-queued ones)
+    max_failures: int = 10  # stop when this many trials raised (not counting re-queued or diverged ones)
+    # validation images each trial is attacked on, drawn with attack.sample_seed from the union of the
+    # nodes' validation splits; None: attack.num_samples (the whole union if it is smaller)
+    selection: int | None = None
     # config key -> {type: float|int|categorical, low, high, log, choices}; nested by group
     space: dict[str, Any] = field(default_factory=_paper_space)
 
@@ -438,6 +445,8 @@ def validate_tune(t: DictConfig) -> None:
     _check(t.cpus_per_trial > 0, "tune.cpus_per_trial", f"must be > 0, got {t.cpus_per_trial}")
     _check(t.gpus_per_trial >= 0, "tune.gpus_per_trial", f"must be >= 0, got {t.gpus_per_trial}")
     _check(t.max_failures >= 0, "tune.max_failures", f"must be >= 0, got {t.max_failures}")
+    if t.selection is not None:
+        _check(t.selection >= 1, "tune.selection", f"must be >= 1 (validation images per trial) or null, got {t.selection}")
 
 
 def validate_strategy(st: DictConfig) -> None:
@@ -471,6 +480,7 @@ def validate_attack(a: DictConfig, data_name: str = "digits") -> None:
     _check(0 < a.eps_l2 < l2_max, "attack.eps_l2", f"must be in (0, {l2_max:.4g}) for {data_name} "
            f"(the L2 diameter of its [0, 1] images), got {a.eps_l2}")
     _check(a.num_samples >= 1, "attack.num_samples", f"must be >= 1, got {a.num_samples}")
+    one_of("split", a.split, SPLITS)
     _check(a.batch_size >= 1, "attack.batch_size", f"must be >= 1, got {a.batch_size}")
     if a.surrogates is not None:
         _check(len(a.surrogates) > 0, "attack.surrogates",

@@ -33,7 +33,7 @@ from .data import ImageDataset, load_dataset
 from .ensemble import LogitAverageEnsemble
 from .node import MemberUpdate, build_member
 from .partition import class_counts_table
-from .training import evaluate_model, resolve_device
+from .training import DivergedError, evaluate_model, resolve_device
 from .views import add_figure, class_mix_figure, run_hparams, write_hparams
 
 __all__ = ["CheckpointError", "finalize_run", "load_ensemble", "load_member", "prepare_run_dir", "setup_logging"]
@@ -233,6 +233,9 @@ def finalize_run(cfg: DictConfig, run_dir: Path, members: list[MemberUpdate], *,
                  missing: dict | None = None) -> dict:
     """Save members, assemble and score the ensemble, write results, TensorBoard and the summary."""
     t0 = time.perf_counter()
+    diverged = [u.member for u in members if u.divergence is not None or u.weights is None]
+    if diverged:  # collect_members leaves them out; an ensemble never holds one
+        raise DivergedError(f"member(s) {diverged} diverged and cannot join the ensemble")
     data = data or load_dataset(cfg.data.name, cfg.data.root)
     device = resolve_device(cfg.train.device)
     counts = {u.node: u.class_counts for u in members}
@@ -243,6 +246,12 @@ def finalize_run(cfg: DictConfig, run_dir: Path, members: list[MemberUpdate], *,
         for node, row in sorted(counts.items()):
             f.write(f"{node}," + ",".join(map(str, row)) + f",{sum(row)}\n")
 
+    from .evaluation.evaluate import held_out_images
+
+    # the test set, or the nodes' validation splits for a run scored for selection (attack.split=validation:
+    # a study's trial, which never classifies a test image)
+    images = held_out_images(cfg, data)
+    x_held, y_held = images.tensors(data)
     models = []
     member_rows = []
     for u in members:
@@ -250,7 +259,7 @@ def finalize_run(cfg: DictConfig, run_dir: Path, members: list[MemberUpdate], *,
         model = build_member(cfg, data)
         model.load_state_dict(u.weights)
         model.to(device).eval()
-        _, acc = evaluate_model(model, data.x_test, data.y_test)
+        _, acc = evaluate_model(model, x_held, y_held)
         models.append(model)
         member_rows.append({
             "member": u.member,
@@ -266,9 +275,10 @@ def finalize_run(cfg: DictConfig, run_dir: Path, members: list[MemberUpdate], *,
             "trained_on": u.trained_on,
         })
     ensemble = LogitAverageEnsemble(models).to(device)
-    _, ens_acc = evaluate_model(ensemble, data.x_test, data.y_test)
+    _, ens_acc = evaluate_model(ensemble, x_held, y_held)
     results = {
         "ensemble": {"clean_accuracy": ens_acc, "num_members": len(models), "num_test_samples": len(data.y_test)},
+        "images": {"clean_accuracy": images.describe()},  # the images each figure was measured on
         "members": member_rows,
         "deployment": {"name": cfg.deployment.name, "num_nodes": cfg.deployment.num_nodes,
                        "alpha": cfg.deployment.alpha, "partition_seed": cfg.deployment.partition_seed},
@@ -282,8 +292,8 @@ def finalize_run(cfg: DictConfig, run_dir: Path, members: list[MemberUpdate], *,
     }
     if missing:
         results["missing"] = missing
-        results["warnings"] = [f"the ensemble lacks member(s) {missing['members']} of node(s) {missing['nodes']}: "
-                               + "; ".join(missing["events"])]
+        nodes = f" of node(s) {missing['nodes']}" if missing.get("nodes") else ""
+        results["warnings"] = [f"the ensemble lacks member(s) {missing['members']}{nodes}: " + "; ".join(missing["events"])]
         log.warning("%s", results["warnings"][0])
     write_json(run_dir / "results.json", results)
     _write_tensorboard(run_dir, cfg, members, results, table)

@@ -2,9 +2,14 @@
 
 ``evaluate_run(run_dir, cfg)`` adds to ``results.json`` (under ``ensemble``
 and each member) and to TensorBoard. Every target sees the same evaluation
-sample (``attack.num_samples`` test images drawn with ``attack.sample_seed``,
-saved by index in ``eval_sample.json``). Surrogates and transfer examples
-come from the content-addressed cache when they exist.
+sample: ``attack.num_samples`` images drawn with ``attack.sample_seed`` from
+the split ``attack.split`` names, the test set (``test``) or the union of the
+nodes' validation splits (``validation``: what a study's trials are scored on,
+so that nothing is selected on the test set). The sample is saved by index in
+``eval_sample.json`` (its split, and indices into the test set or into the
+training set), and ``results.json``'s ``images`` says which images each
+figure was measured on. Surrogates and transfer examples come from the
+content-addressed cache when they exist.
 
 The evaluation is a short driver over the registered stages of
 :mod:`.stages` (surrogates, each transfer, query and white-box attack, TSR,
@@ -22,6 +27,7 @@ import hashlib
 import json
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +47,8 @@ from .cache import content_key
 from .stages import REGISTRY, Stage, TransferExamples, Zoo, build_stages
 from .surrogates import load_or_train_zoo, zoo_cache_path
 
-__all__ = ["PARTIAL", "evaluate_run", "evaluation_sample", "prepare_transfer_artefacts", "read_results"]
+__all__ = ["PARTIAL", "Images", "evaluate_run", "evaluation_images", "evaluation_sample", "held_out_images",
+           "prepare_transfer_artefacts", "read_results", "validation_indices"]
 
 log = logging.getLogger("fedrobust")
 
@@ -53,6 +60,76 @@ def evaluation_sample(num_test: int, num_samples: int, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(num_test, size=num_samples, replace=False))
 
 
+def validation_indices(cfg: DictConfig, data: ImageDataset) -> np.ndarray:
+    """The union of the nodes' validation splits: sorted indices into the training set."""
+    from ..node import shards_for
+
+    return np.unique(np.concatenate([np.asarray(s.val, dtype=np.int64) for s in shards_for(cfg, data)]))
+
+
+_POOLS = {"test": "the test set", "validation": "the union of the nodes' validation splits"}
+
+
+@dataclass(frozen=True)
+class Images:
+    """Held-out images a figure is measured on: the split, the indices into it, how they were drawn.
+
+    ``indices`` index the test set (split ``test``) or the training set (split ``validation``).
+    """
+
+    split: str
+    indices: np.ndarray
+    pool: int  # how many images the split holds
+    seed: int | None = None  # None: the whole split
+
+    def tensors(self, data: ImageDataset) -> tuple[torch.Tensor, torch.Tensor]:
+        """The images (as stored) and their labels."""
+        idx = torch.as_tensor(self.indices)
+        if self.split == "test":
+            return data.x_test[idx], data.y_test[idx]
+        return data.x_train[idx], data.y_train[idx]
+
+    def describe(self) -> dict[str, Any]:
+        """What ``results.json`` records: the split, how many images, and how they were drawn."""
+        n = len(self.indices)
+        if self.seed is None or n == self.pool:
+            text = f"{self.split}: all {n} images of {_POOLS[self.split]}"
+        else:
+            text = f"{self.split}: {n} images drawn with seed {self.seed} from {_POOLS[self.split]} ({self.pool} images)"
+        return {"split": self.split, "num_images": n, "drawn_from": self.pool, "seed": self.seed, "text": text}
+
+
+def held_out_images(cfg: DictConfig, data: ImageDataset, split: str | None = None) -> Images:
+    """All the images of ``split`` (default ``attack.split``): the test set, or the nodes' validation splits."""
+    split = split or cfg.attack.split
+    if split == "test":
+        return Images("test", np.arange(len(data.y_test)), len(data.y_test))
+    idx = validation_indices(cfg, data)
+    return Images("validation", idx, len(idx))
+
+
+def evaluation_images(cfg: DictConfig, data: ImageDataset) -> Images:
+    """The evaluation sample: ``attack.num_samples`` images of ``attack.split``, drawn with ``attack.sample_seed``."""
+    a = cfg.attack
+    whole = held_out_images(cfg, data)
+    pick = evaluation_sample(whole.pool, a.num_samples, a.sample_seed)
+    return Images(whole.split, whole.indices[pick], whole.pool, a.sample_seed)
+
+
+class _ValidationTransferExamples(TransferExamples):
+    """Transfer examples crafted on validation images, in cache files of their own (indices into the
+    training set must never meet the same indices into the test set)."""
+
+    def path(self, name: str, zoo_key: str) -> Path:
+        path = super().path(name, zoo_key)
+        return path.with_name(f"validation-{path.name}")
+
+
+def _transfer_examples(attack: DictConfig, images: Images) -> TransferExamples:
+    cls = TransferExamples if images.split == "test" else _ValidationTransferExamples
+    return cls(attack, images.indices)
+
+
 def prepare_transfer_artefacts(cfg: DictConfig, data: ImageDataset | None = None) -> list[Path]:
     """Train (or find) the surrogate zoo and craft (or find) every transfer attack's examples on the
     evaluation sample, so that every later evaluation on this data reuses them; their cache files."""
@@ -60,9 +137,10 @@ def prepare_transfer_artefacts(cfg: DictConfig, data: ImageDataset | None = None
     device = resolve_device(cfg.train.device)
     data = data or load_dataset(cfg.data.name, cfg.data.root)
     zoo = Zoo(*load_or_train_zoo(cfg, data, device))
-    idx = evaluation_sample(len(data.y_test), a.num_samples, a.sample_seed)
-    x, y = to_float(data.x_test[idx]).to(device), data.y_test[idx].to(device)
-    transfer = TransferExamples(a, idx)
+    images = evaluation_images(cfg, data)
+    x, y = images.tensors(data)
+    x, y = to_float(x).to(device), y.to(device)
+    transfer = _transfer_examples(a, images)
     paths = [zoo_cache_path(cfg, zoo.key)]
     for name in a.transfer_attacks:
         transfer.get(name, zoo, REGISTRY["transfer"][name]().build(zoo.model, a), x, y)
@@ -76,12 +154,12 @@ PARTIAL = "evaluation.partial.json"
 class _Inputs:
     """What stages read, by name (see :mod:`.stages`); each made on first use, once."""
 
-    def __init__(self, cfg: DictConfig, data: ImageDataset, device: torch.device, target, idx: np.ndarray,
+    def __init__(self, cfg: DictConfig, data: ImageDataset, device: torch.device, target, images: Images,
                  board: Board) -> None:
-        x = to_float(data.x_test[idx]).to(device)
+        x, y = images.tensors(data)
         self._made: dict[str, Any] = {
-            "attack": cfg.attack, "target": target, "members": list(target.members), "x": x,
-            "y": data.y_test[idx].to(device), "transfer": TransferExamples(cfg.attack, idx), "board": board,
+            "attack": cfg.attack, "target": target, "members": list(target.members), "x": to_float(x).to(device),
+            "y": y.to(device), "transfer": _transfer_examples(cfg.attack, images), "board": board,
             "progress": cfg.train.progress,
         }
         self._makers = {"zoo": lambda: Zoo(*load_or_train_zoo(cfg, data, device))}
@@ -111,15 +189,32 @@ def _merge(parts: list[dict], num_members: int) -> dict:
     return out
 
 
-def _evaluation_key(run_dir: Path, cfg: DictConfig, idx: np.ndarray) -> str:
+def _evaluation_key(run_dir: Path, cfg: DictConfig, images: Images) -> str:
     """What an evaluation's results depend on: the members' bytes, the attack settings, the sample."""
     h = hashlib.sha256()
     for path in member_files(run_dir):
         h.update(path.name.encode())
         h.update(path.read_bytes())
     attack = {k: v for k, v in OmegaConf.to_container(cfg.attack, resolve=True).items() if k != "cache_dir"}
-    return content_key({"members": h.hexdigest(), "attack": attack, "data": cfg.data.name, "indices": idx.tolist(),
-                        "version": 1})
+    return content_key({"members": h.hexdigest(), "attack": attack, "data": cfg.data.name, "split": images.split,
+                        "indices": images.indices.tolist(), "version": 2})
+
+
+def _rescore_clean(results: dict, run_dir: Path, target, data: ImageDataset, cfg: DictConfig, split: str,
+                   device: torch.device) -> None:
+    """Clean accuracy of the ensemble and its members on the whole of ``split``, where results.json holds
+    it on another split's images (a study's trial, scored on validation images, evaluated on the test
+    sample): every figure of the file is then measured on one split."""
+    whole = held_out_images(cfg, data, split)
+    x, y = whole.tensors(data)
+    x, y = to_float(x).to(device), y.to(device)
+    results["ensemble"]["clean_accuracy"] = accuracy(target, x, y)
+    numbers = [int(p.stem.split("_")[1]) for p in member_files(run_dir)]
+    by_member = {m.get("member"): m for m in results.get("members", [])}
+    for number, model in zip(numbers, target.members):
+        if number in by_member:
+            by_member[number]["clean_accuracy"] = accuracy(model, x, y)
+    results["images"]["clean_accuracy"] = whole.describe()
 
 
 def _load_partial(path: Path, key: str) -> dict[str, dict]:
@@ -147,7 +242,8 @@ def read_results(run_dir: Path) -> dict:
     return results
 
 
-def evaluate_run(run_dir: str | Path, cfg: DictConfig, data: ImageDataset | None = None) -> dict:
+def evaluate_run(run_dir: str | Path, cfg: DictConfig, data: ImageDataset | None = None, *,
+                 into: str | None = None, reuse: bool = False) -> dict:
     """Attack the run's ensemble; update ``results.json`` and TensorBoard; return the results.
 
     Runs the registered stages (:func:`~fedrobust.evaluation.stages.build_stages`)
@@ -155,29 +251,44 @@ def evaluate_run(run_dir: str | Path, cfg: DictConfig, data: ImageDataset | None
     as it finishes; stages that an interrupted evaluation of the same members
     and settings finished are reused. ``results.json`` is replaced atomically
     once, at the end, and keeps its training part.
+
+    ``into`` names a folder of ``run_dir`` that receives this evaluation's
+    files (``results.json`` with the run's training part, ``eval_sample.json``,
+    TensorBoard) instead of ``run_dir`` itself: a study evaluates its front's
+    trials on the test sample into ``test/``, next to their validation figures.
+    With ``reuse``, a finished evaluation of the same members, settings and
+    sample there is returned as it is.
     """
     run_dir = Path(run_dir)
+    out = run_dir / into if into else run_dir
     t_start = time.perf_counter()
     a = cfg.attack
     check_complete(run_dir)
     results = read_results(run_dir)
     device = resolve_device(cfg.train.device)
     data = data or load_dataset(cfg.data.name, cfg.data.root)
+    images = evaluation_images(cfg, data)
+    key = _evaluation_key(run_dir, cfg, images)
+    if reuse and out != run_dir and (out / "results.json").is_file():
+        previous = read_results(out)
+        if previous.get("evaluation", {}).get("key") == key:
+            log.info("evaluation: reused %s (same members, settings and sample)", out / "results.json")
+            return previous
+    out.mkdir(parents=True, exist_ok=True)
     target = load_ensemble(run_dir, device, cfg)
-    idx = evaluation_sample(len(data.y_test), a.num_samples, a.sample_seed)
-    write_json(run_dir / "eval_sample.json", {"seed": a.sample_seed, "indices": idx.tolist()})
+    write_json(out / "eval_sample.json", {"split": images.split, "seed": a.sample_seed,
+                                          "indices": images.indices.tolist(), "images": images.describe()["text"]})
     num_members = len(target.members)
-    log.info("evaluation: %d test images (seed %d), eps %.4f, %d member(s)", len(idx), a.sample_seed, a.eps, num_members)
+    log.info("evaluation: %s; eps %.4f, %d member(s)", images.describe()["text"], a.eps, num_members)
 
-    key = _evaluation_key(run_dir, cfg, idx)
-    partial_path = run_dir / PARTIAL
+    partial_path = out / PARTIAL
     done = _load_partial(partial_path, key)
     stages = build_stages(a, num_members)
     reused = [s.id for s in stages if s.id in done]
     if reused:
         log.info("evaluation: resuming; %d finished stage(s) reused from %s: %s", len(reused), PARTIAL, ", ".join(reused))
-    with Board(run_dir) as board:
-        inputs = _Inputs(cfg, data, device, target, idx, board)
+    with Board(out) as board:
+        inputs = _Inputs(cfg, data, device, target, images, board)
         bar = progress_bar(stages, desc="evaluate", enabled=cfg.train.progress)
         for stage in bar:
             if stage.id in done:
@@ -204,7 +315,8 @@ def evaluate_run(run_dir: str | Path, cfg: DictConfig, data: ImageDataset | None
             **merged["ensemble"],
         }
         evaluation = {
-            "num_samples": len(idx), "sample_seed": a.sample_seed, "eps": a.eps, "primary_transfer": a.transfer,
+            "num_samples": len(images.indices), "sample_seed": a.sample_seed, "split": images.split, "key": key,
+            "eps": a.eps, "primary_transfer": a.transfer,
             "primary_query": a.query, "surrogates": list(a.surrogates) if a.surrogates is not None else None,
             **merged["evaluation"], "cache_hits": merged["cache_hits"],
             "seconds": {s.id: done[s.id]["seconds"] for s in stages}, "resumed_stages": reused,
@@ -217,7 +329,12 @@ def evaluate_run(run_dir: str | Path, cfg: DictConfig, data: ImageDataset | None
         results["members"] = [by_member[k] for k in sorted(by_member)]
         results["evaluation"] = evaluation
         results["attack_config"] = OmegaConf.to_container(cfg.attack, resolve=True)
-        write_json(run_dir / "results.json", results)
+        # which images each figure was measured on: "evaluation" covers the sample's figures (clean and robust
+        # accuracies on the sample, every attack, the members' robust accuracies, TSR, smoothness)
+        results.setdefault("images", {})["evaluation"] = images.describe()
+        if results["images"].get("clean_accuracy", {}).get("split", images.split) != images.split:
+            _rescore_clean(results, run_dir, target, data, cfg, images.split, device)
+        write_json(out / "results.json", results)
         partial_path.unlink(missing_ok=True)
         _tensorboard(board, ensemble, member_ra, merged["histograms"])
     log.info("evaluation: RA_T (%s) %.4f, RA_Q (%s) %.4f, clean %.4f on the sample; %.1fs",
