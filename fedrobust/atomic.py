@@ -9,19 +9,25 @@ A kill, a full disk or an exception during the write leaves the previous file
 untouched and removes the temporary one (a SIGKILL may leave a ``.*.tmp``
 file beside it, never a damaged target). Append-only logs (``train.log``,
 TensorBoard events, ``executions.jsonl``) are not rewritten and do not need it.
+
+Every JSON text is strict JSON (:func:`dumps_json`): a non-finite float
+(NaN, ±inf), which ``json`` would write as the invalid ``NaN`` or
+``Infinity``, is written as ``null``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["atomic_open", "save_figure", "save_torch", "write_bytes", "write_json", "write_text"]
+__all__ = ["atomic_open", "dumps_json", "finite_or_null", "save_figure", "save_torch", "write_bytes", "write_json",
+           "write_text"]
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -57,8 +63,25 @@ def write_bytes(path: str | Path, data: bytes) -> None:
         f.write(data)
 
 
+def finite_or_null(obj: Any) -> Any:
+    """``obj`` with every non-finite float, in any dict, list or tuple inside it, replaced by None."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_or_null(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_or_null(v) for v in obj]
+    return obj
+
+
+def dumps_json(obj: Any, **kwargs: Any) -> str:
+    """``json.dumps`` that writes strict JSON: non-finite floats become null (:func:`finite_or_null`)."""
+    return json.dumps(finite_or_null(obj), allow_nan=False, **kwargs)
+
+
 def write_json(path: str | Path, obj: Any, **kwargs: Any) -> None:
-    write_text(path, json.dumps(obj, indent=2, **kwargs))
+    """Write ``obj`` as strict, indented JSON (non-finite floats as null)."""
+    write_text(path, dumps_json(obj, indent=2, **kwargs))
 
 
 def save_torch(obj: Any, path: str | Path) -> None:

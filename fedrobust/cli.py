@@ -72,7 +72,8 @@ def _train(overrides: list[str]) -> int:
             from .engines import run_inline
             from .run import finalize_run
 
-            finalize_run(cfg, run_dir, run_inline(cfg))
+            missing: dict = {}
+            finalize_run(cfg, run_dir, run_inline(cfg, missing), missing=missing or None)
         else:
             from .engines import run_simulation
 

@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -42,18 +43,23 @@ def torch_threads(n: int):
         torch.set_num_threads(before)
 
 
-def run_inline(cfg: DictConfig) -> list[MemberUpdate]:
-    """Train every node's members in this process and return the validated members."""
+def run_inline(cfg: DictConfig, missing: dict | None = None) -> list[MemberUpdate]:
+    """Train every node's members in this process and return the validated members.
+
+    Members left out under ``engine.on_missing=min_members`` (diverged ones)
+    are recorded in ``missing``, for :func:`fedrobust.run.finalize_run`.
+    """
     states: dict[int, dict] = {node: {} for node in range(num_nodes(cfg.deployment.name, cfg.deployment.num_nodes))}
 
-    def train_round(round_idx: int, current: dict[int, dict]) -> list[MemberUpdate]:
-        updates = []
-        with torch_threads(int(cfg.engine.num_cpus)):
-            for node, state in states.items():
-                updates += train_node_round(cfg, node, round_idx, state, peers=peers_of(cfg, node, current))
-        return updates
+    def train_round(round_idx: int, current: dict[int, dict]) -> Iterator[MemberUpdate]:
+        # Every node gets the peers of the round's start; the server checks each node's members as they
+        # come, so a divergence fails the run before the next node trains.
+        peers = {node: peers_of(cfg, node, current) for node in states}
+        for node, state in states.items():
+            yield from train_node_round(cfg, node, round_idx, state, peers=peers[node])
 
-    return collect_members(cfg, train_round)
+    with torch_threads(int(cfg.engine.num_cpus)):
+        return collect_members(cfg, train_round, missing)
 
 
 class _DropRunSimulationNotice(logging.Filter):

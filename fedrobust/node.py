@@ -2,7 +2,8 @@
 
 :func:`train_node_round` loads the node's shard, trains (or resumes) every
 member that lives on the node for this round's epochs, and returns one
-:class:`MemberUpdate` per member. The Flower ClientApp and the inline engine
+:class:`MemberUpdate` per member. A member that diverged is reported with its
+:class:`~fedrobust.training.Divergence` and without weights. The Flower ClientApp and the inline engine
 are thin adapters around it, so both produce the same members.
 """
 
@@ -24,7 +25,7 @@ from strategies import build_strategy
 from .data import ImageDataset, load_dataset
 from .models import build_model
 from .partition import NodeShard, members_per_node, node_shards, num_nodes
-from .training import EpochRecord, MemberTrainer, TrainSettings, member_seed, resolve_device
+from .training import Divergence, EpochRecord, MemberTrainer, TrainSettings, member_seed, resolve_device
 
 __all__ = [
     "MemberUpdate",
@@ -41,11 +42,11 @@ __all__ = [
 
 @dataclass
 class MemberUpdate:
-    """One member as a node reports it after a round."""
+    """One member as a node reports it after a round; a diverged member has ``divergence`` and no weights."""
 
     node: int
     member: int
-    weights: dict[str, torch.Tensor]
+    weights: dict[str, torch.Tensor] | None
     num_train_samples: int
     num_val_samples: int
     class_counts: list[int]
@@ -56,6 +57,7 @@ class MemberUpdate:
     history: list[EpochRecord] = field(default_factory=list)
     current: dict[str, torch.Tensor] | None = None  # the member as it is now (sent to peers), when the strategy needs peers
     trained_on: dict[str, str] = field(default_factory=dict)  # host, and Ray node IP and id when in Ray
+    divergence: Divergence | None = None  # set when its loss became non-finite: it never joins the ensemble
 
 
 def host_identity() -> dict[str, str]:
@@ -176,12 +178,13 @@ def train_node_round(
         desc = f"node {node} {who} r{round_idx + 1}/{cfg.train.rounds}"
         history = trainer.run(epochs, peers=peer_models, progress=cfg.train.progress, desc=desc)
         state[key] = trainer.state_dict()
+        diverged = trainer.divergence is not None
         for k, m in enumerate(group):
             updates.append(
                 MemberUpdate(
                     node=node,
                     member=m,
-                    weights=trainer.best_weights(k),
+                    weights=None if diverged else trainer.best_weights(k),
                     num_train_samples=len(shard.train),
                     num_val_samples=len(shard.val),
                     class_counts=class_counts,
@@ -190,8 +193,9 @@ def train_node_round(
                     epochs_trained=trainer.epoch,
                     stopped=trainer.stopped,
                     history=history,
-                    current=trainer.current_weights(k) if strategy.needs_peers else None,
+                    current=trainer.current_weights(k) if strategy.needs_peers and not diverged else None,
                     trained_on=host_identity(),
+                    divergence=trainer.divergence,
                 )
             )
     return updates

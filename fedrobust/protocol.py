@@ -11,7 +11,10 @@ Reply (node → server), per member ``m`` trained on the node:
 member as it is now, for its peers, when the strategy needs peers) and ``metrics.m``
 (``MetricRecord``: node, member, sample counts, class counts, early-stopping
 state and the per-epoch history as lists) and ``where.m`` (``ConfigRecord``:
-the host, and the Ray node's IP and id, that trained it).
+the host, and the Ray node's IP and id, that trained it). A member that
+diverged sends ``diverged.m`` (``ConfigRecord``: epoch, which loss, its
+non-finite value as text, and the last finite loss) in place of
+``weights.m`` and ``current.m``: its weights never cross the wire.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from omegaconf import DictConfig
 from .config import config_from_json, config_to_json
 from .ensemble import InvalidUpdateError
 from .node import MemberUpdate
-from .training import EpochRecord
+from .training import Divergence, EpochRecord
 
 __all__ = ["decode_reply", "decode_task", "encode_reply", "encode_task"]
 
@@ -53,9 +56,16 @@ def decode_task(content: RecordDict) -> tuple[DictConfig, int, dict[int, dict]]:
 def encode_reply(updates: list[MemberUpdate]) -> RecordDict:
     rd = RecordDict()
     for u in updates:
-        rd[f"weights.{u.member}"] = ArrayRecord(u.weights)
-        if u.current is not None:
-            rd[f"current.{u.member}"] = ArrayRecord(u.current)
+        if u.divergence is not None:
+            d = u.divergence
+            rd[f"diverged.{u.member}"] = ConfigRecord(
+                {"epoch": d.epoch, "loss": d.loss, "value": str(d.value)}
+                | ({} if d.last_finite_loss is None else {"last_finite_loss": float(d.last_finite_loss)})
+            )
+        else:
+            rd[f"weights.{u.member}"] = ArrayRecord(u.weights)
+            if u.current is not None:
+                rd[f"current.{u.member}"] = ArrayRecord(u.current)
         metrics: dict = {
             "node": u.node,
             "member": u.member,
@@ -87,11 +97,20 @@ def decode_reply(content: RecordDict, who: str) -> list[MemberUpdate]:
         updates = []
         for m in members:
             metrics = content.metric_records[f"metrics.{m}"]
-            arrays = content.array_records[f"weights.{m}"]
-            weights = {name: arr.numpy() for name, arr in arrays.items()}
             where = content.config_records.get(f"where.{m}")
-            current = content.array_records.get(f"current.{m}")
-            current = {name: arr.numpy() for name, arr in current.items()} if current is not None else None
+            diverged = content.config_records.get(f"diverged.{m}")
+            divergence, weights, current = None, None, None
+            if diverged is not None:  # no weights are read from a diverged member, whatever else it sent
+                last = diverged.get("last_finite_loss")
+                if diverged["loss"] not in ("train", "validation"):
+                    raise ValueError(f"diverged.{m}: unknown loss {str(diverged['loss'])[:40]!r}")
+                divergence = Divergence(int(diverged["epoch"]), str(diverged["loss"]), float(str(diverged["value"])),
+                                        None if last is None else float(last))
+            else:
+                arrays = content.array_records[f"weights.{m}"]
+                weights = {name: arr.numpy() for name, arr in arrays.items()}
+                current = content.array_records.get(f"current.{m}")
+                current = {name: arr.numpy() for name, arr in current.items()} if current is not None else None
             n = len(metrics["history.epoch"])
             terms = {k[len("history.term.") :]: metrics[k] for k in metrics if k.startswith("history.term.")}
             history = [
@@ -121,6 +140,7 @@ def decode_reply(content: RecordDict, who: str) -> list[MemberUpdate]:
                     history=history,
                     current=current,
                     trained_on={str(k): str(v) for k, v in where.items()} if where is not None else {},
+                    divergence=divergence,
                 )
             )
         return updates

@@ -11,6 +11,12 @@ multi-round protocol (weights, best checkpoint, momentum buffers, the batching
 RNG, the early-stopping counters). Its ``state_dict`` is a flat dict of
 tensors, so it can be stored in a Flower ``Context`` between rounds, and
 restoring it continues training bit for bit.
+
+A member whose training or validation loss becomes non-finite has diverged:
+it stops at once, and :attr:`MemberTrainer.divergence` says at which epoch,
+which loss, and the last finite training loss before it. Its weights never
+stand in for a trained member (:func:`train_member` raises
+:class:`DivergedError`; the server applies ``engine.on_missing``).
 """
 
 from __future__ import annotations
@@ -33,6 +39,8 @@ from .data import to_float
 from .progress import progress as progress_bar
 
 __all__ = [
+    "Divergence",
+    "DivergedError",
     "EpochRecord",
     "MemberTrainer",
     "MomentumSGD",
@@ -98,6 +106,39 @@ class EpochRecord:
     val_loss: float
     val_acc: float
     terms: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Divergence:
+    """Where a member's loss became non-finite.
+
+    ``epoch`` counts from 0, as ``EpochRecord.epoch`` and ``best_epoch`` do;
+    ``loss`` is ``"train"`` (the epoch's mean training loss) or
+    ``"validation"``; ``value`` is the non-finite value; ``last_finite_loss``
+    is the mean training loss of the last epoch where it was finite (None if
+    there was none).
+    """
+
+    epoch: int
+    loss: str
+    value: float
+    last_finite_loss: float | None
+
+    def describe(self) -> str:
+        last = "none" if self.last_finite_loss is None else f"{self.last_finite_loss:.4g}"
+        return f"diverged at epoch {self.epoch} ({self.loss} loss {self.value}; last finite loss {last})"
+
+    def as_dict(self) -> dict:
+        """Strict-JSON fields (the non-finite value as text)."""
+        return {"epoch": self.epoch, "loss": self.loss, "value": str(self.value),
+                "last_finite_loss": self.last_finite_loss}
+
+
+class DivergedError(RuntimeError):
+    """A member diverged (non-finite loss) and the run may not go on without it; the message is one line."""
+
+
+_LOSS_KINDS = ("train", "validation")
 
 
 @torch.no_grad()
@@ -203,6 +244,8 @@ class MemberTrainer:
         self.best_val_loss = math.inf
         self.best_epoch = -1
         self.best_states = [copy.deepcopy(m.state_dict()) for m in self.models]
+        self.last_finite_loss: float | None = None  # the latest finite epoch training loss
+        self.divergence: Divergence | None = None
         self._peer_diffs: list[torch.Tensor] | None = None
 
     @property
@@ -307,24 +350,41 @@ class MemberTrainer:
                 hook_terms = {}
                 if hasattr(self.strategy, "begin_epoch"):
                     hook_terms = self.strategy.begin_epoch(
-                        self.model, self.epoch, s.epochs, to_float(self.x_val), self.y_val, self.seed
+                        self.model, self.epoch, s.epochs, self.x_val, self.y_val, self.seed, batch_size=s.batch_size
                     ) or {}
                 train_loss, train_acc, terms = self._train_epoch(peers)
                 terms |= hook_terms
-                val_loss, val_acc = self._validate()
+                # The epoch's loss sum is already on the host: a non-finite batch loss shows here, at no
+                # extra sync. Weights that produced it are not validated.
+                if math.isfinite(train_loss):
+                    val_loss, val_acc = self._validate()
+                else:
+                    val_loss, val_acc = math.nan, math.nan
+                records.append(EpochRecord(self.epoch, lr, train_loss, train_acc, val_loss, val_acc, terms))
+                if not (math.isfinite(train_loss) and math.isfinite(val_loss)):
+                    kind, value = ("train", train_loss) if not math.isfinite(train_loss) else ("validation", val_loss)
+                    if kind == "validation":
+                        self.last_finite_loss = train_loss
+                    self.divergence = Divergence(self.epoch, kind, value, self.last_finite_loss)
+                    self.stopped = True
+                    self.epoch += 1
+                    bar.update(1)
+                    break
+                self.last_finite_loss = train_loss
                 if val_loss < self.best_val_loss:
                     self.best_val_loss, self.best_epoch, self.bad_epochs = val_loss, self.epoch, 0
                     self.best_states = [copy.deepcopy(m.state_dict()) for m in self.models]
                 else:
                     self.bad_epochs += 1
                     self.stopped = self.bad_epochs >= s.patience
-                records.append(EpochRecord(self.epoch, lr, train_loss, train_acc, val_loss, val_acc, terms))
                 self.epoch += 1
                 bar.set_postfix(
                     loss=f"{train_loss:.3f}", val_loss=f"{val_loss:.3f}", val_acc=f"{val_acc:.3f}", refresh=False
                 )
                 bar.update(1)
-            if self.stopped:
+            if self.divergence is not None:
+                bar.set_postfix_str(self.divergence.describe(), refresh=False)
+            elif self.stopped:
                 bar.set_postfix_str(f"early stop at epoch {self.epoch}, best {self.best_epoch}", refresh=False)
         finally:
             bar.close()
@@ -332,7 +392,9 @@ class MemberTrainer:
         return records
 
     def best_weights(self, k: int = 0) -> dict[str, torch.Tensor]:
-        """Member ``k``'s best-validation checkpoint, on CPU."""
+        """Member ``k``'s best-validation checkpoint, on CPU; a diverged member has none (:class:`DivergedError`)."""
+        if self.divergence is not None:
+            raise DivergedError(f"member {self.divergence.describe()}: it has no trained weights")
         return {name: v.detach().cpu().clone() for name, v in self.best_states[k].items()}
 
     def current_weights(self, k: int = 0) -> dict[str, torch.Tensor]:
@@ -355,6 +417,12 @@ class MemberTrainer:
         state["rng"] = self.generator.get_state()
         state["counters"] = torch.tensor([self.epoch, self.bad_epochs, int(self.stopped), self.best_epoch], dtype=torch.int64)
         state["best_val_loss"] = torch.tensor([self.best_val_loss], dtype=torch.float64)
+        state["last_finite_loss"] = torch.tensor([_or_nan(self.last_finite_loss)], dtype=torch.float64)
+        if self.divergence is not None:
+            d = self.divergence
+            state["divergence"] = torch.tensor(
+                [d.epoch, _LOSS_KINDS.index(d.loss), d.value, _or_nan(d.last_finite_loss)], dtype=torch.float64
+            )
         return state
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
@@ -374,6 +442,17 @@ class MemberTrainer:
         epoch, bad, stopped, best_epoch = (int(v) for v in state["counters"])
         self.epoch, self.bad_epochs, self.stopped, self.best_epoch = epoch, bad, bool(stopped), best_epoch
         self.best_val_loss = float(state["best_val_loss"][0])
+        last = float(state["last_finite_loss"][0]) if "last_finite_loss" in state else math.nan
+        self.last_finite_loss = last if math.isfinite(last) else None
+        self.divergence = None
+        if "divergence" in state:
+            epoch, kind, value, last = (float(v) for v in state["divergence"])
+            last_or_none = last if math.isfinite(last) else None
+            self.divergence = Divergence(int(epoch), _LOSS_KINDS[int(kind)], value, last_or_none)
+
+
+def _or_nan(value: float | None) -> float:
+    return math.nan if value is None else value
 
 
 def train_member(
@@ -391,7 +470,12 @@ def train_member(
     progress: bool = True,
     desc: str = "member",
 ) -> tuple[dict[str, torch.Tensor], list[EpochRecord]]:
-    """Train one member for ``settings.epochs`` epochs; return its best weights and history."""
+    """Train one member for ``settings.epochs`` epochs; return its best weights and history.
+
+    A member that diverges raises :class:`DivergedError` (its weights are not a trained member).
+    """
     trainer = MemberTrainer(model, x_train, y_train, x_val, y_val, strategy, settings, seed, device)
     history = trainer.run(settings.epochs, peers=peers, progress=progress, desc=desc)
+    if trainer.divergence is not None:
+        raise DivergedError(f"{desc} {trainer.divergence.describe()}; lower its learning rate")
     return trainer.best_weights(), history
