@@ -10,11 +10,14 @@ from typing import Any
 from ..atomic import atomic_open, save_figure, write_json, write_text
 from .space import SHORT_NAMES
 
-__all__ = ["pareto_front", "write_trials_csv", "write_pareto", "write_recommended", "plot_front", "read_trials_csv"]
+__all__ = ["pareto_front", "write_trials_csv", "write_pareto", "write_recommended", "plot_front", "read_trials_csv",
+           "measured_on"]
 
 OBJECTIVE_NAMES = {"robustness": ("ra_t", "ra_q"), "accuracy": ("val_accuracy", "min_ra")}
 LABELS = {"ra_t": "RA_T (transfer)", "ra_q": "RA_Q (query)", "val_accuracy": "validation accuracy",
           "min_ra": "min(RA_T, RA_Q)", "ca": "clean accuracy"}
+# a front trial's figures on the test sample, measured once after the study (holdout.py)
+TEST_COLUMNS = ("ca_test", "ra_t_test", "ra_q_test")
 
 
 def pareto_front(points: Sequence[Sequence[float]]) -> list[int]:
@@ -34,8 +37,10 @@ def _fmt(v: Any) -> Any:
 
 
 def write_trials_csv(path: Path, rows: list[dict[str, Any]], param_names: list[str]) -> None:
-    cols = ["number", "state", *param_names, "ca", "val_accuracy", "ra_t", "ra_q", "feasible", "best_epoch",
-            "duration_s", "requeued_from", "node", "run_dir"]
+    """One row per trial: ca, val_accuracy, ra_t and ra_q on validation images (what the study selected on), and
+    for the front's trials ca_test, ra_t_test and ra_q_test on the test sample (empty elsewhere)."""
+    cols = ["number", "state", *param_names, "ca", "val_accuracy", "ra_t", "ra_q", *TEST_COLUMNS, "feasible",
+            "best_epoch", "duration_s", "requeued_from", "failure", "node", "run_dir"]
     with atomic_open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
         w.writeheader()
@@ -61,10 +66,32 @@ def read_trials_csv(path: Path) -> list[dict[str, Any]]:
         return [{k: conv(v) for k, v in row.items()} for row in csv.DictReader(f)]
 
 
-def objective_values(row: dict[str, Any], objectives: str) -> tuple[float, float]:
+def objective_values(row: dict[str, Any], objectives: str, test: bool = False) -> tuple[float, float]:
+    """The row's objective values on validation images, or (``test``) on the test sample."""
+    if test:
+        if objectives == "accuracy":
+            return row["ca_test"], min(row["ra_t_test"], row["ra_q_test"])
+        return row["ra_t_test"], row["ra_q_test"]
     if objectives == "accuracy":
         return row["val_accuracy"], min(row["ra_t"], row["ra_q"])
     return row["ra_t"], row["ra_q"]
+
+
+def has_test(row: dict[str, Any]) -> bool:
+    return all(row.get(c) is not None for c in TEST_COLUMNS)
+
+
+def measured_on(study_dir: Path, rows: list[dict[str, Any]], objectives: str) -> dict[str, str]:
+    """What the figures were measured on, in words (from the first front trial that says so): ``ca`` and ``ra``
+    (validation, what the study selected on), ``ca_test`` and ``ra_test`` (the front, on the test sample)."""
+    from .holdout import images_measured, trial_dir
+
+    out: dict[str, str] = {}
+    for r in sorted(front_rows(rows, objectives), key=lambda r: not has_test(r)):
+        out = images_measured(trial_dir(study_dir, r["number"], r.get("run_dir"))) | out
+        if len(out) == 4:
+            break
+    return out
 
 
 def front_rows(rows: list[dict[str, Any]], objectives: str) -> list[dict[str, Any]]:
@@ -73,14 +100,18 @@ def front_rows(rows: list[dict[str, Any]], objectives: str) -> list[dict[str, An
 
 
 def write_pareto(path: Path, rows: list[dict[str, Any]], param_names: list[str], objectives: str,
-                 baseline: float, min_accuracy: float) -> list[dict[str, Any]]:
+                 baseline: float, min_accuracy: float, measured: dict[str, str] | None = None) -> list[dict[str, Any]]:
     front = sorted(front_rows(rows, objectives), key=lambda r: r["number"])
     doc = {
         "objectives": list(OBJECTIVE_NAMES[objectives]),
         "baseline_accuracy": baseline,
         "min_accuracy": min_accuracy,
+        # ca, val_accuracy, ra_t, ra_q: validation images (the selection); test: the test sample, after the study
+        "images": measured or {},
         "trials": [{"number": r["number"], "params": {p: r[p] for p in param_names},
                     "ca": r["ca"], "val_accuracy": r["val_accuracy"], "ra_t": r["ra_t"], "ra_q": r["ra_q"],
+                    "test": ({"ca": r["ca_test"], "ra_t": r["ra_t_test"], "ra_q": r["ra_q_test"]} if has_test(r)
+                             else None),
                     "run_dir": r.get("run_dir")} for r in front],
     }
     write_json(path, doc)
@@ -107,24 +138,48 @@ def recommended(front: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]
     return picks
 
 
+FIGURE_HEAD = ["CA val", "CA test", "RA_T val", "RA_T test", "RA_Q val", "RA_Q test"]
+
+
+def _figures(r: dict[str, Any]) -> list[str]:
+    """CA, RA_T and RA_Q, each on validation images then on the test sample ("–" where not measured)."""
+    def f(v: Any) -> str:
+        return "–" if v is None else f"{v:.4f}"
+
+    return [f(r.get("ca")), f(r.get("ca_test")), f(r.get("ra_t")), f(r.get("ra_t_test")), f(r.get("ra_q")),
+            f(r.get("ra_q_test"))]
+
+
+def protocol_text(measured: dict[str, str] | None) -> str:
+    """How the figures were measured, for recommended.md and report.md."""
+    m = measured or {}
+    val = (f"RA on {m['ra']}; CA on {m['ca']}" if "ra" in m and "ca" in m
+           else "validation images (the union of the nodes' validation splits)")
+    test = (f"RA on {m['ra_test']}; CA on {m['ca_test']}" if "ra_test" in m and "ca_test" in m
+            else "the test sample (not evaluated yet)")
+    return (f"Selected on validation images only (objectives and constraint; the baseline on its own validation "
+            f"split): {val}. The front was then evaluated once on the test set: {test}.")
+
+
 def write_recommended(path: Path, front: list[dict[str, Any]], param_names: list[str], title: str,
-                      baseline: float, min_accuracy: float) -> str:
-    head = ["choice", "trial", *(_short(p) for p in param_names), "epochs", "CA", "RA_T", "RA_Q"]
+                      baseline: float, min_accuracy: float, measured: dict[str, str] | None = None) -> str:
+    head = ["choice", "trial", *(_short(p) for p in param_names), "epochs", *FIGURE_HEAD]
     lines = [f"# Recommended configurations: {title}", "",
-             f"Feasible: clean accuracy >= {min_accuracy:.4f} (centralized baseline {baseline:.4f} minus the allowed drop). "
-             f"{len(front)} configuration(s) on the Pareto front.", "",
+             f"Feasible: validation accuracy >= {min_accuracy:.4f} (centralized baseline {baseline:.4f} minus the "
+             f"allowed drop). {len(front)} configuration(s) on the Pareto front.", "",
+             protocol_text(measured), "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for label, r in recommended(front):
         cells = [label, str(r["number"]), *(_value(r[p]) for p in param_names),
-                 f"{r['best_epoch']:.0f}" if r.get("best_epoch") is not None else "",
-                 f"{r['ca']:.4f}", f"{r['ra_t']:.4f}", f"{r['ra_q']:.4f}"]
+                 f"{r['best_epoch']:.0f}" if r.get("best_epoch") is not None else "", *_figures(r)]
         lines.append("| " + " | ".join(cells) + " |")
     if front:
-        lines += ["", "Whole front:", "", "| trial | " + " | ".join(_short(p) for p in param_names) + " | CA | RA_T | RA_Q |",
-                  "|" + "---|" * (len(param_names) + 4)]
+        lines += ["", "Whole front:", "",
+                  "| trial | " + " | ".join(_short(p) for p in param_names) + " | " + " | ".join(FIGURE_HEAD) + " |",
+                  "|" + "---|" * (len(param_names) + 1 + len(FIGURE_HEAD))]
         for r in sorted(front, key=lambda r: r["ra_t"]):
             lines.append(f"| {r['number']} | " + " | ".join(_value(r[p]) for p in param_names)
-                         + f" | {r['ca']:.4f} | {r['ra_t']:.4f} | {r['ra_q']:.4f} |")
+                         + " | " + " | ".join(_figures(r)) + " |")
     text = "\n".join(lines) + "\n"
     write_text(path, text)
     return text
@@ -132,7 +187,8 @@ def write_recommended(path: Path, front: list[dict[str, Any]], param_names: list
 
 def plot_front(study_dir: Path, rows: list[dict[str, Any]], objectives: str, title: str,
                tensorboard: bool = False) -> list[Path]:
-    """Scatter of every completed trial with the feasible Pareto front, as PNG and PDF; with
+    """Scatter of every completed trial with the feasible Pareto front (validation figures) and the front's
+    test figures, as PNG and PDF; with
     ``tensorboard``, also as the image ``pareto/front`` of the study's TensorBoard (step: completed trials)."""
     import matplotlib
 
@@ -152,7 +208,14 @@ def plot_front(study_dir: Path, rows: list[dict[str, Any]], objectives: str, tit
     if front:
         pts = sorted(objective_values(r, objectives) for r in front)
         ax.plot(*zip(*pts), "-o", color="tab:red",
-                label="Pareto front")
+                label="Pareto front (validation)")
+    tested = [r for r in front if has_test(r)]
+    if tested:  # each front trial's test figures, joined to its validation point
+        for r in tested:
+            ax.plot(*zip(objective_values(r, objectives), objective_values(r, objectives, test=True)), ":",
+                    color="tab:red", linewidth=0.8)
+        ax.scatter(*zip(*(objective_values(r, objectives, test=True) for r in tested)), marker="D",
+                   facecolors="none", edgecolors="tab:red", label="front on the test sample")
     ax.set_xlabel(LABELS[names[0]])
     ax.set_ylabel(LABELS[names[1]])
     ax.set_title(title)

@@ -3,7 +3,9 @@
 Sweeps: one figure per swept hyperparameter with RA_T, RA_Q and clean
 accuracy against its value, one line per deployment, averaged over seeds
 and numbers of nodes as the main paper does (the band is ± one standard
-deviation). Studies: the Pareto front and the recommended configurations.
+deviation). Studies: the Pareto front and the recommended configurations,
+each front trial with its validation figures (what the study selected on)
+next to its figures on the test sample, measured once (:mod:`.holdout`).
 """
 
 from __future__ import annotations
@@ -98,6 +100,26 @@ def _sweep_report(d: Path) -> str:
     return text
 
 
+def _test_figures(d: Path, rows: list[dict[str, Any]], objectives: str) -> str:
+    """Evaluate the front's trials on the test sample where that was not done yet (once: it is kept); a note for
+    report.md if it could not be done now."""
+    from .holdout import evaluate_front, load_study_config
+    from .study import StudyLocked, study_lock
+
+    front = [r for r in outputs.front_rows(rows, objectives) if not outputs.has_test(r)]
+    if not front:
+        return ""
+    try:
+        with study_lock(d):  # never while the study runs: its trials must not be chosen with test figures in view
+            scores = evaluate_front(d, load_study_config(d), front)
+    except StudyLocked:
+        return "The study is running: its front is evaluated on the test sample when it ends."
+    for r in rows:
+        r.update(scores.get(r["number"], {}))
+    missing = [r["number"] for r in front if r["number"] not in scores]
+    return f"Not evaluated on the test sample (run directory missing): trial(s) {missing}." if missing else ""
+
+
 def _study_report(d: Path) -> str:
     rows = outputs.read_trials_csv(d / "trials.csv")
     header = list(rows[0]) if rows else []
@@ -105,14 +127,22 @@ def _study_report(d: Path) -> str:
     pareto = _read_json(d / "pareto.json")
     objectives = "accuracy" if pareto["objectives"][0] == "val_accuracy" else "robustness"
     title = d.name
+    note = _test_figures(d, rows, objectives)
+    measured = outputs.measured_on(d, rows, objectives)
+    outputs.write_trials_csv(d / "trials.csv", rows, params)
+    outputs.write_pareto(d / "pareto.json", rows, params, objectives, pareto["baseline_accuracy"], pareto["min_accuracy"],
+                         measured)
     outputs.plot_front(d, rows, objectives, title)
     front = outputs.front_rows(rows, objectives)
-    rec = outputs.write_recommended(d / "recommended.md", front, params, title, pareto["baseline_accuracy"], pareto["min_accuracy"])
+    rec = outputs.write_recommended(d / "recommended.md", front, params, title, pareto["baseline_accuracy"],
+                                    pareto["min_accuracy"], measured)
     states = defaultdict(int)
     for r in rows:
         states[r["state"]] += 1
     lines = [f"# Study {title}", "", "Trials: " + ", ".join(f"{n} {s.lower()}" for s, n in sorted(states.items())) + ".", "",
              "![Pareto front](pareto.png)", "", rec.split("\n", 2)[2]]
+    if note:
+        lines += [note, ""]
     text = "\n".join(lines)
     write_text(d / "report.md", text)
     return text

@@ -18,6 +18,24 @@ trials are dominated by feasible ones.
 The baseline is the centralized deployment's clean accuracy with the
 study's base hyperparameters, trained once per study (or
 ``tune.baseline_accuracy``).
+
+Nothing is selected on the test set. Trials run with
+``attack.split=validation``: CA is the ensemble's accuracy on the union of
+the nodes' validation splits, RA_T and RA_Q are measured on ``tune.selection``
+images drawn from that union (``attack.num_samples`` if null), and no test
+image is classified or attacked while the study runs. The baseline's CA is
+measured the same way, on its own validation split: the study's validation
+images are mostly in the baseline's training split, so scoring it there
+would flatter it. When the study ends, the feasible Pareto front is
+evaluated once on the test sample (:mod:`.holdout`), and ``trials.csv``,
+``pareto.json``, ``recommended.md`` and the plot show both figures.
+
+A trial whose training diverged (its error names a member that
+``diverged``) is recorded as failed with that reason and is not re-queued:
+divergence is an outcome of its hyperparameters, and the same parameters
+would diverge again. It does not count towards ``tune.max_failures``, which
+is about broken trials and workers; a study stops only if more trials
+diverge than ``tune.n_trials``, since then the space is mostly divergent.
 """
 
 from __future__ import annotations
@@ -36,7 +54,7 @@ from omegaconf import DictConfig, OmegaConf
 from ..atomic import write_json, write_text
 from ..config import ConfigError
 from ..progress import progress as progress_bar
-from . import outputs
+from . import holdout, outputs
 from .space import SHORT_NAMES, SearchSpace
 from .trial import apply_values, load_scores, trial_task
 
@@ -79,12 +97,21 @@ def open_study(cfg: DictConfig, study_dir: Path) -> optuna.Study:
 
 
 def _base_cfg_for_trials(cfg: DictConfig) -> DictConfig:
+    """The trials' config: scored on validation images (``tune.selection`` of them attacked), never on test ones."""
     base = OmegaConf.merge(cfg, {})
     base.evaluate = True
     base.train.progress = False
     base.run_dir = None
+    base.attack.split = "validation"
+    if cfg.tune.selection is not None:
+        base.attack.num_samples = cfg.tune.selection
     pin_cache_dir(base)
     return base
+
+
+def is_divergence(error: BaseException) -> bool:
+    """Whether a trial failed because its training diverged (a non-finite loss), as the run's one line says."""
+    return "diverged" in str(error).lower()
 
 
 def pin_cache_dir(cfg: DictConfig) -> None:
@@ -131,12 +158,18 @@ def _diff_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
 
 def baseline_accuracy(cfg: DictConfig, study_dir: Path) -> float:
     """Clean accuracy of the centralized baseline: one member, plain training, the study's base
-    hyperparameters (trained once per study, then read back)."""
+    hyperparameters (trained once per study, then read back).
+
+    Measured as the trials' CA is, on validation images (``cfg`` is the trials' config, with
+    ``attack.split=validation``): the baseline's own validation split, which it never trained on.
+    """
     if cfg.tune.baseline_accuracy is not None:
         return float(cfg.tune.baseline_accuracy)
     path = study_dir / "baseline" / "results.json"
     if path.is_file():
-        return float(json.loads(path.read_text())["ensemble"]["clean_accuracy"])
+        results = json.loads(path.read_text())
+        if results.get("images", {}).get("clean_accuracy", {}).get("split") == "validation":
+            return float(results["ensemble"]["clean_accuracy"])
     from ..config import config_from_json
     from ..engines import run_inline
     from ..run import finalize_run, prepare_run_dir
@@ -151,14 +184,15 @@ def baseline_accuracy(cfg: DictConfig, study_dir: Path) -> float:
     if (study_dir / "baseline").exists():
         import shutil
 
-        shutil.rmtree(study_dir / "baseline")  # an attempt killed before it finished
+        shutil.rmtree(study_dir / "baseline")  # an attempt killed before it finished, or one scored on test images
     log.info("training the centralized baseline (the accuracy constraint's reference)")
     run_dir = prepare_run_dir(base, str(study_dir / "baseline"))
     results = finalize_run(base, run_dir, run_inline(base))
     return float(results["ensemble"]["clean_accuracy"])
 
 
-def trial_rows(study: optuna.Study, param_names: list[str]) -> list[dict[str, Any]]:
+def trial_rows(study: optuna.Study, param_names: list[str], study_dir: Path | None = None) -> list[dict[str, Any]]:
+    """One row per trial; with ``study_dir``, a front trial's test figures (:mod:`.holdout`) once it has them."""
     rows = []
     for t in study.get_trials(deepcopy=False):
         u = t.user_attrs
@@ -167,16 +201,21 @@ def trial_rows(study: optuna.Study, param_names: list[str]) -> list[dict[str, An
                "ca": u.get("ca"), "val_accuracy": u.get("val_accuracy"), "ra_t": u.get("ra_t"), "ra_q": u.get("ra_q"),
                "feasible": (u.get(CONSTRAINT_ATTR, math.inf) <= 0) if t.state.name == "COMPLETE" else None,
                "best_epoch": u.get("best_epoch"), "duration_s": round(duration, 2) if duration is not None else None,
-               "requeued_from": u.get("requeued_from"), "node": u.get("node"), "run_dir": u.get("run_dir")}
+               "requeued_from": u.get("requeued_from"), "node": u.get("node"), "run_dir": u.get("run_dir"),
+               "failure": u.get("failure")}
+        if study_dir is not None and t.state.name == "COMPLETE":
+            row |= holdout.test_scores(holdout.trial_dir(study_dir, t.number, u.get("run_dir"))) or {}
         rows.append(row)
     return rows
 
 
 def _tell_complete(study: optuna.Study, trial: optuna.Trial, scores: dict[str, Any], min_acc: float, objectives: str) -> None:
+    """Record a finished trial. Its constraint is on its validation accuracy (the union of the nodes' validation
+    splits), as the baseline's is; no test figure exists yet."""
     for key in ("ca", "val_accuracy", "ra_t", "ra_q", "best_epoch", "seconds"):
         trial.set_user_attr(key, scores[key])
-    trial.set_user_attr(CONSTRAINT_ATTR, min_acc - scores["ca"])
-    trial.set_constraint("clean_accuracy", min_acc - scores["ca"])
+    trial.set_user_attr(CONSTRAINT_ATTR, min_acc - scores["val_accuracy"])
+    trial.set_constraint("clean_accuracy", min_acc - scores["val_accuracy"])
     study.tell(trial, list(outputs.objective_values(scores, objectives)))
 
 
@@ -236,20 +275,35 @@ def share_artefacts(pool, cfg: DictConfig) -> dict[str, Any]:
 
 
 def _front_text(rows: list[dict[str, Any]], objectives: str) -> str:
+    """The front's objective values on validation images, and on the test sample once measured."""
+    def one(r: dict[str, Any]) -> str:
+        val = outputs.objective_values(r, objectives)
+        text = f"#{r['number']} ({val[0]:.3f}, {val[1]:.3f}"
+        if outputs.has_test(r):
+            test = outputs.objective_values(r, objectives, test=True)
+            text += f"; test {test[0]:.3f}, {test[1]:.3f}"
+        return text + ")"
+
     front = sorted(outputs.front_rows(rows, objectives), key=lambda r: outputs.objective_values(r, objectives))
-    return ", ".join(f"#{r['number']} ({outputs.objective_values(r, objectives)[0]:.3f}, "
-                     f"{outputs.objective_values(r, objectives)[1]:.3f})" for r in front) or "none yet"
+    return ", ".join(one(r) for r in front) or "none yet"
 
 
 def write_outputs(study_dir: Path, cfg: DictConfig, study: optuna.Study, space: SearchSpace, baseline: float,
                   *, final: bool) -> list[dict[str, Any]]:
-    rows = trial_rows(study, space.names)
+    """trials.csv and pareto.json; with ``final``, the front evaluated once on the test sample (:mod:`.holdout`),
+    recommended.md and the plots."""
+    rows = trial_rows(study, space.names, study_dir)
     min_acc = baseline - cfg.tune.max_accuracy_drop
+    if final:
+        holdout.evaluate_front(study_dir, cfg, outputs.front_rows(rows, cfg.tune.objectives))
+        rows = trial_rows(study, space.names, study_dir)
+    measured = outputs.measured_on(study_dir, rows, cfg.tune.objectives)
     outputs.write_trials_csv(study_dir / "trials.csv", rows, space.names)
-    front = outputs.write_pareto(study_dir / "pareto.json", rows, space.names, cfg.tune.objectives, baseline, min_acc)
+    front = outputs.write_pareto(study_dir / "pareto.json", rows, space.names, cfg.tune.objectives, baseline, min_acc,
+                                 measured)
     if final:
         title = f"{cfg.data.name}, {cfg.deployment.name} (N={cfg.deployment.num_nodes}), {cfg.strategy.name}"
-        outputs.write_recommended(study_dir / "recommended.md", front, space.names, title, baseline, min_acc)
+        outputs.write_recommended(study_dir / "recommended.md", front, space.names, title, baseline, min_acc, measured)
         outputs.plot_front(study_dir, rows, cfg.tune.objectives, title, tensorboard=True)
     return rows
 
@@ -305,7 +359,7 @@ def _loop(cfg, base, study, space, study_dir, trials_dir, baseline, min_acc) -> 
     cfg_yaml = OmegaConf.to_yaml(base)
     events = EventLog(study_dir / "executions.jsonl")
     complete = _count(study, optuna.trial.TrialState.COMPLETE)
-    failed = lost = 0
+    failed = lost = diverged = 0
     bar = progress_bar(total=t.n_trials, initial=min(complete, t.n_trials), desc="trials", enabled=cfg.train.progress)
     handles: dict[int, tuple[optuna.Trial, dict[str, Any]]] = {}
     pool = None
@@ -347,9 +401,10 @@ def _loop(cfg, base, study, space, study_dir, trials_dir, baseline, min_acc) -> 
                 if done.error is not None:
                     reason = " ".join(str(done.error).split())[:500]
                     trial.set_user_attr("error", reason)
-                    study.tell(trial, state=optuna.trial.TrialState.FAIL)
                     if done.lost:  # its machine or worker died: the same parameters run again elsewhere
                         lost += 1
+                        trial.set_user_attr("failure", "lost")
+                        study.tell(trial, state=optuna.trial.TrialState.FAIL)
                         study.enqueue_trial(trial.params, user_attrs={"requeued_from": number}, skip_if_exists=False)
                         events.write("lost", number, node=short_node(done.where), error=reason[:300])
                         log.warning("trial %d lost with its worker on %s (%s); re-queued with the same parameters",
@@ -358,7 +413,20 @@ def _loop(cfg, base, study, space, study_dir, trials_dir, baseline, min_acc) -> 
                             raise RuntimeError(f"{lost} trials lost with their workers (tune.max_failures="
                                                f"{t.max_failures}); is the cluster healthy?")
                         continue
+                    if is_divergence(done.error):  # an outcome of its hyperparameters: failed, not re-queued
+                        diverged += 1
+                        trial.set_user_attr("failure", "diverged")
+                        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                        events.write("fail", number, node=short_node(done.where), error=reason[:300], diverged=True)
+                        log.warning("trial %d diverged (failed, not re-queued, not counted in tune.max_failures): %s",
+                                    number, reason[:300])
+                        if diverged > t.n_trials:
+                            raise RuntimeError(f"{diverged} trials diverged, more than tune.n_trials={t.n_trials}: "
+                                               "narrow the search space (e.g. a lower optimizer.lr high)")
+                        continue
                     failed += 1
+                    trial.set_user_attr("failure", "error")
+                    study.tell(trial, state=optuna.trial.TrialState.FAIL)
                     events.write("fail", number, node=short_node(done.where), error=reason[:300])
                     log.warning("trial %d failed: %s", number, reason[:300])
                     if failed > t.max_failures:
@@ -369,14 +437,15 @@ def _loop(cfg, base, study, space, study_dir, trials_dir, baseline, min_acc) -> 
                 events.write("end", number, node=short_node(done.where))
                 _tell_complete(study, trial, scores, min_acc, t.objectives)
                 complete += 1
-                feasible = scores["ca"] >= min_acc
+                feasible = scores["val_accuracy"] >= min_acc
                 _hparams(study_dir, number, values, scores, feasible)
                 rows = write_outputs(study_dir, cfg, study, space, baseline, final=False)
-                log.info("trial %d done on %s: CA %.4f%s, RA_T %.4f, RA_Q %.4f | front: %s", number,
+                log.info("trial %d done on %s (validation images): CA %.4f%s, RA_T %.4f, RA_Q %.4f | front: %s", number,
                          short_node(done.where), scores["ca"], "" if feasible else " (infeasible)", scores["ra_t"],
                          scores["ra_q"], _front_text(rows, t.objectives))
                 bar.set_postfix_str(f"running {len(pool.running)}, queued {len(pending)}, failed {failed}, "
-                                    f"lost {lost}, front {len(outputs.front_rows(rows, t.objectives))}", refresh=False)
+                                    f"diverged {diverged}, lost {lost}, "
+                                    f"front {len(outputs.front_rows(rows, t.objectives))}", refresh=False)
                 bar.update(1)
     finally:
         bar.close()

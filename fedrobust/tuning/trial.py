@@ -53,7 +53,7 @@ def load_scores(run_dir: Path) -> dict[str, Any] | None:
         return None
     members = results.get("members", [])
     return {
-        "ca": ens["clean_accuracy"],
+        "ca": ens["clean_accuracy"],  # a study's trial: on the nodes' validation splits (results.json's images)
         "val_accuracy": ens["val_accuracy"],
         "ra_t": ra["transfer"],
         "ra_q": ra["query"],
@@ -62,24 +62,24 @@ def load_scores(run_dir: Path) -> dict[str, Any] | None:
     }
 
 
-def _val_accuracy(cfg, run_dir: Path, data) -> float:
-    """Ensemble accuracy on the union of the nodes' validation splits (never the test set)."""
+def _val_accuracy(cfg, run_dir: Path, data) -> tuple[float, dict[str, Any]]:
+    """Ensemble accuracy on the union of the nodes' validation splits (never the test set), and those images."""
     import torch
 
     from ..data import to_float
-    from ..node import shards_for
+    from ..evaluation.evaluate import held_out_images
     from ..run import load_ensemble
     from ..training import resolve_device
 
-    idx = torch.cat([torch.as_tensor(s.val) for s in shards_for(cfg, data)]).unique()
+    images = held_out_images(cfg, data, "validation")
+    x, y = images.tensors(data)
     device = resolve_device(cfg.train.device)
     ens = load_ensemble(run_dir, device, cfg).eval()
     correct = 0
     with torch.no_grad():
-        for i in range(0, len(idx), 1024):
-            j = idx[i : i + 1024]
-            correct += int((ens(to_float(data.x_train[j]).to(device)).argmax(1).cpu() == data.y_train[j]).sum())
-    return correct / max(len(idx), 1)
+        for i in range(0, len(y), 1024):
+            correct += int((ens(to_float(x[i : i + 1024]).to(device)).argmax(1).cpu() == y[i : i + 1024]).sum())
+    return correct / max(len(y), 1), images.describe()
 
 
 def _simulate_in_child(cfg, run_path: Path, threads: int) -> None:
@@ -108,6 +108,10 @@ def _simulate_in_child(cfg, run_path: Path, threads: int) -> None:
 def execute(cfg_yaml: str, values: dict[str, Any], run_dir: str, threads: int = 1,
             artefacts: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train and evaluate one configuration in a new ``run_dir``; return its scores.
+
+    The run is scored on the images ``attack.split`` names: a study's trials
+    (``validation``) classify and attack no test image; sweeps (``test``)
+    report test figures.
 
     torch runs on ``threads`` threads for the trial, and on as many as before once it returns (a
     trial run in the caller's process must not change the caller's thread count).
@@ -155,11 +159,12 @@ def _execute(cfg_yaml: str, values: dict[str, Any], run_dir: str, threads: int,
         finalize_run(cfg, run_path, run_inline(cfg), data=data)
     else:
         _simulate_in_child(cfg, run_path, threads)
-    val_acc = _val_accuracy(cfg, run_path, data)
+    val_acc, val_images = _val_accuracy(cfg, run_path, data)
     evaluate_run(run_path, cfg, data)
     results_path = run_path / "results.json"
     results = json.loads(results_path.read_text())
     results["ensemble"]["val_accuracy"] = val_acc
+    results.setdefault("images", {})["val_accuracy"] = val_images
     results["trial_seconds"] = round(time.perf_counter() - t0, 2)
     results["trial_values"] = values
     results["trial_node"] = where
