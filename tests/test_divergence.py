@@ -59,6 +59,14 @@ def _errors(err: str) -> list[str]:
     return [line for line in err.splitlines() if line.startswith("fedrobust: error:")]
 
 
+def test_json_files_are_strict_with_non_finite_numbers_as_null(tmp_path):
+    from fedrobust.atomic import write_json
+
+    write_json(tmp_path / "x.json", {"a": math.nan, "b": [math.inf, 1.5], "c": {"d": (2, -math.inf)}}, sort_keys=True)
+    text = (tmp_path / "x.json").read_text()
+    assert json.loads(text, parse_constant=_reject_constant) == {"a": None, "b": [None, 1.5], "c": {"d": [2, None]}}
+
+
 # -------------------------------------------------------------- the trainer --
 def _tiny(seed=0):
     g = torch.Generator().manual_seed(seed)
