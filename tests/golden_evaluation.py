@@ -3,10 +3,17 @@
 ``python tests/golden_evaluation.py OUT.json [WORK_DIR]`` trains and evaluates
 that run (in WORK_DIR/run, with its cache in WORK_DIR/cache; a temporary
 folder if none is given) and writes its figures; ``tests/data/evaluation_golden.json``
-holds the figures the evaluation gave before it was split into stages, and
-``tests/test_evaluation_stages.py`` checks that today's evaluation gives them
-again, bit for bit. Both run it as a fresh process: the figures depend on
-process-wide state that earlier tests change (torch's thread count, for one).
+holds them as recorded, and ``tests/test_evaluation_stages.py`` checks that
+today's evaluation gives them again, within tolerances it states (a robust
+accuracy within one image): CPUs that order float sums differently move the
+last bits, and the smoothness figures with them. The surrogates (a CNN and an
+MLP) train to 0.95+ accuracy in their 2 epochs: a diverged surrogate (a VGG-16
+did, here) turns those last bits into different figures. Both run it as a
+fresh process: the figures depend on process-wide state that earlier tests
+change (torch's thread count, for one).
+
+Regenerate the golden file only for a change that is meant to move the
+figures, and say why in the commit.
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ from pathlib import Path
 
 TRAIN = ["engine=inline", "train.epochs=2", "train.progress=false"]
 ATTACK = [
-    "attack.num_samples=40", "attack.queries=15", "attack.surrogates=[cnn,vgg16]", "attack.surrogate_epochs=2",
+    "attack.num_samples=40", "attack.queries=15", "attack.surrogates=[cnn,mlp]", "attack.surrogate_epochs=2",
     "attack.apgd_steps=4", "attack.whitebox_steps=3", "attack.transfer_steps=2", "attack.tsr_steps=2",
     "attack.hessian_samples=4", "attack.power_iters=3", "attack.batch_size=16",
 ]

@@ -34,13 +34,51 @@ def evaluated(tmp_path_factory):
     return tmp / "run", tmp / "cache", json.loads(out.read_text())
 
 
-def test_stages_give_the_figures_of_the_evaluation_before_the_split(evaluated):
+# How far a figure may move between machines of one kind (CPUs that order float sums differently; measured
+# here as torch on 1 thread against 2, which moved the zoo's lambda_max median by 3% and no attack figure):
+# a robust accuracy by one image of the 40, query counts by 2, TSR by one image in one cell (100/40 * 2/3 < 2.5),
+# curvature by 10% and gradient cosines by 0.05. Everything else (budgets, steps, names, counts) is exact.
+ONE_IMAGE = 1 / 40 + 1e-6
+TOLERANCES = {"robust_accuracy": ONE_IMAGE, "asr": ONE_IMAGE, "surrogate_accuracy": ONE_IMAGE,
+              "clean_accuracy_sample": ONE_IMAGE, "surrogate_clean_accuracy": ONE_IMAGE, "matrix": ONE_IMAGE,
+              "members": ONE_IMAGE, "queries_used": 2.0, "value": 2.5, "grad_cosine_surrogate_target": 0.05}
+RELATIVE = {"lambda_max": 0.1, "lambda_max_surrogates": 0.1}
+
+
+def _differences(got, want, path: str = "", tol: float | None = None, rel: float | None = None) -> list[str]:
+    """Where ``got`` differs from ``want`` by more than the tolerance of the nearest key that has one."""
+    if isinstance(want, dict):
+        if set(got) != set(want):
+            return [f"{path}: keys {sorted(got)} != {sorted(want)}"]
+        return [d for k in want for d in _differences(got[k], want[k], f"{path}.{k}", TOLERANCES.get(k, tol),
+                                                        RELATIVE.get(k, rel))]
+    if isinstance(want, list):
+        if len(got) != len(want):
+            return [f"{path}: length {len(got)} != {len(want)}"]
+        return [d for i, (g, w) in enumerate(zip(got, want)) for d in _differences(g, w, f"{path}[{i}]", tol, rel)]
+    if isinstance(want, float) and isinstance(got, (int, float)) and (tol is not None or rel is not None):
+        bound = tol if tol is not None else rel * abs(want)
+        return [] if abs(got - want) <= bound else [f"{path}: {got} != {want} (tolerance {bound:.3g})"]
+    return [] if got == want else [f"{path}: {got!r} != {want!r}"]
+
+
+def test_differences_respect_the_stated_tolerances():
+    want = {"robust_accuracy": 0.5, "steps": 3, "smoothness": {"lambda_max": {"mean": 2.0, "n": 4}}}
+    assert _differences(want, want) == []
+    assert _differences(want | {"robust_accuracy": 0.52}, want) == []  # under one image of 40
+    assert _differences(want | {"robust_accuracy": 0.55}, want)  # two images
+    assert _differences(want | {"steps": 4}, want)  # exact
+    assert not _differences({**want, "smoothness": {"lambda_max": {"mean": 2.1, "n": 4}}}, want)
+    assert _differences({**want, "smoothness": {"lambda_max": {"mean": 2.3, "n": 4}}}, want)
+    assert _differences({**want, "smoothness": {"lambda_max": {"mean": 2.0, "n": 5}}}, want)
+
+
+def test_the_evaluation_gives_the_golden_figures(evaluated):
+    """The figures of tests/data/evaluation_golden.json, within the stated tolerances (see TOLERANCES)."""
     _, _, got = evaluated
     want = json.loads(GOLDEN.read_text())
-    assert set(got["attacks"]) == set(want["attacks"])
-    for name in want["attacks"]:
-        assert got["attacks"][name] == want["attacks"][name], name
-    assert got == want  # and the rest: TSR matrix, smoothness summaries, per-member RA, surrogate accuracy
+    assert want["surrogate_clean_accuracy"] > 0.9  # a diverged surrogate turns last-bit differences into figures
+    assert _differences(got, want) == []
 
 
 def test_train_with_evaluate_then_reuse_the_cache_on_another_run(evaluated, tmp_path):
