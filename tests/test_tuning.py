@@ -82,6 +82,8 @@ def test_default_space_is_the_papers_and_strategy_keys_can_join_it():
     (["study_dir=s", "tune.population_size=1"], "tune.population_size: must be >= 2"),
     (["study_dir=s", "tune.objectives=speed"], "tune.objectives: unknown value 'speed'"),
     (["study_dir=s", "tune.space.optimizer.lr={type:float,low:0.5,high:0.1}"], "tune.space.optimizer.lr:"),
+    (["study_dir=s", "tune.selection=0"], "tune.selection: must be >= 1"),
+    (["study_dir=s", "attack.split=train"], "attack.split: unknown value 'train' (choose from test, validation)"),
 ])
 def test_bad_tune_configs_exit_2_with_one_line(overrides, message, capsys):
     assert cli(["tune", *overrides]) == 2
@@ -128,6 +130,7 @@ def test_study_of_8_trials_on_two_ray_workers(local_ray, tmp_path):
         assert (t.constraints["clean_accuracy"] <= 0) == r["feasible"]
     for name in ("pareto.png", "pareto.pdf", "recommended.md"):
         assert (study / name).stat().st_size > 0
+    _check_nothing_selected_on_test(study, complete, doc)
     assert len([p for p in (study / "tensorboard").iterdir() if p.is_dir()]) == 8  # one HParams run per trial
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -144,8 +147,72 @@ def test_study_of_8_trials_on_two_ray_workers(local_ray, tmp_path):
     assert cli([*args, "optimizer.lr=0.5"]) == 2
     md = report(study)
     assert "![Pareto front](pareto.png)" in md and (study / "report.md").is_file()
+    # report.md shows each front trial's validation figures next to its test figures
+    rows = {r["number"]: r for r in read_trials_csv(study / "trials.csv")}
+    assert "| CA val | CA test | RA_T val | RA_T test | RA_Q val | RA_Q test |" in md
+    for t in doc["trials"]:
+        r = rows[t["number"]]
+        cells = " | ".join(f"{r[k]:.4f}" for k in ("ca", "ca_test", "ra_t", "ra_t_test", "ra_q", "ra_q_test"))
+        assert f" | {cells} |" in md, t["number"]
+    assert "validation splits" in md and "test set" in md
     report(tmp_path)  # a folder of studies (simulations/rq3.py): their fronts in one plot
     assert (tmp_path / "pareto_fronts.png").stat().st_size > 0
+
+
+def _validation_union(run_dir: Path) -> set[int]:
+    """The union of a run's nodes' validation splits (indices into the training set), from its own config."""
+    from omegaconf import OmegaConf
+
+    from fedrobust.data import load_dataset
+    from fedrobust.partition import node_shards
+
+    cfg = OmegaConf.load(run_dir / "config.yaml")
+    d = cfg.deployment
+    labels = load_dataset(cfg.data.name, cfg.data.root).y_train.numpy()
+    shards = node_shards(labels, d.name, d.num_nodes, d.alpha, d.partition_seed, cfg.data.val_fraction)
+    return {int(i) for s in shards for i in s.val}
+
+
+def _check_nothing_selected_on_test(study: Path, complete: list[dict], pareto: dict) -> None:
+    """Every trial was scored on validation images only (its evaluation sample, logged by index, lies in its
+    nodes' validation splits and holds no test image); the baseline too; the front alone was evaluated on the
+    test sample, after the last trial had ended, and trials.csv shows those figures."""
+    import fedrobust
+
+    split = json.loads((Path(fedrobust.__file__).parent / "digits_split.json").read_text())
+    raw_train, raw_test = np.asarray(split["train"]), set(split["test"])  # rows of scikit-learn's digits
+    front = {t["number"] for t in pareto["trials"]}
+    ends = [json.loads(line)["time"] for line in (study / "executions.jsonl").read_text().splitlines()
+            if json.loads(line)["event"] == "end"]
+    for r in complete:
+        run_dir = study / "trials" / f"trial_{r['number']:04d}"
+        sample = json.loads((run_dir / "eval_sample.json").read_text())
+        assert sample["split"] == "validation" and len(sample["indices"]) == 60
+        assert set(sample["indices"]) <= _validation_union(run_dir)
+        assert raw_test.isdisjoint(raw_train[sample["indices"]].tolist())
+        results = json.loads((run_dir / "results.json").read_text())
+        assert {k: v["split"] for k, v in results["images"].items()} == {
+            "clean_accuracy": "validation", "val_accuracy": "validation", "evaluation": "validation"}
+        assert r["ca"] == pytest.approx(r["val_accuracy"])
+        tested = run_dir / "test"
+        assert tested.is_dir() == (r["number"] in front)
+        if r["number"] in front:  # evaluated once on the test sample, after the study's trials
+            test_sample = json.loads((tested / "eval_sample.json").read_text())
+            assert test_sample["split"] == "test" and len(test_sample["indices"]) == 60
+            assert (tested / "eval_sample.json").stat().st_mtime >= max(ends)
+            test = json.loads((tested / "results.json").read_text())
+            assert test["images"]["clean_accuracy"]["split"] == "test"
+            assert test["images"]["clean_accuracy"]["num_images"] == 360
+            assert (r["ca_test"], r["ra_t_test"], r["ra_q_test"]) == (
+                test["ensemble"]["clean_accuracy"], test["ensemble"]["robust_accuracy"]["transfer"],
+                test["ensemble"]["robust_accuracy"]["query"])
+        else:
+            assert r["ra_t_test"] is None and r["ca_test"] is None
+    baseline = json.loads((study / "baseline" / "results.json").read_text())
+    assert baseline["images"]["clean_accuracy"]["split"] == "validation"
+    assert "evaluation" not in baseline["images"]
+    assert set(pareto["images"]) == {"ca", "ra", "ca_test", "ra_test"}
+    assert all(t["test"] is not None for t in pareto["trials"])
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
@@ -256,3 +323,81 @@ def test_a_trial_run_in_process_leaves_torchs_thread_count_as_it_found_it(tmp_pa
     with pytest.raises(RuntimeError, match="the trial failed"):
         trial.execute("{}", {}, str(tmp_path / "run"), threads=want)
     assert seen == [want] and torch.get_num_threads() == before
+
+
+def test_trials_draw_their_selection_sample_from_the_validation_splits():
+    """tune.selection images, drawn with a fixed seed from the union of the nodes' validation splits."""
+    from fedrobust.data import load_dataset
+    from fedrobust.evaluation.evaluate import evaluation_images, validation_indices
+    from fedrobust.tuning.study import _base_cfg_for_trials
+
+    data = load_dataset("digits")
+    base = _base_cfg_for_trials(load_config(["tune.selection=50"]))
+    assert base.attack.split == "validation" and base.attack.num_samples == 50
+    union = validation_indices(base, data)
+    a, b = evaluation_images(base, data), evaluation_images(base, data)
+    assert a.split == "validation" and np.array_equal(a.indices, b.indices) and len(np.unique(a.indices)) == 50
+    assert set(a.indices) <= set(union)
+    assert a.describe()["drawn_from"] == len(union) < len(data.y_train)
+    whole = evaluation_images(_base_cfg_for_trials(load_config([])), data)  # null: attack.num_samples, capped
+    assert np.array_equal(whole.indices, union)
+
+
+class _FakePool:
+    """TrialPool's interface, run in this process: trial 0 diverges, the others finish with made-up scores."""
+
+    error = "member 1 diverged at epoch 2 (last finite loss 2.3026); see train.log"
+
+    def __init__(self, fn, *, address, cpus, gpus, max_concurrent, on_start=None):
+        self.max_concurrent, self.on_start, self.running = max_concurrent, on_start, {}
+
+    @property
+    def free(self):
+        return self.max_concurrent - len(self.running)
+
+    def put(self, value):
+        return value
+
+    def submit(self, key, dest, *args):
+        self.running[key] = dest
+
+    def wait(self, timeout=None):
+        from fedrobust.tuning.pool import Finished
+
+        key = min(self.running)
+        del self.running[key]
+        self.on_start(key, {"host": "here"})
+        if key == 0:
+            return [Finished(key, error=RuntimeError(self.error), where={"host": "here"})]
+        x = key / 10
+        return [Finished(key, scores={"ca": 0.9, "val_accuracy": 0.9, "ra_t": x, "ra_q": 1 - x, "best_epoch": 1,
+                                      "seconds": 0.1}, where={"host": "here"})]
+
+    def close(self):
+        self.running.clear()
+
+
+def test_a_diverged_trial_is_failed_with_its_reason_not_requeued_and_not_counted_as_a_failure(tmp_path, monkeypatch):
+    from fedrobust.tuning import pool, study
+
+    monkeypatch.setattr(pool, "TrialPool", _FakePool)
+    monkeypatch.setattr(study, "share_artefacts", lambda pool, cfg: {})
+    args = ["engine=inline", "tune.n_trials=3", "tune.population_size=2", "tune.max_concurrent=1",
+            "tune.baseline_accuracy=0.5", "tune.max_failures=0", "train.progress=false"]
+    rows = study.run_study(load_config([*args, f"study_dir={tmp_path / 'study'}"]))  # max_failures=0: it still ends
+    assert sorted((r["number"], r["state"]) for r in rows) == [(0, "FAIL"), (1, "COMPLETE"), (2, "COMPLETE"),
+                                                                (3, "COMPLETE")]
+    assert all(r["requeued_from"] is None for r in rows)  # the diverged trial's parameters were not queued again
+    log = [json.loads(line) for line in (tmp_path / "study" / "executions.jsonl").read_text().splitlines()]
+    fails = [e for e in log if e["event"] == "fail"]
+    assert len(fails) == 1 and fails[0]["key"] == 0 and fails[0]["diverged"] is True
+    assert "diverged at epoch 2" in fails[0]["error"]
+    st = optuna.load_study(study_name="fedrobust", storage=f"sqlite:///{tmp_path / 'study' / 'study.db'}")
+    attrs = st.trials[0].user_attrs
+    assert attrs["failure"] == "diverged" and attrs["error"] == _FakePool.error
+    assert read_trials_csv(tmp_path / "study" / "trials.csv")[0]["failure"] == "diverged"
+
+    # any other error is a failure, and tune.max_failures=0 stops the study at the first one
+    monkeypatch.setattr(_FakePool, "error", "the trial's worker ran out of memory")
+    with pytest.raises(RuntimeError, match=r"1 trials failed \(tune\.max_failures=0\)"):
+        study.run_study(load_config([*args, f"study_dir={tmp_path / 'other'}"]))

@@ -118,13 +118,20 @@ def evaluate_front(study_dir: Path, study_cfg: DictConfig, front: list[dict[str,
         return out
     log.info("evaluating the front's %d trial(s) once on the test sample (%d test images at most)", len(todo),
              study_cfg.attack.num_samples)
+    import torch
+
     data = load_dataset(study_cfg.data.name, study_cfg.data.root)
-    for number, run_dir in todo:
-        cfg = _test_config(run_dir, study_cfg)
-        evaluate_run(run_dir, cfg, data, into=TEST_DIR, reuse=True)
-        scores = test_scores(run_dir)
-        if scores is not None:
-            out[number] = scores
-            log.info("trial %d on the test sample: CA %.4f, RA_T %.4f, RA_Q %.4f", number, scores["ca_test"],
-                     scores["ra_t_test"], scores["ra_q_test"])
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, int(study_cfg.tune.cpus_per_trial)))  # as a trial ran its own evaluation
+    try:
+        for number, run_dir in todo:
+            cfg = _test_config(run_dir, study_cfg)
+            evaluate_run(run_dir, cfg, data, into=TEST_DIR, reuse=True)
+            scores = test_scores(run_dir)
+            if scores is not None:
+                out[number] = scores
+                log.info("trial %d on the test sample: CA %.4f, RA_T %.4f, RA_Q %.4f", number, scores["ca_test"],
+                         scores["ra_t_test"], scores["ra_q_test"])
+    finally:
+        torch.set_num_threads(before)
     return out

@@ -202,7 +202,7 @@ def plot_front(study_dir: Path, rows: list[dict[str, Any]], objectives: str, tit
     feas = [objective_values(r, objectives) for r in done if r.get("feasible")]
     infeas = [objective_values(r, objectives) for r in done if not r.get("feasible")]
     if infeas:
-        ax.scatter(*zip(*infeas), marker="x", color="0.6", label="infeasible (clean accuracy too low)")
+        ax.scatter(*zip(*infeas), marker="x", color="0.6", label="infeasible (validation accuracy too low)")
     if feas:
         ax.scatter(*zip(*feas), color="tab:blue", alpha=0.6, label="feasible")
     if front:

@@ -103,10 +103,17 @@ def _sweep_report(d: Path) -> str:
 def _test_figures(d: Path, rows: list[dict[str, Any]], objectives: str) -> str:
     """Evaluate the front's trials on the test sample where that was not done yet (once: it is kept); a note for
     report.md if it could not be done now."""
-    from .holdout import evaluate_front, load_study_config
+    from .holdout import evaluate_front, load_study_config, test_scores, trial_dir
     from .study import StudyLocked, study_lock
 
-    front = [r for r in outputs.front_rows(rows, objectives) if not outputs.has_test(r)]
+    front = []
+    for r in outputs.front_rows(rows, objectives):
+        run_dir = trial_dir(d, r["number"], r.get("run_dir"))
+        scores = test_scores(run_dir) if run_dir.is_dir() else None
+        if scores is not None:
+            r.update(scores)
+        elif run_dir.is_dir() or not outputs.has_test(r):  # a copy of the study without its trials keeps trials.csv's
+            front.append(r)
     if not front:
         return ""
     try:
