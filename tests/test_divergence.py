@@ -31,7 +31,7 @@ class _NaNFromEpoch2(Plain):
         super().__init__(**kwargs)
         self.target, self.poisoned = seed, False
 
-    def begin_epoch(self, model, epoch, epochs, x_val, y_val, seed):
+    def begin_epoch(self, model, epoch, epochs, x_val, y_val, seed, **kwargs):
         self.poisoned = seed == self.target and epoch >= 2
         return {}
 
@@ -103,7 +103,7 @@ def test_a_nan_training_loss_stops_the_member_at_once_with_its_epoch_and_last_fi
 
 def test_a_member_diverged_in_its_first_epoch_never_ships_its_initialisation():
     trainer = _trainer(_NaNFromEpoch2(seed=7))
-    trainer.strategy.begin_epoch = lambda *a: setattr(trainer.strategy, "poisoned", True) or {}
+    trainer.strategy.begin_epoch = lambda *a, **k: setattr(trainer.strategy, "poisoned", True) or {}
     trainer.run(5, progress=False)
     assert trainer.divergence.epoch == 0 and trainer.divergence.last_finite_loss is None
     assert trainer.best_epoch == -1
@@ -131,11 +131,90 @@ def test_a_nan_validation_loss_diverges_and_the_last_finite_loss_survives_a_resu
     assert d.last_finite_loss == rec.train_loss  # that epoch's training loss was still finite
 
 
-# ---------------------------------------------------------- whole runs: CLI --
 @pytest.fixture
 def nan_member_2(monkeypatch):
     monkeypatch.setitem(strategies.STRATEGIES, "plain", _NaNFromEpoch2)
 
+
+# ------------------------------------------------ the wire, without Ray --
+@pytest.fixture
+def task_identity(monkeypatch):
+    """What a real ServerApp process has set before main() runs."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for attr in ("_run_id", "_task_id", "_node_id"):
+        monkeypatch.setattr(TaskIdentity, attr, 1)
+
+
+class _LoopbackGrid:
+    """A Grid that runs the real ClientApp on each message in this process, keeping every reply's keys."""
+
+    def __init__(self, n):
+        from flwr.app import Context, RecordDict
+
+        self.contexts = {100 + i: Context(run_id=1, node_id=100 + i, node_config={"partition-id": i,
+                                          "num-partitions": n}, state=RecordDict(), run_config={}) for i in range(n)}
+        self.replies, self.keys = {}, []
+
+    def get_node_ids(self):
+        return list(self.contexts)
+
+    def push_messages(self, messages):
+        from clients.client_app import app
+
+        ids = []
+        for i, msg in enumerate(messages):
+            msg.metadata.__dict__["_message_id"] = f"task-{len(self.keys)}-{i}"
+            ids.append(msg.metadata.message_id)
+            reply = app(msg, self.contexts[msg.metadata.dst_node_id])
+            self.keys.append(sorted(reply.content.keys()))
+            self.replies[msg.metadata.message_id] = reply
+        return ids
+
+    def pull_messages(self, message_ids):
+        return [self.replies.pop(mid) for mid in list(message_ids) if mid in self.replies]
+
+
+def test_a_diverged_member_crosses_the_wire_without_weights_and_never_joins(nan_member_2, task_identity):
+    from fedrobust.config import load_config
+    from fedrobust.federation import collect_members
+    from fedrobust.server_app import FlowerRounds
+
+    # epoch 2 is in round 3 of 4: the last finite loss comes through the Flower Context, and in round 4
+    # node 2 reports the diverged member again, which the server skips
+    fast = ["train.progress=false", "train.epochs=4", "train.rounds=4", "train.batch_size=64"]
+    cfg = load_config([*fast, "engine.on_missing=min_members"])
+    grid, missing = _LoopbackGrid(3), {}
+    members = collect_members(cfg, FlowerRounds(grid, cfg, node_wait_s=1), missing)
+    assert [m.member for m in members] == [0, 1] and all(m.weights is not None for m in members)
+    assert missing["members"] == [2] and missing["diverged"][0]["epoch"] == 2
+    assert isinstance(missing["diverged"][0]["last_finite_loss"], float)
+    node_2 = [k for k in grid.keys if "metrics.2" in k]
+    assert len(node_2) == 4 and all("weights.2" in k for k in node_2[:2])
+    assert all("diverged.2" in k and "weights.2" not in k and "current.2" not in k for k in node_2[2:])
+
+    cfg = load_config(fast[:1] + ["train.epochs=3", "train.batch_size=64"])
+    with pytest.raises(DivergedError, match=r"^member 2 \(node 2\) diverged at epoch 2 \(train loss nan; last finite"):
+        collect_members(cfg, FlowerRounds(_LoopbackGrid(3), cfg, node_wait_s=1))
+
+
+def test_a_reply_that_says_diverged_hands_over_no_weights():
+    from fedrobust.protocol import decode_reply, encode_reply
+    from fedrobust.node import MemberUpdate
+    from fedrobust.training import Divergence
+    from flwr.app import ArrayRecord
+
+    u = MemberUpdate(node=1, member=1, weights=None, num_train_samples=10, num_val_samples=2, class_counts=[5, 5],
+                     best_epoch=0, best_val_loss=0.5, epochs_trained=2, stopped=True,
+                     divergence=Divergence(1, "train", math.inf, 0.7))
+    rd = encode_reply([u])
+    rd["weights.1"] = ArrayRecord({"w": torch.zeros(2)})  # whatever else a node sends
+    (got,) = decode_reply(rd, "flower node 101")
+    assert got.weights is None and got.current is None
+    assert got.divergence == Divergence(1, "train", math.inf, 0.7)
+
+
+# ---------------------------------------------------------- whole runs: CLI --
 
 def test_a_diverged_member_fails_an_inline_run_in_one_line_naming_it(nan_member_2, tmp_path, capsys):
     run = tmp_path / "run"
