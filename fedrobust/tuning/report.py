@@ -189,7 +189,7 @@ def _studies_report(d: Path, studies: list[Path]) -> str:
     ax.set_ylabel(outputs.LABELS[names[1]])
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    ax.set_title("feasible Pareto fronts")
+    ax.set_title("feasible Pareto fronts (validation images)")
     fig.tight_layout()
     save_figure(fig, d / "pareto_fronts.png", dpi=150)
     plt.close(fig)
