@@ -66,8 +66,9 @@ def collect_members(cfg: DictConfig, train_round: TrainRound, missing: dict | No
             who = f"node {u.node}"
             if u.member in diverged and diverged[u.member].node == u.node:
                 if u.divergence is None:
-                    raise InvalidUpdateError(f"{who}: rejected update, member {u.member} stopped on a non-finite loss in an "
-                                             "earlier round")
+                    raise InvalidUpdateError(
+                        f"{who}: rejected update, member {u.member} stopped on a non-finite loss in an earlier round"
+                    )
                 continue  # a diverged member trains no more; its node reports it as it was
             if expected.get(u.member) != u.node:
                 raise InvalidUpdateError(f"{who}: rejected update, member {u.member} does not belong to this node")
