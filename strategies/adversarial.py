@@ -27,6 +27,11 @@ from .hessian import frozen_running_stats
 __all__ = ["Adversarial"]
 
 
+def _as_float(x: torch.Tensor) -> torch.Tensor:
+    """Images in [0, 1] as float32, from uint8 or float storage."""
+    return x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
+
+
 class Adversarial(TrainingStrategy):
     name = "adversarial"
 
@@ -55,16 +60,38 @@ class Adversarial(TrainingStrategy):
         with frozen_running_stats(model):
             return self._attack(model, eps)(x, y)
 
-    def begin_epoch(self, model: nn.Module, epoch: int, total_epochs: int, x_val, y_val, seed: int) -> dict[str, float]:
-        from fedrobust.attacks import accuracy
+    def begin_epoch(
+        self, model: nn.Module, epoch: int, total_epochs: int, x_val, y_val, seed: int, *, batch_size: int | None = None
+    ) -> dict[str, float]:
+        """Set the epoch's budget and clean weight from the clean and adversarial accuracy on ``(x_val, y_val)``.
+
+        ``x_val`` holds images in [0, 1], as floats or as uint8 (converted a
+        batch at a time). The attack runs on ``batch_size`` images at a time
+        (None: the whole split in one batch), so memory is bounded by the
+        batch, not the split: one attack on all 10,000 CIFAR-10 validation
+        images through a ResNet-18 would hold every image's activations for
+        the backward pass at once. One attack object serves all batches, so
+        its random starts are drawn in sequence from the one seeded generator.
+        """
+        from fedrobust.attacks import predict
 
         self._seed = seed * 100003 + epoch
         self.current_eps = self.epsilon_at(epoch, total_epochs)
+        n = len(y_val)
+        step = n if batch_size is None else int(batch_size)
+        if step < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         was_training = model.training
         model.eval()
-        acc_clean = accuracy(model, x_val, y_val)
-        acc_adv = accuracy(model, self._attack(model, self.current_eps)(x_val, y_val), y_val)
+        attack = self._attack(model, self.current_eps)
+        clean = adv = 0
+        for start in range(0, n, step):
+            xb, yb = _as_float(x_val[start : start + step]), y_val[start : start + step]
+            clean += int((predict(model, xb) == yb).sum())
+            adv += int((predict(model, attack(xb, yb)) == yb).sum())
         model.train(was_training)
+        # as a float32 mean of the hits, the figure the one-batch form gave
+        acc_clean, acc_adv = (float(torch.tensor(k, dtype=torch.float32) / n) if n else 0.0 for k in (clean, adv))
         self.clean_weight = acc_adv / (acc_adv + acc_clean) if acc_adv + acc_clean > 0 else 0.5
         return {"eps": self.current_eps, "clean_weight": self.clean_weight, "val_adv_acc": acc_adv}
 
