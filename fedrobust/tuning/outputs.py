@@ -153,12 +153,13 @@ def _figures(r: dict[str, Any]) -> list[str]:
 def protocol_text(measured: dict[str, str] | None) -> str:
     """How the figures were measured, for recommended.md and report.md."""
     m = measured or {}
-    val = (f"RA on {m['ra']}; CA on {m['ca']}" if "ra" in m and "ca" in m
-           else "validation images (the union of the nodes' validation splits)")
     test = (f"RA on {m['ra_test']}; CA on {m['ca_test']}" if "ra_test" in m and "ca_test" in m
             else "the test sample (not evaluated yet)")
+    if "ra" not in m or "ca" not in m:  # trials that do not say (a study older than validation scoring chose on test)
+        return (f"The trials' results do not say which images they were scored on; studies run before trials were "
+                f"scored on validation images selected on the test sample. Test figures: {test}.")
     return (f"Selected on validation images only (objectives and constraint; the baseline on its own validation "
-            f"split): {val}. The front was then evaluated once on the test set: {test}.")
+            f"split): RA on {m['ra']}; CA on {m['ca']}. The front was then evaluated once on the test set: {test}.")
 
 
 def write_recommended(path: Path, front: list[dict[str, Any]], param_names: list[str], title: str,
