@@ -91,9 +91,8 @@ def _test_config(run_dir: Path, study_cfg: DictConfig) -> DictConfig:
 
     saved = OmegaConf.load(run_dir / "config.yaml")
     cfg = OmegaConf.merge(structured_base(saved.get("strategy", {}).get("name", "plain")), saved)
-    cfg.attack = OmegaConf.merge(cfg.attack, study_cfg.attack, {"split": "test"})
-    if cfg.attack.cache_dir:
-        cfg.attack.cache_dir = str(Path(cfg.attack.cache_dir).expanduser().resolve())
+    # the trial's cache_dir: the tuner made it absolute, so a report run from elsewhere finds the same cache
+    cfg.attack = OmegaConf.merge(cfg.attack, study_cfg.attack, {"split": "test", "cache_dir": cfg.attack.cache_dir})
     cfg.train.progress = False
     validate(cfg)
     return cfg
