@@ -15,6 +15,9 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     # torch first, pinned, so that no later resolution pulls a CUDA build onto a CPU machine
     .venv/bin/python -m pip install --disable-pip-version-check -q -c constraints.txt "torch==2.13.0"
     .venv/bin/python -m pip install --disable-pip-version-check -q -c constraints.txt -e ".[test]"
+    # the parity tests' second reference (tests/test_parity.py); it declares torchvision and an old requests
+    # that it never imports, so it goes in without its declared dependencies
+    .venv/bin/python -m pip install --disable-pip-version-check -q -c constraints.txt --no-deps torchattacks
     echo "$want" > "$stamp"
 fi
 

@@ -38,7 +38,7 @@ def tsr(run_dir: Path, eps: float) -> float:
     ens = load_ensemble(run_dir)
     data = load_dataset("digits")
     x, y = to_float(data.x_test), data.y_test
-    value, _ = transferability(list(ens.members), x, y, lambda m: PGD(m, eps, 10, seed=0))
+    value, _ = transferability(list(ens.members), x, y, lambda m: PGD(m, eps, 10, seed=0, worst_case=False))
     return value
 
 

@@ -176,3 +176,88 @@ def test_apgd_checkpoints():
     assert ck[0] == 0 and ck[1] == 22 and ck == sorted(ck) and ck[-1] <= 100
     gaps = [b - a for a, b in zip(ck[1:], ck[2:])]
     assert all(g >= 6 for g in gaps)  # the window shrinks by 3% down to 6%
+
+
+# --------------------------------------------------------- the worst case ---
+
+class _Detour(torch.nn.Module):
+    """Three logits along t = the mean pixel, label 0: CE rises with t all the way across the ball [0, 1],
+    the image is misclassified (class 1 wins) for t in (0.58, 0.95), and classified correctly again near
+    t = 1, where CE is highest. An attack that climbs CE passes through the misclassified stretch and ends
+    on a correct point, so only the worst case over the evaluated points reports the image as broken."""
+
+    def forward(self, x):
+        t = x.flatten(1).mean(1)
+        z1 = torch.where(t < 0.6, -3 + 3.1 * t / 0.6, torch.where(t < 0.9, 0.1 + 0 * t, 0.1 - 2 * (t - 0.9)))
+        z2 = torch.where(t < 0.6, -5 + 0 * t, torch.where(t < 0.9, -5 + 4.3 * (t - 0.6) / 0.3, -0.7 + 6 * (t - 0.9)))
+        return torch.stack([torch.zeros_like(t), z1, z2], 1)
+
+
+class _Record(torch.nn.Module):
+    """Logs every point a model is asked about, with its prediction; calls must hold all images, in order."""
+
+    def __init__(self, model, n):
+        super().__init__()
+        self.model, self.n, self.points, self.wrong = model, n, [], []
+
+    def forward(self, x):
+        assert len(x) == self.n
+        out = self.model(x)
+        self.points.append(x.detach().clone())
+        self.wrong.append(out.detach().argmax(1) != 0)
+        return out
+
+
+def test_detour_model_is_what_the_worst_case_tests_need():
+    t = torch.linspace(0, 1, 1001).view(-1, 1, 1, 1).requires_grad_(True)
+    logits = _Detour()(t)
+    ce = torch.nn.functional.cross_entropy(logits, torch.zeros(1001, dtype=torch.long), reduction="none")
+    (g,) = torch.autograd.grad(ce.sum(), t)
+    assert bool((g.flatten() > 0).all()), "CE must rise all the way, so every attack climbs towards t = 1"
+    wrong = logits.argmax(1) != 0
+    assert bool(wrong[600:900].all()) and not bool(wrong[:550].any()) and not bool(wrong[960:].any())
+    assert int(ce.argmax()) == 1000  # the highest CE in the ball is at t = 1, classified correctly
+
+
+WORST_CASE_ATTACKS = {
+    "bim": lambda m: BIM(m, 0.5, steps=10),
+    "pgd": lambda m: PGD(m, 0.5, steps=10, seed=0),
+    "apgd": lambda m: APGD(m, 0.5, steps=10, seed=0),
+    "mifgsm": lambda m: MIFGSM(m, 0.5, steps=10),
+}
+
+
+@pytest.mark.parametrize("name", list(WORST_CASE_ATTACKS))
+def test_an_image_broken_on_the_way_is_reported_broken(name):
+    """The highest-CE point of the ball is classified correctly, an earlier iterate was not: the attack
+    must answer with a misclassified point for every image it saw misclassified, and say so."""
+    n = 64
+    x, y = torch.full((n, 1, 1, 1), 0.5), torch.zeros(n, dtype=torch.long)
+    rec = _Record(_Detour(), n)
+    res = WORST_CASE_ATTACKS[name](rec).run(x, y)
+    seen_wrong = torch.stack(rec.wrong).any(0)
+    assert int(seen_wrong.sum()) >= n // 4, "the attack never crossed the misclassified stretch: the test says nothing"
+    with torch.no_grad():
+        answer_wrong = _Detour()(res.x_adv).argmax(1) != y
+    assert torch.equal(res.success, seen_wrong)
+    assert bool(answer_wrong[seen_wrong].all()), f"{int((seen_wrong & ~answer_wrong).sum())} broken images reported robust"
+    assert float((res.x_adv - x).abs().max()) <= 0.5 + 1e-6
+    # without the worst case, the answer is the last (or best-loss) iterate: correct again
+    plain = WORST_CASE_ATTACKS[name](_Detour())
+    plain.worst_case = False
+    with torch.no_grad():
+        assert not bool((_Detour()(plain(x, y)).argmax(1) != y).any())
+
+
+def test_square_with_ce_loss_returns_its_first_success():
+    """Square keeps a candidate only if it lowers its loss. With the CE loss, a misclassified candidate need
+    not: from t = 1 (correct, highest CE), the candidates at t = 0.75 are misclassified but have lower CE.
+    The worst case must keep them anyway."""
+    n = 32
+    x, y = torch.full((n, 1, 2, 2), 0.5), torch.zeros(n, dtype=torch.long)  # t = 0.5: classified correctly
+    model = _Detour()
+    # eps 0.5: every pixel goes to 0 or 1, so t is a multiple of 1/4; the stripe init gives t in {0, 0.5, 1}
+    res = SquareAttack(model, 0.5, "linf", n_queries=30, loss="ce", seed=0).run(x, y)
+    with torch.no_grad():
+        answer_wrong = model(res.x_adv).argmax(1) != y
+    assert bool(res.success.all()) and bool(answer_wrong.all()), f"{int((~answer_wrong).sum())} images left robust"

@@ -11,11 +11,20 @@ Every attack is a small object built with its budget and called on
 around ``x`` and inside [0, 1], and never mutates its inputs. Randomness
 comes from an explicit seed, never from the global RNG.
 
+The worst case, always (:mod:`.worst_case`): an attack that queries the
+model it attacks (the white-box attacks and Square) returns, per image, the
+first point it evaluated that the model misclassified, and falls back to
+its best-loss or last point only where there was none; ``attack.run(x, y)``
+also says which images it saw misclassified. Pass ``worst_case=False`` to a
+gradient attack for its plain last iterate (transfer from surrogates,
+adversarial training).
+
 Gradient attacks, L-infinity (:mod:`.gradient`)
     ``FGSM(model, eps, loss)``, ``BIM(model, eps, steps, alpha, loss)``,
     ``PGD(model, eps, steps, alpha, loss, seed)``,
     ``APGD(model, eps, steps, loss, seed)`` (Auto-PGD, Croce & Hein 2020),
-    ``MIFGSM(model, eps, steps, alpha, mu, loss)``,
+    ``MIFGSM(model, eps, steps, alpha, mu, loss)``; each also takes
+    ``worst_case`` and has ``run(x, y) -> AttackResult(x_adv, success)``,
     ``CWA(models, eps, steps, ...)`` (MI-Common-Weakness on a list of
     surrogates, Chen et al. 2024); ``build_gradient_attack(name, ...)``.
 Query attack (:mod:`.square`)
@@ -45,9 +54,11 @@ from .losses import LOSSES, attack_loss, margin
 from .metrics import accuracy, predict, transferability
 from .smoothness import fd_hvp, gradient_cosine, hessian_lambda_max, hvp, input_gradient
 from .square import SquareAttack, SquareResult
+from .worst_case import AttackResult, WorstCase
 
 __all__ = [
-    "APGD", "BIM", "CWA", "FGSM", "LOSSES", "MIFGSM", "PGD", "SquareAttack", "SquareResult", "accuracy",
+    "APGD", "AttackResult", "BIM", "CWA", "FGSM", "LOSSES", "MIFGSM", "PGD", "SquareAttack", "SquareResult",
+    "WorstCase", "accuracy",
     "attack_loss", "build_gradient_attack", "fd_hvp", "gradient_cosine", "hessian_lambda_max", "hvp",
     "input_gradient", "margin", "predict", "transferability",
 ]

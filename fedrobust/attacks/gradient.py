@@ -7,6 +7,15 @@ of resetting the global RNG, and (d) never mutate their inputs. Every attack
 is a small object built with its budget and called on ``(x, y)``; it returns
 ``x_adv`` with ``||x_adv - x||_inf <= eps`` and ``0 <= x_adv <= 1``.
 
+Worst case (``worst_case=True``, the default of FGSM, BIM, PGD, APGD and
+MI-FGSM): every forward pass on the model goes through
+:class:`~fedrobust.attacks.worst_case.WorstCase`, and the answer per image
+is the first evaluated point that the model misclassified, or, where there
+was none, the attack's own answer (APGD's best-loss point, the others' last
+iterate). ``run`` also returns which images the attack saw misclassified.
+``worst_case=False`` gives the plain last iterate, which is what a transfer
+attack on surrogates and adversarial training want.
+
 CWA (MI-Common-Weakness, Chen et al., ICLR 2024) per outer iteration t:
 
 1. reverse step (the SAM-like inner max of the *training* view):
@@ -37,6 +46,7 @@ import torch
 from torch import nn
 
 from .losses import attack_loss
+from .worst_case import AttackResult, WorstCase
 
 __all__ = ["APGD", "BIM", "CWA", "FGSM", "MIFGSM", "PGD", "build_gradient_attack"]
 
@@ -54,62 +64,85 @@ def _per_sample_norm(g: torch.Tensor, p: float) -> torch.Tensor:
     return g.flatten(1).norm(p=p, dim=1).clamp_min(1e-12).view(-1, *([1] * (g.dim() - 1)))
 
 
-def _grad(model: Model, loss_fn, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gradient of the summed per-sample loss w.r.t. x, and the per-sample loss."""
+def _grad(
+    model: Model, loss_fn, x: torch.Tensor, y: torch.Tensor, seen: WorstCase | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradient of the summed per-sample loss w.r.t. x, and the per-sample loss; ``seen`` observes the logits."""
     x = x.detach().requires_grad_(True)
     with torch.enable_grad():
-        loss = loss_fn(model(x), y)
+        logits = model(x)
+        loss = loss_fn(logits, y)
         (g,) = torch.autograd.grad(loss.sum(), x)
+    if seen is not None:
+        seen.observe(x, logits)
     return g, loss.detach()
 
 
 class _GradientAttack:
-    def __init__(self, model: Model | nn.Module, eps: float = 8 / 255, loss: str = "ce") -> None:
+    """A white-box attack on one model; subclasses define :meth:`attack` (the answer without the worst case)."""
+
+    def __init__(self, model: Model | nn.Module, eps: float = 8 / 255, loss: str = "ce", worst_case: bool = True) -> None:
         if eps < 0:
             raise ValueError(f"eps must be >= 0, got {eps}")
         self.model = model
         self.eps = float(eps)
         self.loss_name = loss
         self.loss_fn = attack_loss(loss)
+        self.worst_case = bool(worst_case)
+
+    def grad(self, x: torch.Tensor, y: torch.Tensor, seen: WorstCase | None) -> tuple[torch.Tensor, torch.Tensor]:
+        return _grad(self.model, self.loss_fn, x, y, seen)
+
+    def attack(self, x: torch.Tensor, y: torch.Tensor, seen: WorstCase | None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def run(self, x: torch.Tensor, y: torch.Tensor) -> AttackResult:
+        """The answer per image and whether the attack saw it misclassified (never, with ``worst_case=False``)."""
+        x = x.detach()
+        seen = WorstCase(x, y, self.eps) if self.worst_case else None
+        x_adv = self.attack(x, y, seen).detach()
+        if seen is None:
+            return AttackResult(x_adv, torch.zeros(len(x), dtype=torch.bool, device=x.device))
+        return seen.result(x_adv)
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        return self.run(x, y).x_adv
 
 
 class FGSM(_GradientAttack):
     """One step of size eps along the gradient sign (Goodfellow et al. 2015)."""
 
-    def __call__(self, x, y):
-        g, _ = _grad(self.model, self.loss_fn, x, y)
-        return _project(x + self.eps * g.sign(), x, self.eps).detach()
+    def attack(self, x, y, seen):
+        g, _ = self.grad(x, y, seen)
+        return _project(x + self.eps * g.sign(), x, self.eps)
 
 
 class BIM(_GradientAttack):
     """Iterative FGSM from the clean point (Kurakin et al. 2017), step alpha (default 2.5*eps/steps)."""
 
-    def __init__(self, model, eps=8 / 255, steps=10, alpha=None, loss="ce"):
-        super().__init__(model, eps, loss)
+    def __init__(self, model, eps=8 / 255, steps=10, alpha=None, loss="ce", worst_case=True):
+        super().__init__(model, eps, loss, worst_case)
         self.steps = int(steps)
         self.alpha = alpha if alpha is not None else 2.5 * self.eps / max(self.steps, 1)
         self.random_start = False
         self.generator: torch.Generator | None = None
 
-    def __call__(self, x, y):
-        x_adv = x.detach().clone()
+    def attack(self, x, y, seen):
+        x_adv = x.clone()
         if self.random_start:
             noise = torch.rand(x.shape, generator=self.generator, dtype=x.dtype).to(x.device)
             x_adv = _project(x_adv + (2 * noise - 1) * self.eps, x, self.eps)
         for _ in range(self.steps):
-            g, _ = _grad(self.model, self.loss_fn, x_adv, y)
+            g, _ = self.grad(x_adv, y, seen)
             x_adv = _project(x_adv + self.alpha * g.sign(), x, self.eps)
-        return x_adv.detach()
+        return x_adv
 
 
 class PGD(BIM):
     """BIM from a uniform random start in the eps-ball (Madry et al. 2018)."""
 
-    def __init__(self, model, eps=8 / 255, steps=10, alpha=None, loss="ce", seed=0):
-        super().__init__(model, eps, steps, alpha, loss)
+    def __init__(self, model, eps=8 / 255, steps=10, alpha=None, loss="ce", seed=0, worst_case=True):
+        super().__init__(model, eps, steps, alpha, loss, worst_case)
         self.random_start = True
         self.generator = torch.Generator().manual_seed(seed)
 
@@ -117,21 +150,21 @@ class PGD(BIM):
 class MIFGSM(_GradientAttack):
     """Momentum iterative FGSM (Dong et al. 2018): g <- mu*g + grad/||grad||_1, step eps/steps."""
 
-    def __init__(self, model, eps=8 / 255, steps=10, alpha=None, mu=1.0, loss="ce"):
-        super().__init__(model, eps, loss)
+    def __init__(self, model, eps=8 / 255, steps=10, alpha=None, mu=1.0, loss="ce", worst_case=True):
+        super().__init__(model, eps, loss, worst_case)
         self.steps, self.mu = int(steps), float(mu)
         self.alpha = alpha if alpha is not None else self.eps / max(self.steps, 1)
 
-    def step(self, x, x_adv, y, momentum):
-        g, _ = _grad(self.model, self.loss_fn, x_adv, y)
+    def step(self, x, x_adv, y, momentum, seen=None):
+        g, _ = self.grad(x_adv, y, seen)
         momentum = self.mu * momentum + g / _per_sample_norm(g, 1)
         return _project(x_adv + self.alpha * momentum.sign(), x, self.eps), momentum
 
-    def __call__(self, x, y):
-        x_adv, momentum = x.detach().clone(), torch.zeros_like(x)
+    def attack(self, x, y, seen):
+        x_adv, momentum = x.clone(), torch.zeros_like(x)
         for _ in range(self.steps):
-            x_adv, momentum = self.step(x, x_adv, y, momentum)
-        return x_adv.detach()
+            x_adv, momentum = self.step(x, x_adv, y, momentum, seen)
+        return x_adv
 
 
 class CWA:
@@ -191,12 +224,13 @@ class APGD(_GradientAttack):
     Step size starts at 2*eps and is halved at checkpoints w_j when fewer than
     rho=0.75 of the steps since the last checkpoint increased the loss, or when
     neither the step size nor the best loss changed; after halving, the
-    iterate restarts from the best point. Momentum alpha=0.75. Returns the
-    best point found per image (the highest loss, or the first misclassified).
+    iterate restarts from the best point. Momentum alpha=0.75. Returns, per
+    image, the first point evaluated that was misclassified, else the point of
+    highest loss (as AutoAttack's ``x_best_adv``).
     """
 
-    def __init__(self, model, eps=8 / 255, steps=100, loss="ce", rho=0.75, alpha=0.75, seed=0):
-        super().__init__(model, eps, loss)
+    def __init__(self, model, eps=8 / 255, steps=100, loss="ce", rho=0.75, alpha=0.75, seed=0, worst_case=True):
+        super().__init__(model, eps, loss, worst_case)
         self.steps, self.rho, self.alpha = int(steps), rho, alpha
         self.generator = torch.Generator().manual_seed(seed)
         self.checkpoints = self._checkpoints(self.steps)
@@ -208,12 +242,12 @@ class APGD(_GradientAttack):
             p.append(p[-1] + max(p[-1] - p[-2] - 0.03, 0.06))
         return sorted({math.ceil(q * n_iter) for q in p if q <= 1})
 
-    def __call__(self, x, y):
+    def attack(self, x, y, seen):
         n = x.shape[0]
         shape = (n,) + (1,) * (x.dim() - 1)
         noise = torch.rand(x.shape, generator=self.generator, dtype=x.dtype).to(x.device)
         x_cur = _project(x + (2 * noise - 1) * self.eps, x, self.eps)
-        g, loss = _grad(self.model, self.loss_fn, x_cur, y)
+        g, loss = self.grad(x_cur, y, seen)
         eta = torch.full(shape, 2 * self.eps, device=x.device, dtype=x.dtype)
         x_best, loss_best, g_best = x_cur.clone(), loss.clone(), g.clone()
         x_prev = x_cur.clone()
@@ -225,7 +259,7 @@ class APGD(_GradientAttack):
         ckpts = set(self.checkpoints[1:])
         for k in range(1, self.steps + 1):
             x_prev, x_cur = x_cur, x_next
-            g, loss = _grad(self.model, self.loss_fn, x_cur, y)
+            g, loss = self.grad(x_cur, y, seen)
             improved = loss > loss_best
             successes += (loss > loss_prev).float()  # condition 1 counts increases over the previous iterate
             loss_prev = loss
@@ -248,17 +282,19 @@ class APGD(_GradientAttack):
                 break
             z = _project(x_cur + eta * g.sign(), x, self.eps)
             x_next = _project(x_cur + self.alpha * (z - x_cur) + (1 - self.alpha) * (x_cur - x_prev), x, self.eps)
-        return x_best.detach()
+        return x_best
 
 
-def build_gradient_attack(name: str, model, eps: float, steps: int, loss: str, seed: int = 0):
-    """A white-box attack by name: fgsm, bim, pgd, apgd."""
+def build_gradient_attack(name: str, model, eps: float, steps: int, loss: str, seed: int = 0, worst_case: bool = True):
+    """A white-box attack by name: fgsm, bim, pgd, apgd, mifgsm."""
     if name == "fgsm":
-        return FGSM(model, eps, loss)
+        return FGSM(model, eps, loss, worst_case=worst_case)
     if name == "bim":
-        return BIM(model, eps, steps, loss=loss)
+        return BIM(model, eps, steps, loss=loss, worst_case=worst_case)
     if name == "pgd":
-        return PGD(model, eps, steps, loss=loss, seed=seed)
+        return PGD(model, eps, steps, loss=loss, seed=seed, worst_case=worst_case)
     if name == "apgd":
-        return APGD(model, eps, steps, loss=loss, seed=seed)
-    raise ValueError(f"unknown white-box attack '{name}' (choose from fgsm, bim, pgd, apgd)")
+        return APGD(model, eps, steps, loss=loss, seed=seed, worst_case=worst_case)
+    if name == "mifgsm":
+        return MIFGSM(model, eps, steps, loss=loss, worst_case=worst_case)
+    raise ValueError(f"unknown white-box attack '{name}' (choose from fgsm, bim, pgd, apgd, mifgsm)")

@@ -5,7 +5,11 @@ callable returning logits, counts every forward pass on an image as one
 query, stops each image at its first success, and draws its randomness from
 an explicit ``torch.Generator``. Only the images still correctly classified
 are sent to the model at each iteration, so a batch costs one forward pass
-over the survivors per iteration.
+over the survivors per iteration. Every query goes through
+:class:`~fedrobust.attacks.worst_case.WorstCase`: an image stops at the first
+point the model misclassifies, and that point is the answer, even with the
+``ce`` loss, whose random search would otherwise keep a lower-loss point
+that is still classified correctly.
 
 Algorithm (paper, Alg. 1-3):
 
@@ -35,6 +39,7 @@ import torch.nn.functional as F
 
 from ..progress import progress as progress_bar
 from .losses import margin
+from .worst_case import WorstCase
 
 __all__ = ["SquareAttack", "SquareResult", "p_schedule"]
 
@@ -52,7 +57,7 @@ def p_schedule(p_init: float, it: int, n_queries: int) -> float:
 class SquareResult:
     x_adv: torch.Tensor
     queries: torch.Tensor  # per image, including the initial query
-    success: torch.Tensor  # per image: misclassified at the end
+    success: torch.Tensor  # per image: some query inside the budget was misclassified (``x_adv`` is that point)
 
 
 def _pseudo_gaussian(h: int, w: int, device) -> torch.Tensor:
@@ -112,12 +117,13 @@ class SquareAttack:
         x = x.detach()
         n = x.shape[0]
         queries = torch.zeros(n, dtype=torch.long, device=x.device)
+        seen = WorstCase(x, y, self.eps, self.norm)
         x_best = self._init(x, g)
-        loss_best, marg = self._query(x_best, y)
+        loss_best = self._query(x_best, y, seen)
         queries += 1
         bar = progress_bar(total=self.n_queries - 1, desc=f"square {self.norm}", enabled=progress, leave=False)
         for it in range(1, self.n_queries):
-            active = (marg <= 0).nonzero().squeeze(1)  # still correctly classified
+            active = (~seen.found).nonzero().squeeze(1)  # still correctly classified
             if active.numel() == 0:
                 break
             bar.update(1)
@@ -125,24 +131,24 @@ class SquareAttack:
                 bar.set_postfix(robust=int(active.numel()), refresh=False)
             xa, xb = x[active], x_best[active]
             x_new = self._step_linf(xa, xb, it, g) if self.norm == "linf" else self._step_l2(xa, xb, it, g)
-            loss_new, marg_new = self._query(x_new, y[active])
+            loss_new = self._query(x_new, y[active], seen, active)
             queries[active] += 1
             better = loss_new < loss_best[active]
             idx = active[better]
             x_best[idx] = x_new[better]
             loss_best[idx] = loss_new[better]
-            marg[idx] = marg_new[better]
         bar.close()
-        return SquareResult(x_adv=x_best, queries=queries, success=marg > 0)
+        return SquareResult(x_adv=seen.select(x_best), queries=queries, success=seen.found)
 
     # ------------------------------------------------------------ internals --
-    def _query(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Loss to minimise and margin (> 0 iff misclassified), from one forward pass."""
+    def _query(self, x: torch.Tensor, y: torch.Tensor, seen: WorstCase,
+               rows: torch.Tensor | None = None) -> torch.Tensor:
+        """The loss to minimise, from one forward pass that ``seen`` observes."""
         logits = self.model(x)
-        m = margin(logits, y)
+        seen.observe(x, logits, rows)
         if self.loss == "margin":
-            return -m, m
-        return -F.cross_entropy(logits, y, reduction="none"), m
+            return -margin(logits, y)
+        return -F.cross_entropy(logits, y, reduction="none")
 
     def _rand_sign(self, shape, g, device) -> torch.Tensor:
         return (torch.randint(0, 2, shape, generator=g) * 2 - 1).to(device=device, dtype=torch.float32)
