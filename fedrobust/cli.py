@@ -38,7 +38,7 @@ _EVAL_HELP = """\
 Overrides (key=value) apply to the run's saved config, e.g.:
   fedrobust evaluate runs/demo attack.eps=0.0627 attack.queries=1000
   fedrobust evaluate runs/demo attack.surrogates=[cnn,vgg16] attack.whitebox_loss=dlr
-keys: attack.{eps,eps_l2,num_samples,sample_seed,surrogates,surrogate_epochs,transfer,transfer_attacks,
+keys: attack.{eps,eps_l2,num_samples,sample_seed,split,surrogates,surrogate_epochs,transfer,transfer_attacks,
       transfer_steps,transfer_loss,query,query_attacks,queries,p_init,square_loss,whitebox,whitebox_loss,
       whitebox_steps,apgd_steps,per_member,tsr,tsr_steps,hessian_samples,power_iters,seed,cache_dir}
 """
@@ -175,7 +175,7 @@ Hydra overrides plus study_dir=PATH, e.g.:
   fedrobust tune study_dir=studies/cluster ray.address=auto tune.cpus_per_trial=4 tune.gpus_per_trial=1
 Running the same command again resumes the study.
 keys: tune.{n_trials,population_size,max_concurrent,seed,objectives,max_accuracy_drop,baseline_accuracy,
-      storage,study_name,cpus_per_trial,gpus_per_trial,max_failures,space}  ray.address  study_dir
+      storage,study_name,cpus_per_trial,gpus_per_trial,max_failures,selection,space}  ray.address  study_dir
 """
 
 

@@ -9,7 +9,6 @@ written to another machine's disk.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -19,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..atomic import dumps_json
 from ..interrupt import keep_handlers
 from .remote import receive_dir
 
@@ -41,7 +41,7 @@ class EventLog:
         self.path = Path(path)
 
     def write(self, event: str, key: Any, **info: Any) -> None:
-        line = json.dumps({"event": event, "key": key, **info, "time": time.time()}) + "\n"
+        line = dumps_json({"event": event, "key": key, **info, "time": time.time()}) + "\n"  # strict JSON
         with open(self.path, "a") as f:
             f.write(line)
             f.flush()

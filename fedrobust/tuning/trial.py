@@ -156,7 +156,8 @@ def _execute(cfg_yaml: str, values: dict[str, Any], run_dir: str, threads: int,
     if cfg.engine.name == "inline":
         from ..engines import run_inline
 
-        finalize_run(cfg, run_path, run_inline(cfg), data=data)
+        missing: dict = {}
+        finalize_run(cfg, run_path, run_inline(cfg, missing), missing=missing or None, data=data)
     else:
         _simulate_in_child(cfg, run_path, threads)
     val_acc, val_images = _val_accuracy(cfg, run_path, data)
