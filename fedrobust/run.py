@@ -20,6 +20,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import os
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -106,13 +107,29 @@ def preflight(cfg: DictConfig) -> None:
         raise ConfigError(str(exc)) from None
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is when a record is emitted, not the stream of the first call (a
+    caller that swaps stderr, as pytest's capture does, would otherwise leave it writing to a closed file)."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def setup_logging(run_dir: Path | None = None, filename: str = "train.log") -> None:
     logger = logging.getLogger("fedrobust")
     logger.setLevel(logging.INFO)
     logger.propagate = False
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
     if not any(isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler) for h in logger.handlers):
-        sh = logging.StreamHandler()
+        sh = _StderrHandler()
         sh.setFormatter(fmt)
         logger.addHandler(sh)
     if run_dir is not None:
