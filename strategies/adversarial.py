@@ -49,16 +49,17 @@ class Adversarial(TrainingStrategy):
         frac = epoch / max(total_epochs - 1, 1)
         return self.eps * (self.eps_start + (1.0 - self.eps_start) * frac)
 
-    def _attack(self, model: nn.Module, eps: float):
+    def _attack(self, model: nn.Module, eps: float, worst_case: bool):
         from fedrobust.attacks import FGSM, PGD
 
         if self.attack_name == "fgsm":
-            return FGSM(model, eps)
-        return PGD(model, eps, self.steps, seed=self._seed)
+            return FGSM(model, eps, worst_case=worst_case)
+        return PGD(model, eps, self.steps, seed=self._seed, worst_case=worst_case)
 
     def _craft(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float) -> torch.Tensor:
+        # training points are the attack's last iterate (Madry et al.), not the first point that fools the model
         with frozen_running_stats(model):
-            return self._attack(model, eps)(x, y)
+            return self._attack(model, eps, worst_case=False)(x, y)
 
     def begin_epoch(
         self, model: nn.Module, epoch: int, total_epochs: int, x_val, y_val, seed: int, *, batch_size: int | None = None
@@ -83,12 +84,13 @@ class Adversarial(TrainingStrategy):
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         was_training = model.training
         model.eval()
-        attack = self._attack(model, self.current_eps)
+        attack = self._attack(model, self.current_eps, worst_case=True)  # an image broken on the way is broken
         clean = adv = 0
         for start in range(0, n, step):
             xb, yb = _as_float(x_val[start : start + step]), y_val[start : start + step]
             clean += int((predict(model, xb) == yb).sum())
-            adv += int((predict(model, attack(xb, yb)) == yb).sum())
+            res = attack.run(xb, yb)
+            adv += int(((predict(model, res.x_adv) == yb) & ~res.success).sum())
         model.train(was_training)
         # as a float32 mean of the hits, the figure the one-batch form gave
         acc_clean, acc_adv = (float(torch.tensor(k, dtype=torch.float32) / n) if n else 0.0 for k in (clean, adv))
