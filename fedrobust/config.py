@@ -80,6 +80,7 @@ class CurvatureConfig(StrategyConfig):
     h: float | None = None  # None: (8/255) * sqrt(input size), see strategies/hessian.py
     every: int = 1  # opt-in lazy regularisation: penalty on 1 batch in `every`, scaled by `every`
     grad: str = "fd"  # fd: four first-order passes (strategies/regulariser.py) | exact: double backpropagation
+    clip_grad_norm: float | None = 2.0  # bound on the L2 norm of the weight gradient when a penalty is on; None: unbounded
 
 
 @dataclass
@@ -89,6 +90,7 @@ class DispersionConfig(StrategyConfig):
     h: float | None = None
     every: int = 1  # opt-in lazy regularisation: penalty on 1 batch in `every`, scaled by `every`
     grad: str = "fd"  # fd: four first-order passes (strategies/regulariser.py) | exact: double backpropagation
+    clip_grad_norm: float | None = 2.0  # bound on the L2 norm of the weight gradient when a penalty is on; None: unbounded
 
 
 @dataclass
@@ -99,6 +101,7 @@ class EDLCMConfig(StrategyConfig):
     h: float | None = None
     every: int = 1  # opt-in lazy regularisation: penalty on 1 batch in `every`, scaled by `every`
     grad: str = "fd"  # fd: four first-order passes (strategies/regulariser.py) | exact: double backpropagation
+    clip_grad_norm: float | None = 2.0  # bound on the L2 norm of the weight gradient when a penalty is on; None: unbounded
 
 
 @dataclass
@@ -457,6 +460,8 @@ def validate_strategy(st: DictConfig) -> None:
         _check(st.every >= 1, "strategy.every", f"must be >= 1, got {st.every}")
     if "grad" in st:
         _check(st.grad in ("fd", "exact"), "strategy.grad", f"unknown value '{st.grad}' (choose from fd, exact)")
+    if "clip_grad_norm" in st and st.clip_grad_norm is not None:
+        _check(st.clip_grad_norm > 0, "strategy.clip_grad_norm", f"must be > 0 or null, got {st.clip_grad_norm}")
     if "h" in st and st.h is not None:
         _check(st.h > 0, "strategy.h", f"must be > 0, got {st.h}")
     if st.name == "adversarial":

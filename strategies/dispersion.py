@@ -36,7 +36,7 @@ from .base import LossTerms, TrainingStrategy
 from .curvature import curvature_penalty
 from .hessian import default_h, gradient_difference
 from .plain import Plain
-from .regulariser import check_grad, regularised_objective
+from .regulariser import CLIP_GRAD_NORM, check_clip, check_grad, regularised_objective
 
 __all__ = ["Dispersion", "pairwise_cosine", "dispersion_term"]
 
@@ -70,6 +70,7 @@ class Dispersion(TrainingStrategy):
         every: int = 1,
         grad: str = "fd",
         fd_step: float | None = None,
+        clip_grad_norm: float | None = CLIP_GRAD_NORM,
     ) -> None:
         if alpha < 0 or beta < 0:
             raise ValueError(f"alpha and beta must be >= 0, got alpha={alpha}, beta={beta}")
@@ -78,8 +79,9 @@ class Dispersion(TrainingStrategy):
         if every < 1:
             raise ValueError(f"every must be >= 1, got {every}")
         check_grad(grad, fd_step)
+        check_clip(clip_grad_norm)
         self.alpha, self.beta, self.h, self.every = float(alpha), float(beta), h, int(every)
-        self.grad, self.fd_step = grad, fd_step
+        self.grad, self.fd_step, self.clip_grad_norm = grad, fd_step, clip_grad_norm
         self._step = 0
 
     def begin_batch(self, step: int) -> None:
@@ -149,4 +151,4 @@ class Dispersion(TrainingStrategy):
     def _objective(self, models, x, y, terms):
         weights = {"curvature": self.every * self.alpha, "dispersion": self.every * self.beta}
         return regularised_objective(models, x, y, h=self._h(x), terms=terms, weights=weights,
-                                     grad=self.grad, fd_step=self.fd_step)
+                                     grad=self.grad, fd_step=self.fd_step, clip=self.clip_grad_norm)

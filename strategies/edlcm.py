@@ -1,8 +1,14 @@
-"""EDLCM: curvature + dispersion, ``ce + alpha * L_r + beta * L_g`` (EDLCM eq. 11), alpha=1, beta=0.01."""
+"""EDLCM: curvature + dispersion, ``ce + alpha * L_r + beta * L_g`` (EDLCM eq. 11), alpha=1, beta=0.01.
+
+``clip_grad_norm`` (default 2) bounds the member's weight gradient, the
+stabiliser of :mod:`strategies.curvature` (see :mod:`strategies.regulariser`,
+"Stability").
+"""
 
 from __future__ import annotations
 
 from .dispersion import Dispersion
+from .regulariser import CLIP_GRAD_NORM
 
 __all__ = ["EDLCM"]
 
@@ -18,5 +24,6 @@ class EDLCM(Dispersion):
         every: int = 1,
         grad: str = "fd",
         fd_step: float | None = None,
+        clip_grad_norm: float | None = CLIP_GRAD_NORM,
     ) -> None:
-        super().__init__(beta=beta, h=h, alpha=alpha, every=every, grad=grad, fd_step=fd_step)
+        super().__init__(beta=beta, h=h, alpha=alpha, every=every, grad=grad, fd_step=fd_step, clip_grad_norm=clip_grad_norm)

@@ -86,6 +86,38 @@ gradient is the combined one, so callers backpropagate it like any loss.
 With every penalty weight zero, ``u = 0``, the extra passes are skipped and
 the gradient is plain training's, bit for bit.
 
+Stability (``clip``, ``strategy.clip_grad_norm``, default 2). Whenever a
+penalty weight is non-zero, each member's weight gradient (its
+cross-entropy's and its penalty's together) is scaled down to L2 norm
+``clip`` when it is longer, as ``torch.nn.utils.clip_grad_norm_`` does; a
+non-finite gradient is left as it is, and with every penalty weight zero
+nothing is clipped, so training is plain's bit for bit. The objective, D
+and the terms are those of eq. 7-11; only the length of a step is bounded.
+Why, measured on ResNet-18 with CIFAR-shaped inputs (3x32x32, 10 classes,
+batch 128, seed 0, float32), alpha 1 and the default h (1.74):
+
+* At initialisation ce is 2.36 and the penalty 45, and the penalty's weight
+  gradient has norm 174 against 7.3 for ce's: 24 times larger, and
+  concentrated on the last layers (62 on the final linear layer, whose
+  weights have norm 1.8). One SGD step at lr 0.1 moves that layer by three
+  times its own size, so the logits' scale, and every input gradient with
+  it, jumps: the penalty rises from 45 to 3,300 after one step, the weights'
+  norm from 82 to 1,400 after two, and the loss is NaN at the fifth step
+  (lr 0.4: ce 26 after one step, NaN at the fifth).
+* At lr 0.4 cross-entropy alone overshoots too (plain training, 128 images,
+  one step per epoch: training loss 2.4 to 28 and validation loss 1e10 in 6
+  steps), but ce grows only linearly with the logits, the penalty with
+  their square, so with the penalty on the overshoot overflows.
+* So bounding the penalty's part alone is not enough: clipped at norm 1 it
+  still gave ce 29, penalty 2,100 and validation loss 5e7 after 4 steps at
+  lr 0.4. Clipping the whole gradient at 10 kept 8 steps finite, but ce
+  rose to 51 and the penalty stayed above 500: a step of 4 still tripled
+  the penalty. At 2 the step at lr 0.4 is at most 0.8 (before momentum),
+  and 10 epochs were finite, the penalty falling from 44 to 1.1
+  (benchmarks/resnet18_stability.py; figures in the README).
+* The digits CNN is never clipped at 2: its whole gradient stayed below 1.22
+  over 10 epochs at lr 0.1 (1,200 images), so its runs are unchanged.
+
 Written here because no maintained library computes this penalty's gradient.
 """
 
@@ -102,9 +134,12 @@ from torch import nn
 from .hessian import frozen_running_stats, gradient_difference, sign_direction
 from .pattern import ActivationPattern, record, replay
 
-__all__ = ["GRADS", "Objective", "check_grad", "fd_step_size", "regularised_objective"]
+__all__ = ["GRADS", "CLIP_GRAD_NORM", "Objective", "check_clip", "check_grad", "clip_factor", "fd_step_size", "regularised_objective"]
 
 GRADS = ("fd", "exact")
+
+# Default bound on the L2 norm of a member's weight gradient (see "Stability" above)
+CLIP_GRAD_NORM = 2.0
 
 Terms = Callable[[list[torch.Tensor]], dict[str, torch.Tensor]]
 
@@ -125,6 +160,12 @@ def check_grad(grad: str, fd_step: float | None = None) -> None:
         raise ValueError(f"unknown grad '{grad}' (choose from {', '.join(GRADS)})")
     if fd_step is not None and fd_step <= 0:
         raise ValueError(f"fd_step must be > 0, got {fd_step}")
+
+
+def check_clip(clip: float | None) -> None:
+    """Refuse a non-positive bound on the penalty's gradient norm, with a ValueError."""
+    if clip is not None and not clip > 0:
+        raise ValueError(f"clip must be > 0 or None, got {clip}")
 
 
 def fd_step_size(u: torch.Tensor, step: float | None = None) -> float:
@@ -183,11 +224,11 @@ def _probe(model: nn.Module, x: torch.Tensor, y: torch.Tensor, h: float) -> _Pro
     return _Probe(params, logits, ce, gx1 - gx, x1, grads_x, grads_x1, at_x, at_x1)
 
 
-def _fd_gradient(model: nn.Module, pr: _Probe, x, y, u: torch.Tensor, step: float | None) -> list:
-    """Weight gradient of ``ce_mean(x) + <D, u>``: the passes at x + eps u and x1 + eps u."""
+def _fd_penalty_gradient(model: nn.Module, pr: _Probe, x, y, u: torch.Tensor, step: float | None) -> list:
+    """Weight gradient of ``<D, u>`` (the penalty's), from the passes at x + eps u and x1 + eps u; None where unused."""
     eps = fd_step_size(u, step)
     if eps == 0.0:
-        return pr.grads_x
+        return [None] * len(pr.params)
     with frozen_running_stats(model):
         _, _, grads_xu = _grads(model, pr.params, x.detach() + eps * u, y, "sum", False, replay(pr.pattern_x))
         _, _, grads_x1u = _grads(model, pr.params, pr.x1 + eps * u, y, "sum", False, replay(pr.pattern_x1))
@@ -200,8 +241,39 @@ def _fd_gradient(model: nn.Module, pr: _Probe, x, y, u: torch.Tensor, step: floa
         g0, g1, g0u, g1u = (zero if g is None else g for g in (g0, g1, g0u, g1u))
         at_x1 = g1u - g1
         at_x = g0u - n * g0
-        out.append(g0 + (at_x1 - at_x) / eps)
+        out.append((at_x1 - at_x) / eps)
     return out
+
+
+def _combine(ce_grads: Sequence, penalty_grads: Sequence) -> list:
+    """``ce + penalty`` per parameter (None where both are None)."""
+    return [gc if gp is None else gp if gc is None else gc + gp for gc, gp in zip(ce_grads, penalty_grads)]
+
+
+def _scaled(grads: Sequence, factor: float) -> list:
+    return list(grads) if factor == 1.0 else [None if g is None else g * factor for g in grads]
+
+
+def _fd_gradient(model: nn.Module, pr: _Probe, x, y, u: torch.Tensor, step: float | None) -> list:
+    """Weight gradient of ``ce_mean(x) + <D, u>``: the passes at x + eps u and x1 + eps u."""
+    return _combine(pr.grads_x, _fd_penalty_gradient(model, pr, x, y, u, step))
+
+
+def clip_factor(grads: Sequence, max_norm: float | None) -> float:
+    """``min(1, max_norm / ||grads||)`` over all tensors (as ``torch.nn.utils.clip_grad_norm_``).
+
+    1 without a bound, and 1 for a non-finite norm, so that a diverged
+    penalty still shows as a non-finite gradient instead of a clipped one.
+    """
+    if max_norm is None:
+        return 1.0
+    present = [g for g in grads if g is not None]
+    if not present:
+        return 1.0
+    norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.double()) for g in present])))
+    if not math.isfinite(norm) or norm <= max_norm:
+        return 1.0
+    return max_norm / norm
 
 
 class _WeightGradient(torch.autograd.Function):
@@ -232,25 +304,33 @@ def regularised_objective(
     weights: dict[str, float],
     grad: str = "fd",
     fd_step: float | None = None,
+    clip: float | None = None,
 ) -> Objective:
     """``sum_m ce_m(x) + sum_k weights[k] * terms(D_1..D_M)[k]`` and its weight gradient.
 
     ``terms`` maps the members' gradient differences to named scalar
     penalties; it must be differentiable in them (it is called on the graph
     in the exact form and on detached leaves in the first-order form).
+    ``clip`` bounds the L2 norm of each member's weight gradient (its
+    cross-entropy's and the penalty's together) whenever a penalty weight is
+    non-zero; None leaves it unbounded.
     """
     check_grad(grad, fd_step)
+    check_clip(clip)
     # fp32 whatever the caller's autocast: the finite difference's step is sized to fp32's round-off
     with torch.autocast(x.device.type, enabled=False):
-        return _objective(models, x, y, h=h, terms=terms, weights=weights, grad=grad, fd_step=fd_step)
+        return _objective(models, x, y, h=h, terms=terms, weights=weights, grad=grad, fd_step=fd_step, clip=clip)
 
 
-def _objective(models, x, y, *, h, terms, weights, grad, fd_step) -> Objective:
+def _objective(models, x, y, *, h, terms, weights, grad, fd_step, clip) -> Objective:
     if grad == "exact":
         pairs = [gradient_difference(m, x, y, h, create_graph=True) for m in models]
         ces = [F.cross_entropy(z, y) for z, _ in pairs]
         values = terms([d for _, d in pairs])
-        total = sum(ces[1:], ces[0]) + sum((w * values[k] for k, w in weights.items()), ces[0].new_zeros(()))
+        penalty = sum((w * values[k] for k, w in weights.items()), ces[0].new_zeros(()))
+        total = sum(ces[1:], ces[0]) + penalty
+        if clip is not None and any(weights.values()):
+            total = _clipped_exact(models, total, clip)
         return Objective(total, [float(c.detach()) for c in ces], [z.detach() for z, _ in pairs],
                          {k: float(v.detach()) for k, v in values.items()})
 
@@ -268,6 +348,20 @@ def _objective(models, x, y, *, h, terms, weights, grad, fd_step) -> Objective:
     linear = value.new_zeros(())
     for model, pr, u in zip(models, probes, us):
         u = torch.zeros_like(pr.diff) if u is None else u
-        linear = linear + _linear_in_weights(pr.params, _fd_gradient(model, pr, x, y, u, fd_step))
+        grads = _combine(pr.grads_x, _fd_penalty_gradient(model, pr, x, y, u, fd_step))
+        factor = clip_factor(grads, clip) if any(weights.values()) else 1.0
+        linear = linear + _linear_in_weights(pr.params, _scaled(grads, factor))
     return Objective(value + linear, [float(c) for c in ces], [p.logits for p in probes],
                      {k: float(v.detach()) for k, v in values.items()})
+
+
+def _clipped_exact(models, total, clip: float) -> torch.Tensor:
+    """The exact form's loss with each member's weight gradient clipped (one backward, inside)."""
+    groups = [_params(m) for m in models]
+    grads = torch.autograd.grad(total, [p for g in groups for p in g], allow_unused=True)
+    linear, start = total.new_zeros(()), 0
+    for params in groups:
+        own = grads[start : start + len(params)]
+        start += len(params)
+        linear = linear + _linear_in_weights(params, _scaled(own, clip_factor(own, clip)))
+    return total.detach() + linear
