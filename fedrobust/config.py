@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -403,7 +404,7 @@ def validate(cfg: DictConfig) -> None:
     _check(cfg.data.crop_padding >= 0, "data.crop_padding", f"must be >= 0, got {cfg.data.crop_padding}")
     _check(cfg.deployment.num_nodes >= 1, "deployment.num_nodes", f"must be >= 1, got {cfg.deployment.num_nodes}")
     _check(cfg.deployment.alpha > 0, "deployment.alpha", f"must be > 0, got {cfg.deployment.alpha}")
-    _check(cfg.optimizer.lr > 0, "optimizer.lr", f"must be > 0, got {cfg.optimizer.lr}")
+    _check(0 < cfg.optimizer.lr < math.inf, "optimizer.lr", f"must be > 0 and finite, got {cfg.optimizer.lr}")
     _check(0.0 <= cfg.optimizer.momentum < 1.0, "optimizer.momentum", f"must be in [0, 1), got {cfg.optimizer.momentum}")
     _check(cfg.optimizer.weight_decay >= 0, "optimizer.weight_decay", f"must be >= 0, got {cfg.optimizer.weight_decay}")
     _check(cfg.train.epochs >= 1, "train.epochs", f"must be >= 1, got {cfg.train.epochs}")
