@@ -395,7 +395,7 @@ class PointLog(nn.Module):
 
 
 WORST_CASE_EPS = (8 / 255, 0.1, 0.2)
-WORST_CASE_IMAGES = 64  # 120 settings in about 30 s on one core
+WORST_CASE_IMAGES = 64
 
 
 def _worst_case_attacks(model: nn.Module, eps: float, loss: str) -> dict[str, Callable]:
@@ -410,14 +410,15 @@ def _worst_case_attacks(model: nn.Module, eps: float, loss: str) -> dict[str, Ca
 
 @pytest.mark.slow
 def test_no_attack_reports_robust_an_image_it_saw_misclassified(digits):
-    """Every white-box attack, on the ensemble and on each member, at three budgets and with CE and DLR;
-    Square (L-inf, CE and margin) on the ensemble. An image counts as robust only if no point the attack
+    """Every white-box attack on the ensemble at three budgets with CE and DLR, and on each member at two
+    budgets with CE; Square (L-inf, CE and margin) on the ensemble. An image counts as robust only if no point the attack
     evaluated inside the budget was misclassified."""
     ensemble, _, x, y = digits
     x, y = x[:WORST_CASE_IMAGES], y[:WORST_CASE_IMAGES]
-    targets = {"ensemble": ensemble} | {f"member {k}": m for k, m in enumerate(ensemble.members)}
+    settings = [("ensemble", ensemble, eps, loss) for eps, loss in itertools.product(WORST_CASE_EPS, ("ce", "dlr"))]
+    settings += [(f"member {k}", m, eps, "ce") for k, m in enumerate(ensemble.members) for eps in WORST_CASE_EPS[:2]]
     runs, broken_on_the_way = 0, 0
-    for (target_name, target), eps, loss in itertools.product(targets.items(), WORST_CASE_EPS, ("ce", "dlr")):
+    for target_name, target, eps, loss in settings:
         log = PointLog(target, x, y, eps, "linf")
         for name, make in _worst_case_attacks(log, eps, loss).items():
             log.seen_wrong.zero_()
@@ -436,7 +437,7 @@ def test_no_attack_reports_robust_an_image_it_saw_misclassified(digits):
         missed = log.seen_wrong & ~((predict(ensemble, res.x_adv) != y) | res.success)
         assert not bool(missed.any()), f"square-{loss}: {int(missed.sum())} image(s) broken on the way reported robust"
         assert bool(res.success.any())
-    assert runs == 4 * 3 * 2 * 5 and broken_on_the_way > 0
+    assert runs == (3 * 2 + 3 * 2) * 5 and broken_on_the_way > 0
 
 
 TORCHATTACKS_IMAGES, TORCHATTACKS_STEPS = 200, 100
