@@ -74,8 +74,9 @@ def test_fd_weight_gradient_matches_double_backpropagation(case, model, trained)
     members, x, y = _members(model, k, trained)
     c = MODELS[model][0]
     peers = [build_model(model, c, 10, (0.5,) * c, (0.25,) * c).eval() for _ in range(n_peers)]
-    fd, out_fd = _grad(cls(grad="fd"), members, x, y, peers)
-    exact, out_exact = _grad(cls(grad="exact"), members, x, y, peers)
+    # the gradient forms unclipped: the bound (tested below) would hide their error on ResNet-18
+    fd, out_fd = _grad(cls(grad="fd", clip_grad_norm=None), members, x, y, peers)
+    exact, out_exact = _grad(cls(grad="exact", clip_grad_norm=None), members, x, y, peers)
     cos, rel = _agreement(fd, exact)
     assert cos >= 0.999 and rel <= 0.02, f"{case} {model} trained={trained}: cosine {cos:.6f}, relative error {rel:.4f}"
     # the loss's value is the objective, and the logged terms are the same in both forms
@@ -89,11 +90,11 @@ def test_fd_weight_gradient_matches_double_backpropagation(case, model, trained)
 
 def test_fd_error_falls_with_the_step_in_float64():
     members, x, y = _members("cnn", 1, 3, dtype=torch.float64)
-    exact, _ = _grad(Curvature(grad="exact"), members, x, y)
+    exact, _ = _grad(Curvature(grad="exact", clip_grad_norm=None), members, x, y)
     ce, _ = _grad(Plain(), members, x, y)
     errors = []
     for step in (1e-2, 1e-3, 1e-4, 1e-5, 1e-6):
-        fd, _ = _grad(Curvature(grad="fd", fd_step=step), members, x, y)
+        fd, _ = _grad(Curvature(grad="fd", fd_step=step, clip_grad_norm=None), members, x, y)
         errors.append(_agreement(fd - ce, exact - ce)[1])
     # first order: a tenth of the step, about a tenth of the error
     assert all(b < 0.2 * a for a, b in zip(errors, errors[1:])), errors
@@ -181,3 +182,31 @@ def test_fd_matches_exact_through_relu6_and_max_pooling():
     fd, _ = _grad(Curvature(grad="fd"), [model], x, y)
     cos, rel = _agreement(fd - ce, exact - ce)
     assert cos >= 0.999 and rel <= 0.03, (cos, rel)
+
+
+@pytest.mark.parametrize("grad", ["fd", "exact"])
+def test_clip_grad_norm_scales_the_whole_gradient_down_to_the_bound(grad):
+    """ResNet-18 at initialisation: the weight gradient is long (norm ~100), and the bound scales it, direction kept."""
+    members, x, y = _members("resnet18", 1, 0)
+    free, out_free = _grad(Curvature(grad=grad, clip_grad_norm=None), members, x, y)
+    clipped, out_clipped = _grad(Curvature(grad=grad, clip_grad_norm=2.0), members, x, y)
+    assert float(free.norm()) > 2.0
+    assert float(clipped.norm()) == pytest.approx(2.0, rel=1e-4)
+    assert torch.allclose(clipped, free * (2.0 / free.norm()), rtol=1e-4, atol=1e-9)
+    # the loss's value and the logged terms are the objective's, unclipped
+    assert float(out_clipped.total.detach()) == pytest.approx(float(out_free.total.detach()), rel=1e-6)
+    assert out_clipped.terms == pytest.approx(out_free.terms, rel=1e-6)
+    # a bound above the gradient's norm changes nothing
+    loose, _ = _grad(Curvature(grad=grad, clip_grad_norm=1e9), members, x, y)
+    assert torch.allclose(loose, free, rtol=1e-6, atol=1e-12)
+
+
+def test_clip_grad_norm_is_off_without_a_penalty_and_refuses_non_positive_bounds():
+    members, x, y = _members("resnet18", 1, 0)
+    plain, _ = _grad(Plain(), members, x, y)
+    assert float(plain.norm()) > 0.1
+    zero, _ = _grad(Curvature(alpha=0.0, clip_grad_norm=0.1), members, x, y)
+    assert torch.equal(zero, plain)
+    for bad in (0.0, -1.0):
+        with pytest.raises(ValueError, match="clip"):
+            Curvature(clip_grad_norm=bad)
