@@ -23,6 +23,12 @@ forward pass:
 
 The helpers are shared with ``benchmarks/parity_art.py``, which prints the
 same comparison as a table, on digits and on random CIFAR-shaped inputs.
+
+The same fixed ensemble also serves two checks of the worst case: APGD
+against torchattacks 3.5.1's APGD (a port of AutoAttack's) at the full
+budget, with a tighter bound (0.01), and a log of every point the white-box
+attacks and Square evaluate, which must find no image reported robust that
+the attack had broken on the way.
 """
 
 from __future__ import annotations
