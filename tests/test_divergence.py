@@ -21,6 +21,7 @@ import strategies
 from fedrobust.cli import main
 from fedrobust.training import DivergedError, MemberTrainer, TrainSettings, member_seed, train_member
 from strategies import LossTerms, Plain
+from strict_json import assert_strict_json, loads_strict
 
 FAST = ["train.progress=false", "train.epochs=3", "train.batch_size=64"]
 
@@ -41,21 +42,6 @@ class _NaNFromEpoch2(Plain):
         return LossTerms(out.total * math.nan, out.terms, out.logits) if self.poisoned else out
 
 
-def _reject_constant(name: str):
-    raise ValueError(f"not strict JSON: {name}")
-
-
-def _assert_strict_json(run: Path) -> int:
-    """Every .json and .jsonl file under ``run`` parses strictly (no NaN, Infinity); returns how many."""
-    files = [p for p in run.rglob("*") if p.suffix in (".json", ".jsonl")]
-    for path in files:
-        text = path.read_text()
-        lines = text.splitlines() if path.suffix == ".jsonl" else [text]
-        for line in filter(None, lines):
-            json.loads(line, parse_constant=_reject_constant)
-    return len(files)
-
-
 def _errors(err: str) -> list[str]:
     return [line for line in err.splitlines() if line.startswith("fedrobust: error:")]
 
@@ -65,7 +51,7 @@ def test_json_files_are_strict_with_non_finite_numbers_as_null(tmp_path):
 
     write_json(tmp_path / "x.json", {"a": math.nan, "b": [math.inf, 1.5], "c": {"d": (2, -math.inf)}}, sort_keys=True)
     text = (tmp_path / "x.json").read_text()
-    assert json.loads(text, parse_constant=_reject_constant) == {"a": None, "b": [None, 1.5], "c": {"d": [2, None]}}
+    assert loads_strict(text) == {"a": None, "b": [None, 1.5], "c": {"d": [2, None]}}
 
 
 # -------------------------------------------------------------- the trainer --
@@ -238,7 +224,7 @@ def test_a_diverged_member_fails_an_inline_run_in_one_line_naming_it(nan_member_
     assert "Traceback" not in err
     assert (run / "INCOMPLETE").is_file() and not (run / "results.json").exists()
     assert not list((run / "members").iterdir())
-    _assert_strict_json(run)
+    assert_strict_json(run)
 
 
 def test_with_min_members_an_inline_run_finishes_without_the_diverged_member(nan_member_2, tmp_path, capsys):
@@ -246,7 +232,7 @@ def test_with_min_members_an_inline_run_finishes_without_the_diverged_member(nan
     assert main(["train", "engine=inline", *FAST, "engine.on_missing=min_members", f"run_dir={run}"]) == 0
     err = capsys.readouterr().err
     assert _errors(err) == [] and "Traceback" not in err
-    assert _assert_strict_json(run) >= 1
+    assert assert_strict_json(run) >= 1
     results = json.loads((run / "results.json").read_text())
     assert [m["member"] for m in results["members"]] == [0, 1]
     assert all(m["best_epoch"] >= 0 for m in results["members"])
@@ -290,7 +276,7 @@ def test_with_min_members_a_simulation_finishes_without_a_member_that_diverged_i
     run = tmp_path / "run"
     assert main(["train", "engine=simulation", *FAST, "train.rounds=2", "engine.on_missing=min_members",
                  f"run_dir={run}"]) == 0
-    _assert_strict_json(run)
+    assert_strict_json(run)
     results = json.loads((run / "results.json").read_text())
     assert [m["member"] for m in results["members"]] == [0, 1]
     (d,) = results["missing"]["diverged"]

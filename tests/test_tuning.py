@@ -20,6 +20,7 @@ from fedrobust.config import ConfigError, load_config
 from fedrobust.tuning import SearchSpace, pareto_front
 from fedrobust.tuning.outputs import read_trials_csv
 from fedrobust.tuning.report import report
+from strict_json import assert_strict_json
 
 # A digits study small enough for the suite: a few epochs, one small surrogate, few queries.
 TINY = [
@@ -103,6 +104,7 @@ def test_study_of_8_trials_on_two_ray_workers(local_ray, tmp_path):
     rows = read_trials_csv(study / "trials.csv")
     complete = [r for r in rows if r["state"] == "COMPLETE"]
     assert len(complete) == 8 and all(r["state"] == "COMPLETE" for r in rows)
+    assert assert_strict_json(study) > 8  # pareto.json, executions.jsonl, every trial's results (no NaN, Infinity)
 
     # pareto.json is the non-dominated subset of the feasible rows of trials.csv, computed here independently
     doc = json.loads((study / "pareto.json").read_text())
