@@ -116,20 +116,6 @@ def evaluation_images(cfg: DictConfig, data: ImageDataset) -> Images:
     return Images(whole.split, whole.indices[pick], whole.pool, a.sample_seed)
 
 
-class _ValidationTransferExamples(TransferExamples):
-    """Transfer examples crafted on validation images, in cache files of their own (indices into the
-    training set must never meet the same indices into the test set)."""
-
-    def path(self, name: str, zoo_key: str) -> Path:
-        path = super().path(name, zoo_key)
-        return path.with_name(f"validation-{path.name}")
-
-
-def _transfer_examples(attack: DictConfig, images: Images) -> TransferExamples:
-    cls = TransferExamples if images.split == "test" else _ValidationTransferExamples
-    return cls(attack, images.indices)
-
-
 def prepare_transfer_artefacts(cfg: DictConfig, data: ImageDataset | None = None) -> list[Path]:
     """Train (or find) the surrogate zoo and craft (or find) every transfer attack's examples on the
     evaluation sample, so that every later evaluation on this data reuses them; their cache files."""
@@ -140,7 +126,7 @@ def prepare_transfer_artefacts(cfg: DictConfig, data: ImageDataset | None = None
     images = evaluation_images(cfg, data)
     x, y = images.tensors(data)
     x, y = to_float(x).to(device), y.to(device)
-    transfer = _transfer_examples(a, images)
+    transfer = TransferExamples(a, images.indices, images.split)
     paths = [zoo_cache_path(cfg, zoo.key)]
     for name in a.transfer_attacks:
         transfer.get(name, zoo, REGISTRY["transfer"][name]().build(zoo.model, a), x, y)
@@ -159,7 +145,7 @@ class _Inputs:
         x, y = images.tensors(data)
         self._made: dict[str, Any] = {
             "attack": cfg.attack, "target": target, "members": list(target.members), "x": to_float(x).to(device),
-            "y": y.to(device), "transfer": _transfer_examples(cfg.attack, images), "board": board,
+            "y": y.to(device), "transfer": TransferExamples(cfg.attack, images.indices, images.split), "board": board,
             "progress": cfg.train.progress,
         }
         self._makers = {"zoo": lambda: Zoo(*load_or_train_zoo(cfg, data, device))}

@@ -93,16 +93,21 @@ def worst_case_accuracy(target, attack, x: torch.Tensor, y: torch.Tensor, batch_
 
 
 class TransferExamples:
-    """Transfer adversarial examples on the sample, cached by (attack, zoo, sample, settings)."""
+    """Transfer adversarial examples on the sample, cached by (attack, zoo, sample, settings).
 
-    def __init__(self, attack: DictConfig, indices: np.ndarray) -> None:
-        self.a, self.indices = attack, indices
+    The sample is its split and its indices: ``test`` indices index the test
+    set, ``validation`` ones the training set, so the same numbers are other
+    images.
+    """
+
+    def __init__(self, attack: DictConfig, indices: np.ndarray, split: str = "test") -> None:
+        self.a, self.indices, self.split = attack, indices, split
 
     def path(self, name: str, zoo_key: str) -> Path:
         a = self.a
         key = content_key({
-            "kind": "transfer", "attack": name, "zoo": zoo_key, "indices": self.indices.tolist(), "eps": a.eps,
-            "steps": a.transfer_steps, "loss": a.transfer_loss, "seed": a.seed, "version": 1,
+            "kind": "transfer", "attack": name, "zoo": zoo_key, "split": self.split, "indices": self.indices.tolist(),
+            "eps": a.eps, "steps": a.transfer_steps, "loss": a.transfer_loss, "seed": a.seed, "version": 2,
         })
         return cache_root(a.cache_dir) / "transfer" / f"{key}.pt"
 
