@@ -62,24 +62,23 @@ def load_scores(run_dir: Path) -> dict[str, Any] | None:
     }
 
 
-def _val_accuracy(cfg, run_dir: Path, data) -> tuple[float, dict[str, Any]]:
-    """Ensemble accuracy on the union of the nodes' validation splits (never the test set), and those images."""
-    import torch
+def _val_accuracy(cfg, run_dir: Path, data, results: dict[str, Any]) -> tuple[float, dict[str, Any]]:
+    """Ensemble accuracy on the union of the nodes' validation splits (never the test set), and those images.
 
-    from ..data import to_float
+    A run scored on them (``attack.split=validation``, a study's trial) already has it as its clean accuracy.
+    """
+    clean = results.get("images", {}).get("clean_accuracy", {})
+    if clean.get("split") == "validation":
+        return results["ensemble"]["clean_accuracy"], clean
+
     from ..evaluation.evaluate import held_out_images
     from ..run import load_ensemble
-    from ..training import resolve_device
+    from ..training import evaluate_model, resolve_device
 
     images = held_out_images(cfg, data, "validation")
     x, y = images.tensors(data)
-    device = resolve_device(cfg.train.device)
-    ens = load_ensemble(run_dir, device, cfg).eval()
-    correct = 0
-    with torch.no_grad():
-        for i in range(0, len(y), 1024):
-            correct += int((ens(to_float(x[i : i + 1024]).to(device)).argmax(1).cpu() == y[i : i + 1024]).sum())
-    return correct / max(len(y), 1), images.describe()
+    _, acc = evaluate_model(load_ensemble(run_dir, resolve_device(cfg.train.device), cfg), x, y)
+    return acc, images.describe()
 
 
 def _simulate_in_child(cfg, run_path: Path, threads: int) -> None:
@@ -160,10 +159,10 @@ def _execute(cfg_yaml: str, values: dict[str, Any], run_dir: str, threads: int,
         finalize_run(cfg, run_path, run_inline(cfg, missing), missing=missing or None, data=data)
     else:
         _simulate_in_child(cfg, run_path, threads)
-    val_acc, val_images = _val_accuracy(cfg, run_path, data)
     evaluate_run(run_path, cfg, data)
     results_path = run_path / "results.json"
     results = json.loads(results_path.read_text())
+    val_acc, val_images = _val_accuracy(cfg, run_path, data, results)
     results["ensemble"]["val_accuracy"] = val_acc
     results.setdefault("images", {})["val_accuracy"] = val_images
     results["trial_seconds"] = round(time.perf_counter() - t0, 2)
