@@ -15,7 +15,7 @@ import torch
 from flwr.app import ArrayRecord, Context, Message
 from flwr.clientapp import ClientApp
 
-from fedrobust.data import DataError, load_dataset
+from fedrobust.data import DataError, dataset_of
 from fedrobust.node import train_node_round
 from fedrobust.partition import num_nodes
 from fedrobust.protocol import decode_task, encode_reply
@@ -40,7 +40,7 @@ def train(msg: Message, context: Context) -> Message:
     if "data-root" in context.node_config:
         cfg.data.root = str(context.node_config["data-root"])
     try:
-        load_dataset(cfg.data.name, cfg.data.root)
+        dataset_of(cfg)
     except DataError as exc:  # one line in the SuperNode's log and in the server's error
         message = f"node {node}: cannot load data set '{cfg.data.name}': {exc}"
         log.error(message)

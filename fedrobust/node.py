@@ -22,7 +22,7 @@ from torch import nn
 
 from strategies import build_strategy
 
-from .data import ImageDataset, load_dataset
+from .data import ImageDataset, dataset_of
 from .models import build_model
 from .partition import NodeShard, members_per_node, node_shards, num_nodes
 from .training import Divergence, EpochRecord, MemberTrainer, TrainSettings, member_seed, resolve_device
@@ -148,7 +148,7 @@ def train_node_round(
     if not 0 <= node < expected:
         raise ValueError(f"node {node} is outside this deployment's {expected} node(s)")
     device = device or resolve_device(cfg.train.device)
-    data = load_dataset(cfg.data.name, cfg.data.root)
+    data = dataset_of(cfg)
     shard = shards_for(cfg, data)[node]
     strategy = build_strategy(cfg.strategy)
     settings = train_settings(cfg)

@@ -30,7 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from .config import ConfigError, default_config
 from .atomic import atomic_open, save_torch, write_json, write_text
-from .data import ImageDataset, load_dataset
+from .data import ImageDataset, dataset_of
 from .ensemble import LogitAverageEnsemble
 from .node import MemberUpdate, build_member
 from .partition import class_counts_table
@@ -98,7 +98,7 @@ def preflight(cfg: DictConfig) -> None:
     from .partition import PartitionError
 
     try:
-        data = load_dataset(cfg.data.name, cfg.data.root)
+        data = dataset_of(cfg)
     except DataError as exc:
         raise ConfigError(f"data: {exc}") from None
     try:
@@ -192,7 +192,7 @@ def load_ensemble(
     """
     run_dir = Path(run_dir)
     cfg = cfg if cfg is not None else OmegaConf.load(run_dir / "config.yaml")
-    data = load_dataset(cfg.data.name, cfg.data.root)
+    data = dataset_of(cfg)
     members = [load_member(path, build_member(cfg, data)) for path in member_files(run_dir)]
     return LogitAverageEnsemble(members).to(device)
 
@@ -253,7 +253,7 @@ def finalize_run(cfg: DictConfig, run_dir: Path, members: list[MemberUpdate], *,
     diverged = [u.member for u in members if u.divergence is not None or u.weights is None]
     if diverged:  # collect_members leaves them out; an ensemble never holds one
         raise DivergedError(f"member(s) {diverged} diverged and cannot join the ensemble")
-    data = data or load_dataset(cfg.data.name, cfg.data.root)
+    data = data or dataset_of(cfg)
     device = resolve_device(cfg.train.device)
     counts = {u.node: u.class_counts for u in members}
     table = class_counts_table(counts, "training samples per class and node")

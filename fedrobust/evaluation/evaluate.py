@@ -38,7 +38,7 @@ from omegaconf import DictConfig, OmegaConf
 from ..atomic import write_json
 from ..attacks import accuracy
 from ..config import ConfigError
-from ..data import ImageDataset, load_dataset, to_float
+from ..data import ImageDataset, dataset_of, to_float
 from ..progress import interactive, progress as progress_bar
 from ..run import check_complete, load_ensemble, member_files
 from ..training import resolve_device
@@ -121,7 +121,7 @@ def prepare_transfer_artefacts(cfg: DictConfig, data: ImageDataset | None = None
     evaluation sample, so that every later evaluation on this data reuses them; their cache files."""
     a = cfg.attack
     device = resolve_device(cfg.train.device)
-    data = data or load_dataset(cfg.data.name, cfg.data.root)
+    data = data or dataset_of(cfg)
     zoo = Zoo(*load_or_train_zoo(cfg, data, device))
     images = evaluation_images(cfg, data)
     x, y = images.tensors(data)
@@ -252,7 +252,7 @@ def evaluate_run(run_dir: str | Path, cfg: DictConfig, data: ImageDataset | None
     check_complete(run_dir)
     results = read_results(run_dir)
     device = resolve_device(cfg.train.device)
-    data = data or load_dataset(cfg.data.name, cfg.data.root)
+    data = data or dataset_of(cfg)
     images = evaluation_images(cfg, data)
     key = _evaluation_key(run_dir, cfg, images)
     if reuse and out != run_dir and (out / "results.json").is_file():

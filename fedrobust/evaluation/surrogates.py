@@ -11,7 +11,9 @@ The digits zoo is made of models sized for 8x8 images (a small CNN, a
 ResNet-8, a VGG-7 and an MLP: four families, several depths and widths), so
 it trains in seconds; CIFAR-sized ResNet-18 and VGG-16 cost minutes on 8x8
 inputs and transferred no better (CWA at eps 0.1 on the demo ensemble: 0.817
-against 0.833). The CIFAR zoo is the papers' (ResNet-18/34, VGG-16,
+against 0.833). The 28x28 zoo (MNIST, Fashion-MNIST) is a two-convolution
+network, LeNet-5, a ResNet-8 and the MLP, trained for 5 epochs
+(``attack=fashion_mnist``). The CIFAR zoo is the papers' (ResNet-18/34, VGG-16,
 MobileNetV2).
 
 The zoo is cached by content (dataset fingerprint, architectures, settings,
@@ -46,6 +48,9 @@ log = logging.getLogger("fedrobust")
 DEFAULT_ZOOS = {
     # four families, depths 3 to 8, widths 16 to 256, all sized for 8x8 inputs: about 16 s to train on 2 cores
     "digits": ["cnn", "resnet8", "vgg7", "mlp"],
+    # four families for 28x28 grey images (two CNNs with 5x5 and 3x3 kernels, a ResNet, an MLP)
+    "mnist": ["convnet", "lenet", "resnet8", "mlp"],
+    "fashion_mnist": ["convnet", "lenet", "resnet8", "mlp"],
     "cifar10": ["resnet18", "resnet34", "vgg16", "mobilenetv2"],
     "cifar100": ["resnet18", "resnet34", "vgg16", "mobilenetv2"],
 }

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .cnn import SmallCNN
+from .lenet import ConvNet, LeNet5
 from .mlp import MLP
 from .mobilenet import MobileNetV2
 from .resnet import resnet8, resnet18, resnet34
@@ -44,6 +45,9 @@ MODEL_BUILDERS: dict[str, Callable[[int, int], nn.Module]] = {
     "resnet8": resnet8,
     "vgg7": vgg7_bn,
     "mlp": MLP,
+    # 28x28 grey images (MNIST, Fashion-MNIST): the default member and a second convolutional family for the zoo
+    "lenet": LeNet5,
+    "convnet": ConvNet,
 }
 
 

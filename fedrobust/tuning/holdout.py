@@ -101,7 +101,7 @@ def _test_config(run_dir: Path, study_cfg: DictConfig) -> DictConfig:
 def evaluate_front(study_dir: Path, study_cfg: DictConfig, front: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
     """Evaluate each front trial (a row with ``number`` and ``run_dir``) on the test sample, once; its test figures
     by trial number. A trial whose run directory is gone is left out, with a warning."""
-    from ..data import load_dataset
+    from ..data import dataset_of
     from ..evaluation.evaluate import evaluate_run
 
     out: dict[int, dict[str, Any]] = {}
@@ -119,7 +119,7 @@ def evaluate_front(study_dir: Path, study_cfg: DictConfig, front: list[dict[str,
              study_cfg.attack.num_samples)
     import torch
 
-    data = load_dataset(study_cfg.data.name, study_cfg.data.root)
+    data = dataset_of(study_cfg)
     before = torch.get_num_threads()
     torch.set_num_threads(max(1, int(study_cfg.tune.cpus_per_trial)))  # as a trial ran its own evaluation
     try:

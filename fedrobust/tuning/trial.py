@@ -132,7 +132,7 @@ def _execute(cfg_yaml: str, values: dict[str, Any], run_dir: str, threads: int,
     ``artefacts`` (``{"names": [...], "ref": [object ref]}``) are the tuner's cache files (zoo,
     transfer examples); the ones this node's cache lacks are written there before evaluating.
     """
-    from ..data import load_dataset
+    from ..data import dataset_of
     from ..evaluation.cache import cache_root
     from ..evaluation.evaluate import evaluate_run
     from ..run import finalize_run, prepare_run_dir
@@ -151,7 +151,7 @@ def _execute(cfg_yaml: str, values: dict[str, Any], run_dir: str, threads: int,
         if written:
             log.info("received %d cache file(s) from the tuner (surrogate zoo, transfer examples) into %s",
                      len(written), root)
-    data = load_dataset(cfg.data.name, cfg.data.root)
+    data = dataset_of(cfg)
     if cfg.engine.name == "inline":
         from ..engines import run_inline
 
