@@ -310,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     sn.add_argument("--key", help="this SuperNode's private key (registered with flwr supernode register)")
     sn.add_argument("--partition-id", type=int, required=True)
     sn.add_argument("--num-partitions", type=int, required=True)
-    sn.add_argument("--data-root", help="folder holding the data set (CIFAR archives)")
+    sn.add_argument("--data-root", help="folder holding the data set (CIFAR archives, or the IDX files of MNIST and Fashion-MNIST)")
     sn.add_argument("--port", type=int, default=9094, help="this SuperNode's local runtime API port")
     sn.add_argument("--insecure", action="store_true")
     args = parser.parse_args(argv)
