@@ -25,11 +25,12 @@ Hydra overrides, e.g.:
   fedrobust train data=digits model=cnn deployment=distributed_dirichlet deployment.num_nodes=5
   fedrobust train engine=inline optimizer.lr=0.01 train.epochs=50 train.seed=3 run_dir=runs/lr001
 
-groups:   data={digits,cifar10,cifar100}  model={cnn,resnet18,resnet34,mobilenetv2,vgg16,resnet8,vgg7,mlp}
+groups:   data={digits,fashion_mnist,mnist,cifar10,cifar100}
+          model={cnn,resnet18,resnet34,mobilenetv2,vgg16,resnet8,vgg7,mlp,lenet,convnet}
           deployment={centralized,deep_ensemble,distributed_iid,distributed_dirichlet}
           strategy={plain,curvature,dispersion,edlcm,adversarial}  engine={simulation,inline}
 keys:     optimizer.{lr,momentum,weight_decay}  train.{epochs,rounds,batch_size,patience,seed,device,precision,progress}
-          deployment.{num_nodes,alpha,partition_seed}  data.{root,augment,crop_padding,val_fraction}
+          deployment.{num_nodes,alpha,partition_seed}  data.{root,train_subset,augment,crop_padding,val_fraction}
           engine.{num_cpus,num_gpus,timeout,on_missing,min_members,ray_address}  evaluate=true  attack.*  run_dir=PATH
 """
 

@@ -34,7 +34,8 @@ each metric with log(lr) over all cells, and the measured run time) and two
 figures; ``--docs DIR`` copies the figures there.
 
 Usage: python simulations/fashion_mnist.py [--out sweeps/fashion_mnist] [--seeds 0 1]
-       [--lr 0.005 0.015 0.05 0.15 0.4] [--edlcm-seeds 0 1] [--parts rq12 edlcm] [--batch-size 64 128 512]
+       [--lr 0.005 0.015 0.05 0.15 0.4] [--edlcm-seeds 0 1] [--edlcm-variant=LABEL:KEY=V,...]
+       [--parts rq12 edlcm] [--batch-size 64 128 512]
        [--docs docs] [overrides...]
 """
 
@@ -134,28 +135,30 @@ def rq12_section(out: Path, rows: list[dict], param: str, key: str) -> list[str]
     return lines + [""]
 
 
-def edlcm_section(out: Path, sweep: Path, rows: list[dict]) -> list[str]:
+def edlcm_section(out: Path, sweep: Path, rows: list[dict], labels: list[str]) -> list[str]:
     table: dict[str, dict[str, list[float]]] = {}
     for r in rows:
         if r["status"] != "done":
             continue
-        res = _results(sweep / "cells" / r["cell"])
-        ens = res["ensemble"]
+        ens = _results(sweep / "cells" / r["cell"])["ensemble"]
         vals = table.setdefault(r["value"], {k: [] for k in ("ca", "ra_t", "ra_q", "tsr")})
         vals["ca"].append(ens["clean_accuracy"])
         vals["ra_t"].append(ens["robust_accuracy"]["transfer"])
         vals["ra_q"].append(ens["robust_accuracy"]["query"])
         vals["tsr"].append(ens["tsr"]["value"])
-    lines = ["| strategy | clean accuracy | RA_T | RA_Q | member TSR (PGD-10, of 200) |", "|---|---|---|---|---|"]
-    for strategy in ("plain", "edlcm"):
-        v = table.get(strategy)
+    lines = ["| strategy | clean accuracy | RA_T | RA_Q | member TSR (PGD-10, of 200) | clean accuracy − plain's |",
+             "|---|---|---|---|---|---|"]
+    plain = statistics.fmean(table["plain"]["ca"]) if "plain" in table else None
+    for label in labels:
+        v = table.get(label)
         if v:
-            lines.append(f"| {strategy} | " + " | ".join(_fmt(v[k]) for k in ("ca", "ra_t", "ra_q", "tsr")) + " |")
-    if "plain" in table and "edlcm" in table:
-        gap = statistics.fmean(table["edlcm"]["ca"]) - statistics.fmean(table["plain"]["ca"])
-        lines += ["", f"Clean-accuracy gap, EDLCM − plain: {100 * gap:+.2f} points "
-                      f"({'within' if abs(gap) <= 0.01 else 'outside'} the ±1 point the comparison asks for)."]
-        _plot_edlcm(out / "edlcm.png", table)
+            gap = "–" if plain is None or label == "plain" else f"{100 * (statistics.fmean(v['ca']) - plain):+.2f} points"
+            lines.append(f"| {label} | " + " | ".join(_fmt(v[k]) for k in ("ca", "ra_t", "ra_q", "tsr")) + f" | {gap} |")
+    if plain is not None and len(table) > 1:
+        matched = [label for label in labels if label != "plain" and label in table
+                   and abs(statistics.fmean(table[label]["ca"]) - plain) <= 0.01]
+        lines += ["", "Within ±1 point of plain's clean accuracy: " + (", ".join(matched) or "none") + "."]
+        _plot_edlcm(out / "edlcm.png", {k: table[k] for k in labels if k in table})
         lines = ["![edlcm](edlcm.png)", ""] + lines
     return lines + [""]
 
@@ -168,13 +171,13 @@ def _plot_edlcm(path: Path, table: dict[str, dict[str, list[float]]]) -> None:
 
     keys = (("ca", "clean acc."), ("ra_t", "RA_T"), ("ra_q", "RA_Q"), ("tsr", "TSR / 200"))
     fig, ax = plt.subplots(figsize=(6.5, 3.4))
-    for i, strategy in enumerate(("plain", "edlcm")):
-        v = table[strategy]
+    width = 0.8 / len(table)
+    for i, (strategy, v) in enumerate(table.items()):
         scale = {"tsr": 1 / 200}
         means = [_stats(v[k])[0] * scale.get(k, 1) for k, _ in keys]
         stds = [_stats(v[k])[1] * scale.get(k, 1) for k, _ in keys]
-        ax.bar([j + 0.38 * i for j in range(len(keys))], means, 0.38, yerr=stds, capsize=3, label=strategy)
-    ax.set_xticks([j + 0.19 for j in range(len(keys))], [label for _, label in keys])
+        ax.bar([j + width * i for j in range(len(keys))], means, width, yerr=stds, capsize=3, label=strategy)
+    ax.set_xticks([j + width * (len(table) - 1) / 2 for j in range(len(keys))], [label for _, label in keys])
     ax.set_ylim(0, 1)
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
@@ -191,6 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, nargs="+", default=[0.005, 0.015, 0.05, 0.15, 0.4])
     p.add_argument("--batch-size", type=int, nargs="*", default=[], help="also sweep the batch size (empty: not)")
     p.add_argument("--edlcm-seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--edlcm-variant", action="append", default=[], metavar="LABEL:KEY=V[,KEY=V...]",
+                   help="another EDLCM setting to train beside the default, written with = (it holds overrides), e.g. --edlcm-variant=light:strategy.alpha=0.25,strategy.beta=0.0025")
     p.add_argument("--parts", nargs="+", default=["rq12", "edlcm"], choices=["rq12", "edlcm"])
     p.add_argument("--max-concurrent", type=int, default=2)
     p.add_argument("--docs", default=None, help="copy the figures into this folder as fashion_mnist_*.png")
@@ -222,16 +227,21 @@ def main(argv: list[str] | None = None) -> int:
             sections += rq12_section(out, rows, param, grids[param][0])
 
     if "edlcm" in args.parts:
-        cells = [Cell(f"{strategy}-seed{seed}",
+        variants = {"plain": ["strategy=plain"], "edlcm": ["strategy=edlcm"]}
+        for spec in args.edlcm_variant:
+            label, _, keys = spec.partition(":")
+            variants[f"edlcm-{label}"] = ["strategy=edlcm", *keys.split(",")]
+        cells = [Cell(f"{label}-seed{seed}",
                       ["deployment=distributed_dirichlet", "deployment.num_nodes=3", f"train.seed={seed}",
-                       f"strategy={strategy}", *SWEEP_DEFAULTS, *protocol, "attack.tsr=true"], "strategy", strategy)
-                 for seed in args.edlcm_seeds for strategy in ("plain", "edlcm")]
+                       *extra, *SWEEP_DEFAULTS, *protocol, "attack.tsr=true"], "strategy", label)
+                 for seed in args.edlcm_seeds for label, extra in variants.items()]
         t0 = time.perf_counter()
         rows = run_sweep("fashion_mnist_edlcm", cells, out / "edlcm", max_concurrent=args.max_concurrent,
                          progress=progress)
         times["edlcm"] = time.perf_counter() - t0
         sections += [f"## EDLCM against plain (seeds {', '.join(map(str, args.edlcm_seeds))}; mean ± std)", ""]
-        sections += edlcm_section(out, out / "edlcm", rows)
+        sections += [f"- {label}: {' '.join(extra)}" for label, extra in variants.items()] + [""]
+        sections += edlcm_section(out, out / "edlcm", rows, list(variants))
 
     sections += ["## Run time (this invocation; cells already done are not rerun)", ""]
     sections += [f"- {part}: {seconds / 60:.1f} min" for part, seconds in times.items()] + [""]
