@@ -68,9 +68,10 @@ def test_fashion_mnist_trains_and_evaluates_at_its_own_budget(tmp_path):
     for key in ("transfer_cwa", "query_square_linf", "whitebox_fgsm", "whitebox_pgd"):
         assert attacks[key]["eps"] == pytest.approx(0.1), key
         assert 0.0 <= attacks[key]["robust_accuracy"] <= ens["clean_accuracy_sample"] + 1e-6, key
-    # at eps 0.1 white-box PGD breaks an undefended LeNet almost everywhere, and does at least as well as FGSM
+    # at eps 0.1 white-box PGD breaks most of an undefended LeNet's images (0.24 of 0.80 left when measured),
+    # and at least as many as FGSM
     assert attacks["whitebox_pgd"]["robust_accuracy"] <= attacks["whitebox_fgsm"]["robust_accuracy"] + 1e-6
-    assert attacks["whitebox_pgd"]["robust_accuracy"] < 0.3
+    assert attacks["whitebox_pgd"]["robust_accuracy"] < 0.5 * ens["clean_accuracy_sample"]
     assert results["evaluation"]["eps"] == pytest.approx(0.1)
     assert results["evaluation"]["surrogate_clean_accuracy"] > 0.7  # the zoo learnt the task too
     assert ens["robust_accuracy"]["transfer"] < ens["clean_accuracy_sample"]  # the transfer attack does something
