@@ -153,14 +153,15 @@ def _idx_files(folder: Path) -> list[Path | None]:
     return out
 
 
-def _find_idx_folder(name: str, root: str | None) -> tuple[Path, list[Path]]:
+def _find_idx_files(name: str, root: str | None) -> list[Path]:
+    """The four IDX files of ``name``: in ``root``, or in the first standard location that holds them."""
     source = IDX_DATASETS[name]
     expected = ", ".join(f"{stem}[.gz]" for stem in _IDX_FILES)
     folders = [Path(root).expanduser()] if root is not None else [Path(p) for p in source.locations]
     for folder in folders:
         files = _idx_files(folder)
         if all(files):
-            return folder, files  # type: ignore[return-value]
+            return files  # type: ignore[return-value]
         if root is not None or any(files):  # a named folder, or a standard one half there: say what it lacks
             missing = [stem for stem, f in zip(_IDX_FILES, files) if f is None]
             where = f"{folder} is not a folder" if not folder.is_dir() else f"{folder} lacks {', '.join(missing)}"
@@ -173,7 +174,7 @@ def _find_idx_folder(name: str, root: str | None) -> tuple[Path, list[Path]]:
 def _load_idx(name: str, root: str | None) -> ImageDataset:
     from .idx import read_idx_pair
 
-    folder, (xtr, ytr, xte, yte) = _find_idx_folder(name, root)
+    xtr, ytr, xte, yte = _find_idx_files(name, root)
     x_train, y_train = read_idx_pair(xtr, ytr)
     x_test, y_test = read_idx_pair(xte, yte)
     x_train_t = torch.from_numpy(x_train)
