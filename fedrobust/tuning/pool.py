@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import time
 import warnings
 from collections.abc import Callable
@@ -140,12 +141,54 @@ class TrialPool:
             del self.running[gen]
         return out
 
-    def close(self) -> None:
+    def close(self, grace_s: float = 8.0) -> list[Any]:
+        """Cancel the running tasks, end Ray, and return the keys of the tasks that were cancelled.
+
+        Each task is first asked to stop (``KeyboardInterrupt`` in its worker), so that it kills its
+        child's process group and removes its scratch folder itself (:func:`.trial.trial_task`); after
+        ``grace_s`` what still runs is force-cancelled (its worker killed), and the tuner removes what a
+        task on this machine left: its child's process group and its scratch folder.
+        """
+        cancelled = [state.key for state in self.running.values()]
         for gen in list(self.running):
             try:
-                self._ray.cancel(gen, force=True)
+                self._ray.cancel(gen, force=False)
             except Exception:  # already gone with its node
                 pass
+        deadline = time.monotonic() + grace_s
+        while self.running and time.monotonic() < deadline:
+            ready, _ = self._ray.wait(list(self.running), num_returns=len(self.running),
+                                      timeout=max(0.0, deadline - time.monotonic()), fetch_local=False)
+            for gen in ready:
+                if self._drained(gen):
+                    self._local_cleanup(self.running.pop(gen).where)
+        for gen, state in list(self.running.items()):
+            try:
+                self._ray.cancel(gen, force=True)
+            except Exception:
+                pass
+            self._local_cleanup(state.where)
         self.running.clear()
         if self._owned:
             self._ray.shutdown()
+        return cancelled
+
+    def _drained(self, gen: Any) -> bool:
+        """Read a cancelled task's next item: True once it has ended (its stream is closed or failed)."""
+        try:
+            item = self._ray.get(next(gen))
+            if isinstance(item, dict) and item.get("event") == "start":
+                self.running[gen].where = {k: v for k, v in item.items() if k != "event"}
+            return False
+        except StopIteration:
+            return True
+        except Exception:  # TaskCancelledError, or the task's own error on its way out
+            return True
+
+    @staticmethod
+    def _local_cleanup(where: dict[str, Any]) -> None:
+        """What a task killed on this machine may have left: its child's process group, its scratch folder."""
+        from .child import cleanup_work_dir
+
+        if where.get("host") == socket.gethostname() and where.get("work_dir"):
+            cleanup_work_dir(Path(where["work_dir"]))

@@ -1,21 +1,35 @@
-"""Child process of a tuning trial: ``python -m fedrobust.tuning.simulate CONFIG_JSON RUN_DIR CPUS``."""
+"""Child process of a tuning trial: ``python -m fedrobust.tuning.simulate CONFIG_JSON RUN_DIR CPUS``.
+
+It runs in a session of its own (:mod:`.child`) and dies with the worker
+that started it. SIGTERM or SIGINT end it with ``128 + signum`` after its
+Ray instance is shut down; the trial's worker then reports the trial as
+failed or cancelled.
+"""
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
 
-from ..config import config_from_json
-from ..engines import run_simulation
-from ..run import setup_logging
+from .child import die_with_parent
 
 
 def main(argv: list[str]) -> int:
-    spec, run_dir, cpus = argv
-    cfg = config_from_json(Path(spec).read_text())
-    setup_logging(Path(run_dir))
-    run_simulation(cfg, Path(run_dir), num_cpus=int(cpus))
-    return 0
+    die_with_parent()
+    from ..interrupt import guarded
+
+    def run() -> int:
+        from ..config import config_from_json
+        from ..engines import run_simulation
+        from ..run import setup_logging
+
+        spec, run_dir, cpus = argv
+        cfg = config_from_json(Path(spec).read_text())
+        setup_logging(Path(run_dir))
+        run_simulation(cfg, Path(run_dir), num_cpus=int(cpus))
+        return 0
+
+    return guarded(run, "the trial is abandoned", prog="fedrobust trial")
 
 
 if __name__ == "__main__":

@@ -109,11 +109,6 @@ def _base_cfg_for_trials(cfg: DictConfig) -> DictConfig:
     return base
 
 
-def is_divergence(error: BaseException) -> bool:
-    """Whether a trial failed because its training diverged (a non-finite loss), as the run's one line says."""
-    return "diverged" in str(error).lower()
-
-
 def pin_cache_dir(cfg: DictConfig) -> None:
     """An explicit ``attack.cache_dir`` made absolute, the same path on every node; "" stays each node's own."""
     if cfg.attack.cache_dir:
@@ -352,107 +347,118 @@ def _count(study: optuna.Study, state: optuna.trial.TrialState) -> int:
     return len(study.get_trials(deepcopy=False, states=(state,)))
 
 
+class _StudyTrials:
+    """The study as the runner's source (:class:`.runner.TrialSource`): Optuna's ask and tell.
+
+    It asks up to one window ahead, then launches the costliest asked trial into each free slot
+    (longest first shortens the tail where few trials are left; NSGA-II assigns generations from
+    completed trials only, so asking a little ahead does not change its populations).
+    """
+
+    def __init__(self, cfg, base, study, space, study_dir, trials_dir, baseline, min_acc, bar) -> None:
+        self.cfg, self.base, self.study, self.space = cfg, base, study, space
+        self.study_dir, self.trials_dir, self.baseline, self.min_acc, self.bar = (
+            study_dir, trials_dir, baseline, min_acc, bar)
+        self.cfg_yaml = OmegaConf.to_yaml(base)
+        self.complete = _count(study, optuna.trial.TrialState.COMPLETE)
+        self.pending: list[tuple[optuna.Trial, dict[str, Any]]] = []  # asked, not launched yet
+        self.handles: dict[int, tuple[optuna.Trial, dict[str, Any]]] = {}
+        self.params: dict[int, dict[str, Any]] = {}  # a failed trial's parameters, until it is queued again
+        self.diverged = 0
+        self.runner = None  # set by run_study, for the progress bar's counts
+
+    def finished(self) -> bool:
+        return self.complete >= self.cfg.tune.n_trials
+
+    def next(self, running: int):
+        from .runner import Launch
+
+        t = self.cfg.tune
+        while len(self.pending) + running < 2 * t.max_concurrent and self.complete + running + len(self.pending) < t.n_trials:
+            trial = self.study.ask()
+            values = self.space.suggest(trial)
+            trial.set_user_attr("run_dir", str(self.trials_dir / f"trial_{trial.number:04d}"))
+            self.pending.append((trial, values))
+        if not self.pending:
+            return None
+        trial, values = max(self.pending, key=lambda p: _cost(self.base, p[1]))
+        self.pending.remove((trial, values))
+        self.handles[trial.number] = (trial, values)
+        name = f"trial_{trial.number:04d}"
+        log.info("trial %d queued: %s", trial.number,
+                 ", ".join(f"{SHORT_NAMES.get(k, k)}={outputs._value(v)}" for k, v in values.items()))
+        return Launch(trial.number, name, self.trials_dir / name, values, self.cfg_yaml, f"trial {trial.number}")
+
+    def started(self, launch, where: dict[str, Any]) -> None:
+        from .pool import short_node
+
+        node = short_node(where)
+        self.handles[launch.key][0].set_user_attr("node", node)
+        log.info("trial %d running on %s (%s)", launch.key, node, where.get("host", ""))
+
+    def completed(self, launch, scores: dict[str, Any], where: dict[str, Any]) -> None:
+        from .pool import short_node
+
+        trial, values = self.handles.pop(launch.key)
+        t = self.cfg.tune
+        _tell_complete(self.study, trial, scores, self.min_acc, t.objectives)
+        self.complete += 1
+        feasible = scores["val_accuracy"] >= self.min_acc
+        _hparams(self.study_dir, launch.key, values, scores, feasible)
+        rows = write_outputs(self.study_dir, self.cfg, self.study, self.space, self.baseline, final=False)
+        log.info("trial %d done on %s (validation images): CA %.4f%s, RA_T %.4f, RA_Q %.4f | front: %s", launch.key,
+                 short_node(where), scores["ca"], "" if feasible else " (infeasible)", scores["ra_t"],
+                 scores["ra_q"], _front_text(rows, t.objectives))
+        c = self.runner.counts if self.runner is not None else {}
+        self.bar.set_postfix_str(f"running {self.runner.running if self.runner else 0}, queued {len(self.pending)}, "
+                                 f"failed {c.get('error', 0)}, diverged {c.get('diverged', 0)}, lost {c.get('lost', 0)}, "
+                                 f"front {len(outputs.front_rows(rows, t.objectives))}", refresh=False)
+        self.bar.update(1)
+
+    def failed(self, launch, reason: str, kind: str, where: dict[str, Any]) -> None:
+        trial, _ = self.handles.pop(launch.key)
+        self.params[launch.key] = trial.params
+        trial.set_user_attr("error", reason)
+        trial.set_user_attr("failure", kind)  # lost, diverged or error
+        self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        if kind == "diverged":
+            self.diverged += 1
+            if self.diverged > self.cfg.tune.n_trials:
+                raise RuntimeError(f"{self.diverged} trials diverged, more than tune.n_trials={self.cfg.tune.n_trials}: "
+                                   "narrow the search space (e.g. a lower optimizer.lr high)")
+
+    def retry(self, launch) -> None:
+        """A lost trial's parameters, queued again: the next ask runs them."""
+        self.study.enqueue_trial(self.params.pop(launch.key), user_attrs={"requeued_from": launch.key},
+                                 skip_if_exists=False)
+
+
 def _loop(cfg, base, study, space, study_dir, trials_dir, baseline, min_acc) -> list[dict[str, Any]]:
-    from .pool import EventLog, TrialPool, short_node
+    from .pool import EventLog, TrialPool
+    from .runner import TrialRunner
 
     t = cfg.tune
-    cfg_yaml = OmegaConf.to_yaml(base)
-    events = EventLog(study_dir / "executions.jsonl")
     complete = _count(study, optuna.trial.TrialState.COMPLETE)
-    failed = lost = diverged = 0
     bar = progress_bar(total=t.n_trials, initial=min(complete, t.n_trials), desc="trials", enabled=cfg.train.progress)
-    handles: dict[int, tuple[optuna.Trial, dict[str, Any]]] = {}
-    pool = None
-
-    def started(number: int, where: dict[str, Any]) -> None:
-        node = short_node(where)
-        handles[number][0].set_user_attr("node", node)
-        events.write("start", number, node=node, **where)
-        log.info("trial %d running on %s (%s)", number, node, where.get("host", ""))
-
+    source = _StudyTrials(cfg, base, study, space, study_dir, trials_dir, baseline, min_acc, bar)
     try:
-        if complete < t.n_trials:
+        if not source.finished():
             pool = TrialPool(trial_task, address=cfg.ray.address, cpus=t.cpus_per_trial, gpus=t.gpus_per_trial,
-                             max_concurrent=t.max_concurrent, on_start=started)
-            artefacts = share_artefacts(pool, base)
-        pending: list[tuple[optuna.Trial, dict[str, Any]]] = []  # asked, not launched yet
-        while complete < t.n_trials:
-            # Ask up to one window ahead, then launch the costliest asked trial into each free slot
-            # (longest first shortens the tail where few trials are left; NSGA-II assigns generations
-            # from completed trials only, so asking a little ahead does not change its populations).
-            while (len(pending) + len(pool.running) < 2 * t.max_concurrent
-                   and complete + len(pool.running) + len(pending) < t.n_trials):
-                trial = study.ask()
-                values = space.suggest(trial)
-                trial.set_user_attr("run_dir", str(trials_dir / f"trial_{trial.number:04d}"))
-                pending.append((trial, values))
-            while pool.free > 0 and pending:
-                trial, values = max(pending, key=lambda p: _cost(base, p[1]))
-                pending.remove((trial, values))
-                handles[trial.number] = (trial, values)
-                name = f"trial_{trial.number:04d}"
-                pool.submit(trial.number, trials_dir / name, cfg_yaml, values, name, max(1, int(t.cpus_per_trial)),
-                            artefacts)
-                log.info("trial %d queued: %s", trial.number,
-                         ", ".join(f"{SHORT_NAMES.get(k, k)}={outputs._value(v)}" for k, v in values.items()))
-            for done in pool.wait(timeout=None):
-                number = done.key
-                trial, values = handles.pop(number)
-                if done.error is not None:
-                    reason = " ".join(str(done.error).split())[:500]
-                    trial.set_user_attr("error", reason)
-                    if done.lost:  # its machine or worker died: the same parameters run again elsewhere
-                        lost += 1
-                        trial.set_user_attr("failure", "lost")
-                        study.tell(trial, state=optuna.trial.TrialState.FAIL)
-                        study.enqueue_trial(trial.params, user_attrs={"requeued_from": number}, skip_if_exists=False)
-                        events.write("lost", number, node=short_node(done.where), error=reason[:300])
-                        log.warning("trial %d lost with its worker on %s (%s); re-queued with the same parameters",
-                                    number, short_node(done.where) or "an unknown node", reason[:200])
-                        if lost > t.max_failures:
-                            raise RuntimeError(f"{lost} trials lost with their workers (tune.max_failures="
-                                               f"{t.max_failures}); is the cluster healthy?")
-                        continue
-                    if is_divergence(done.error):  # an outcome of its hyperparameters: failed, not re-queued
-                        diverged += 1
-                        trial.set_user_attr("failure", "diverged")
-                        study.tell(trial, state=optuna.trial.TrialState.FAIL)
-                        events.write("fail", number, node=short_node(done.where), error=reason[:300], diverged=True)
-                        log.warning("trial %d diverged (failed, not re-queued, not counted in tune.max_failures): %s",
-                                    number, reason[:300])
-                        if diverged > t.n_trials:
-                            raise RuntimeError(f"{diverged} trials diverged, more than tune.n_trials={t.n_trials}: "
-                                               "narrow the search space (e.g. a lower optimizer.lr high)")
-                        continue
-                    failed += 1
-                    trial.set_user_attr("failure", "error")
-                    study.tell(trial, state=optuna.trial.TrialState.FAIL)
-                    events.write("fail", number, node=short_node(done.where), error=reason[:300])
-                    log.warning("trial %d failed: %s", number, reason[:300])
-                    if failed > t.max_failures:
-                        raise RuntimeError(f"{failed} trials failed (tune.max_failures={t.max_failures}); "
-                                           f"see {trials_dir}/trial_*/train.log")
-                    continue
-                scores = done.scores
-                events.write("end", number, node=short_node(done.where))
-                _tell_complete(study, trial, scores, min_acc, t.objectives)
-                complete += 1
-                feasible = scores["val_accuracy"] >= min_acc
-                _hparams(study_dir, number, values, scores, feasible)
-                rows = write_outputs(study_dir, cfg, study, space, baseline, final=False)
-                log.info("trial %d done on %s (validation images): CA %.4f%s, RA_T %.4f, RA_Q %.4f | front: %s", number,
-                         short_node(done.where), scores["ca"], "" if feasible else " (infeasible)", scores["ra_t"],
-                         scores["ra_q"], _front_text(rows, t.objectives))
-                bar.set_postfix_str(f"running {len(pool.running)}, queued {len(pending)}, failed {failed}, "
-                                    f"diverged {diverged}, lost {lost}, "
-                                    f"front {len(outputs.front_rows(rows, t.objectives))}", refresh=False)
-                bar.update(1)
+                             max_concurrent=t.max_concurrent)
+            try:
+                artefacts = share_artefacts(pool, base)
+            except BaseException:
+                pool.close()
+                raise
+            runner = TrialRunner(pool, source, EventLog(study_dir / "executions.jsonl"), max_failures=t.max_failures,
+                                 failures_key="tune.max_failures", threads=max(1, int(t.cpus_per_trial)),
+                                 artefacts=artefacts)
+            source.runner = runner
+            runner.run()
     finally:
         bar.close()
-        if pool is not None:
-            pool.close()
     rows = write_outputs(study_dir, cfg, study, space, baseline, final=True)
-    log.info("study done: %d completed trial(s); Pareto front: %s", complete, _front_text(rows, t.objectives))
+    log.info("study done: %d completed trial(s); Pareto front: %s", source.complete, _front_text(rows, t.objectives))
     log.info("outputs: %s", ", ".join(str(study_dir / n) for n in
                                        ("trials.csv", "pareto.json", "recommended.md", "pareto.png", "tensorboard")))
     return rows

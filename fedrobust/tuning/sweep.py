@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from ..config import load_config
 from ..atomic import atomic_open, write_json
 from ..progress import interactive
 from ..progress import progress as progress_bar
-from .pool import EventLog, TrialPool, short_node
+from .pool import EventLog, TrialPool
 from .study import pin_cache_dir, share_artefacts, study_lock
 from .trial import load_scores, trial_task
 
@@ -70,14 +71,66 @@ def _write(sweep_dir: Path, rows: list[dict[str, Any]]) -> None:
             w.writerow({c: "" if r.get(c) is None else r.get(c) for c in CELL_COLUMNS})
 
 
+class _Cells:
+    """A sweep as the runner's source (:class:`.runner.TrialSource`): its cells not done yet, in order."""
+
+    def __init__(self, name, cells, configs, todo, sweep_dir, scores, bar) -> None:
+        self.name, self.cells, self.configs, self.sweep_dir, self.scores, self.bar = (
+            name, cells, configs, sweep_dir, scores, bar)
+        self.queue = list(todo)
+        self.yaml = {i: OmegaConf.to_yaml(configs[i]) for i in todo}
+        self.runner = None
+
+    def finished(self) -> bool:
+        return not self.queue
+
+    def next(self, running: int):
+        from .runner import Launch
+
+        if not self.queue:
+            return None
+        i = self.queue.pop(0)
+        cell = self.cells[i]
+        return Launch(i, cell.name, self.sweep_dir / "cells" / cell.name, {}, self.yaml[i], f"cell {cell.name}")
+
+    def started(self, launch, where) -> None:
+        pass
+
+    def _written(self) -> None:
+        self.bar.update(1)
+        self.bar.set_postfix_str(f"running {self.runner.running if self.runner else 0}", refresh=interactive())
+        _write(self.sweep_dir, [_row(c, cfg, self.scores[c.name]) for c, cfg in zip(self.cells, self.configs)])
+
+    def completed(self, launch, scores, where) -> None:
+        self.scores[launch.name] = scores
+        log.info("cell %s: CA %.4f RA_T %.4f RA_Q %.4f", launch.name, scores["ca"], scores["ra_t"], scores["ra_q"])
+        self._written()
+
+    def failed(self, launch, reason, kind, where) -> None:
+        if kind != "lost":  # a lost cell runs again; a failed or diverged one stays missing in cells.csv
+            self._written()
+
+    def retry(self, launch) -> None:
+        self.queue.append(launch.key)
+
+
 def run_sweep(name: str, cells: list[Cell], sweep_dir: str | Path, *, max_concurrent: int = 2, cpus_per_cell: float = 1.0,
-              gpus_per_cell: float = 0.0, address: str | None = None, progress: bool = True) -> list[dict[str, Any]]:
-    """Run every cell not done yet; return one row per cell (in order)."""
+              gpus_per_cell: float = 0.0, address: str | None = None, progress: bool = True, max_failures: int = 3,
+              task: Callable = trial_task) -> list[dict[str, Any]]:
+    """Run every cell not done yet; return one row per cell (in order).
+
+    A cell that fails or is lost with its worker counts towards ``max_failures``; one more stops the
+    sweep with :class:`.runner.TooManyFailures`, naming the cell (a lost cell runs again until then,
+    a failed one is left missing). ``task`` is the Ray task a cell runs (default: train and evaluate it).
+    """
+    from .runner import TrialRunner
 
     sweep_dir = Path(sweep_dir).expanduser().resolve()
     names = [c.name for c in cells]
     if len(set(names)) != len(names):
         raise ValueError("cell names must be unique")
+    if max_failures < 0:
+        raise ValueError(f"max_failures must be >= 0, got {max_failures}")
     configs = [load_config(c.overrides) for c in cells]  # every cell's config is checked before anything runs
     with study_lock(sweep_dir):
         (sweep_dir / "cells").mkdir(exist_ok=True)
@@ -89,39 +142,23 @@ def run_sweep(name: str, cells: list[Cell], sweep_dir: str | Path, *, max_concur
             for cfg in configs:
                 pin_cache_dir(cfg)
                 cfg.evaluate = True
-            events = EventLog(sweep_dir / "executions.jsonl")
             bar = progress_bar(total=len(cells), initial=len(cells) - len(todo), desc=name, enabled=progress)
-            pool = TrialPool(trial_task, address=address, cpus=cpus_per_cell, gpus=gpus_per_cell,
-                             max_concurrent=max_concurrent,
-                             on_start=lambda i, where: events.write("start", cells[i].name, node=short_node(where)))
-            queue = list(todo)
+            source = _Cells(name, cells, configs, todo, sweep_dir, scores, bar)
             try:
-                artefacts = share_artefacts(pool, configs[todo[0]])
-                while queue or pool.running:
-                    while queue and pool.free > 0:
-                        i = queue.pop(0)
-                        pool.submit(i, sweep_dir / "cells" / cells[i].name, OmegaConf.to_yaml(configs[i]), {},
-                                    cells[i].name, max(1, int(cpus_per_cell)), artefacts)
-                    for done in pool.wait():
-                        i = done.key
-                        if done.error is not None:
-                            if done.lost:
-                                queue.append(i)  # its node died: run it again on another
-                                log.warning("cell %s lost with its worker on %s; queued again", cells[i].name,
-                                            short_node(done.where))
-                                continue
-                            log.warning("cell %s failed: %s", cells[i].name, " ".join(str(done.error).split())[:300])
-                        else:
-                            scores[cells[i].name] = done.scores
-                            events.write("end", cells[i].name, node=short_node(done.where))
-                            log.info("cell %s: CA %.4f RA_T %.4f RA_Q %.4f", cells[i].name, done.scores["ca"],
-                                     done.scores["ra_t"], done.scores["ra_q"])
-                        bar.update(1)
-                        bar.set_postfix_str(f"running {len(pool.running)}", refresh=interactive())
-                        _write(sweep_dir, [_row(c, cfg, scores[c.name]) for c, cfg in zip(cells, configs)])
+                pool = TrialPool(task, address=address, cpus=cpus_per_cell, gpus=gpus_per_cell,
+                                 max_concurrent=max_concurrent)
+                try:
+                    artefacts = share_artefacts(pool, configs[todo[0]])
+                except BaseException:
+                    pool.close()
+                    raise
+                runner = TrialRunner(pool, source, EventLog(sweep_dir / "executions.jsonl"), max_failures=max_failures,
+                                     failures_key="max_failures", threads=max(1, int(cpus_per_cell)),
+                                     artefacts=artefacts)
+                source.runner = runner
+                runner.run()
             finally:
                 bar.close()
-                pool.close()
         rows = [_row(c, cfg, scores[c.name]) for c, cfg in zip(cells, configs)]
         _write(sweep_dir, rows)
     missing = sum(r["status"] != "done" for r in rows)

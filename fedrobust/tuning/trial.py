@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import time
 import uuid
 from collections.abc import Iterator
@@ -86,22 +85,26 @@ def _simulate_in_child(cfg, run_path: Path, threads: int) -> None:
 
     Inside a Ray task the simulation would ask the tuner's cluster for its
     clients' CPUs, which the running trials hold; a private instance sized to
-    this trial's CPUs avoids that deadlock.
+    this trial's CPUs avoids that deadlock. The child runs in a session of its
+    own (:mod:`.child`): a cancelled or failed trial stops it and its Ray with
+    one ``killpg``, and its pid is kept in the trial's scratch folder meanwhile.
     """
-    import subprocess
     import sys
 
     from ..config import config_to_json
+    from .child import PID_FILE, run_in_session
 
     cfg = OmegaConf.merge(cfg, {"engine": {"ray_address": None}})  # never the tuner's cluster (see above)
     spec = run_path / "trial_config.json"
     write_text(spec, config_to_json(cfg))
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
     cmd = [sys.executable, "-m", "fedrobust.tuning.simulate", str(spec), str(run_path), str(max(1, int(threads)))]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    if done.returncode != 0:
-        tail = " ".join((done.stderr or done.stdout).strip().splitlines()[-3:])
-        raise RuntimeError(f"simulation engine failed (exit {done.returncode}): {tail}")
+    log_path = run_path.parent / "child.log"  # beside the run directory: scratch, not sent back
+    code = run_in_session(cmd, env=env, log_path=log_path, pid_path=run_path.parent / PID_FILE)
+    if code != 0:
+        lines = log_path.read_text(errors="replace").strip().splitlines()
+        tail = " ".join(lines[-3:])
+        raise RuntimeError(f"simulation engine failed (exit {code}): {tail}")
 
 
 def execute(cfg_yaml: str, values: dict[str, Any], run_dir: str, threads: int = 1,
@@ -184,6 +187,7 @@ def trial_task(cfg_yaml: str, values: dict[str, Any], name: str, threads: int = 
     space, removed afterwards; the tuner writes what it receives.
     """
     from ..node import host_identity
+    from .child import cleanup_work_dir
     from .remote import scratch_root, send_dir
 
     work = scratch_root() / f"{name}-{uuid.uuid4().hex[:8]}"
@@ -193,5 +197,5 @@ def trial_task(cfg_yaml: str, values: dict[str, Any], name: str, threads: int = 
         scores = execute(cfg_yaml, values, str(work / name), threads, artefacts)
         yield {"event": "result", "scores": scores}
         yield from send_dir(work / name)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    finally:  # also on a cancel (KeyboardInterrupt) or an error: the child's group is stopped before
+        cleanup_work_dir(work)
