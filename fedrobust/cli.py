@@ -174,14 +174,23 @@ Hydra overrides plus study_dir=PATH, e.g.:
   fedrobust tune study_dir=studies/dirichlet tune.n_trials=12 tune.population_size=4 tune.max_concurrent=2
   fedrobust tune study_dir=studies/edlcm strategy=edlcm '+tune.space.strategy.alpha={type:float,low:0.1,high:10,log:true}'
   fedrobust tune study_dir=studies/cluster ray.address=auto tune.cpus_per_trial=4 tune.gpus_per_trial=1
-Running the same command again resumes the study.
+Running the same command again resumes the study. Trials train inline (engine=inline) unless the
+command names an engine, e.g. engine=simulation.
 keys: tune.{n_trials,population_size,max_concurrent,seed,objectives,max_accuracy_drop,baseline_accuracy,
       storage,study_name,cpus_per_trial,gpus_per_trial,max_failures,selection,space}  ray.address  study_dir
 """
 
 
+def _names_engine(override: str) -> bool:
+    return override.split("=", 1)[0].lstrip("+~") in ("engine", "engine.name")
+
+
 def _tune(overrides: list[str]) -> int:
     try:
+        # Trials train inline unless the command names an engine: the same members bit for bit as the
+        # simulation engine, without starting a private Ray instance per trial.
+        if not any(_names_engine(o) for o in overrides):
+            overrides = ["engine=inline", *overrides]
         cfg = load_config(overrides)  # before torch is imported
         if not cfg.study_dir:
             raise ConfigError("study_dir: required, e.g. fedrobust tune study_dir=studies/demo")
