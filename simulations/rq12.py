@@ -32,7 +32,7 @@ from fedrobust.interrupt import guarded
 from fedrobust.run import setup_logging
 from fedrobust.tuning.sweep import SWEEP_DEFAULTS, Cell, run_sweep, split_overrides
 
-GRIDS = {  # DESIGN.md's RQ1/RQ2 grids (the main paper's Table 1 ranges)
+GRIDS = {  # the RQ1/RQ2 grids: each hyperparameter's range in the main paper's Table 1
     "lr": ("optimizer.lr", [1e-4, 2e-4, 4e-4, 8e-4, 1e-3, 2e-3, 4e-3, 8e-3, 0.01, 0.02, 0.04, 0.08, 0.1, 0.2, 0.4]),
     "weight_decay": ("optimizer.weight_decay", [float(f"{v:.2g}") for v in np.geomspace(1e-6, 1e-2, 18)]),
     "momentum": ("optimizer.momentum", [0.8, 0.85, 0.89, 0.9, 0.95, 0.99]),
