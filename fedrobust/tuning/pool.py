@@ -27,6 +27,8 @@ __all__ = ["TrialPool", "Finished", "EventLog", "short_node"]
 
 log = logging.getLogger("fedrobust")
 
+WAIT_SLICE_S = 0.25  # longest time the tuner spends in Ray's wait before its signal handlers can run
+
 
 def short_node(where: dict[str, Any]) -> str:
     """``IP/short node id`` (or the host name outside Ray), as ``trials.csv`` shows it."""
@@ -115,7 +117,14 @@ class TrialPool:
         """Advance the tasks that have something to report; return the ones that ended."""
         if not self.running:
             return []
-        ready, _ = self._ray.wait(list(self.running), num_returns=1, timeout=timeout)
+        # In slices: a signal's handler runs only once Ray's wait returns to Python, so an unbounded
+        # wait would hold Ctrl-C or SIGTERM until a trial reports something (minutes, or hours).
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = WAIT_SLICE_S if deadline is None else min(WAIT_SLICE_S, max(0.0, deadline - time.monotonic()))
+            ready, _ = self._ray.wait(list(self.running), num_returns=1, timeout=left)
+            if ready or (deadline is not None and time.monotonic() >= deadline):
+                break
         out = []
         for gen in ready:
             state = self.running[gen]

@@ -159,6 +159,7 @@ def run_sweep(name: str, cells: list[Cell], sweep_dir: str | Path, *, max_concur
                 runner.run()
             finally:
                 bar.close()
+                _write(sweep_dir, [_row(c, cfg, scores[c.name]) for c, cfg in zip(cells, configs)])
         rows = [_row(c, cfg, scores[c.name]) for c, cfg in zip(cells, configs)]
         _write(sweep_dir, rows)
     missing = sum(r["status"] != "done" for r in rows)

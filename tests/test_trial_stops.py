@@ -1,0 +1,157 @@
+"""Stopping a study or a sweep leaves nothing behind: no trial child, no Ray, no scratch folder.
+
+The tuner runs as a real process with a marker in its environment. Every
+process it starts inherits that environment (Ray's GCS server, raylets and
+workers, a trial's simulation child and that child's own Ray), so "nothing
+it started is alive" is checked by scanning ``/proc/*/environ`` for the
+marker. The processes are this user's, so their environments are readable.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from fedrobust.tuning.outputs import read_trials_csv
+from shared_cache import cache_dir
+
+MARK = "FEDROBUST_TEST_MARK"
+EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143}
+
+# one trial on the simulation engine, trained long enough (30 epochs) to be stopped while it trains
+STUDY = ["engine=simulation", "tune.n_trials=1", "tune.population_size=2", "tune.max_concurrent=1",
+         "tune.baseline_accuracy=0.5", "train.epochs=30", "train.progress=false", "attack.num_samples=60",
+         "attack.surrogates=[cnn]", "attack.surrogate_epochs=3", "attack.transfer_attacks=[cwa]",
+         "attack.transfer_steps=3", "attack.query_attacks=[square_linf]", "attack.queries=20", "attack.whitebox=[]",
+         "attack.tsr=false", "attack.hessian_samples=0", "attack.per_member=false"]
+
+
+def marked(mark: str) -> list[str]:
+    """The live processes (pid and command) whose environment holds ``MARK=mark``."""
+    needle = f"{MARK}={mark}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if needle in (entry / "environ").read_bytes().split(b"\0"):
+                state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+                if state != "Z":  # a zombie has ended; only its exit status waits for its parent
+                    command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                    found.append(f"{entry.name} {command[:120]}")
+        except OSError:  # ended meanwhile, or not ours
+            continue
+    return found
+
+
+def kill_marked(mark: str) -> None:
+    for line in marked(mark):
+        try:
+            os.kill(int(line.split()[0]), signal.SIGKILL)
+        except OSError:
+            pass
+
+
+def env_for(tmp: Path, mark: str) -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")} | {
+        MARK: mark, "FEDROBUST_SCRATCH": str(tmp / "scratch"), "FEDROBUST_CACHE": str(cache_dir(tmp / "cache")),
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0"}
+
+
+def wait_until(check, proc: subprocess.Popen, log: Path, timeout: float, what: str) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if check():
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"the tuner ended before {what}: {log.read_text(errors='replace')[-2000:]}")
+        time.sleep(0.1)
+    raise AssertionError(f"{what} did not happen within {timeout}s: {log.read_text(errors='replace')[-2000:]}")
+
+
+def training_child(scratch: Path) -> bool:
+    """A trial's simulation child is alive and its nodes are training (the round has started)."""
+    for log in scratch.glob("trial_*/trial_*/train.log"):
+        if "round 1/" in log.read_text(errors="replace") and list(scratch.glob("trial_*/child.pid")):
+            return True
+    return False
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_to_the_tuner_stops_its_training_trial_and_leaves_nothing(tmp_path, sig):
+    mark = uuid.uuid4().hex
+    study, scratch, log = tmp_path / "study", tmp_path / "scratch", tmp_path / "tune.log"
+    cmd = [sys.executable, "-m", "fedrobust.cli", "tune", f"study_dir={study}", *STUDY]
+    env = env_for(tmp_path, mark)
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    try:
+        wait_until(lambda: training_child(scratch), proc, log, 240, "a trial's child started training")
+        time.sleep(1.0)
+        assert marked(mark), "no process carries the marker: the scan would prove nothing"
+        sent = time.monotonic()
+        proc.send_signal(sig)  # the tuner alone, as `kill -INT PID` does
+        try:
+            code = proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"the tuner was still running 15 s after {sig.name}: {log.read_text()[-2000:]}")
+        took = time.monotonic() - sent
+        text = log.read_text(errors="replace")
+        assert code == EXIT[sig], text[-2000:]
+        assert "Traceback" not in text, text[-3000:]
+        assert f"fedrobust: interrupted ({sig.name})" in text.splitlines()[-1], text[-1000:]
+        time.sleep(10)
+        assert marked(mark) == [], f"left running 10 s after the tuner exited ({took:.1f} s after {sig.name})"
+        assert list(scratch.iterdir()) == []
+        assert '"cancelled"' in (study / "executions.jsonl").read_text()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        kill_marked(mark)
+
+    done = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    try:
+        assert done.returncode == 0, done.stderr[-2000:]
+        rows = read_trials_csv(study / "trials.csv")
+        assert [r["state"] for r in rows if r["state"] == "COMPLETE"] == ["COMPLETE"]
+        assert all(r["state"] in ("COMPLETE", "FAIL") for r in rows)
+        assert marked(mark) == [] and list(scratch.iterdir()) == []
+    finally:
+        kill_marked(mark)
+
+
+@pytest.mark.slow
+def test_a_sweep_whose_cell_always_crashes_its_worker_ends_after_max_failures(tmp_path, monkeypatch):
+    import json
+
+    from fedrobust.tuning.runner import TooManyFailures
+    from fedrobust.tuning.sweep import SWEEP_DEFAULTS, Cell, run_sweep
+
+    monkeypatch.setenv("FEDROBUST_CACHE", str(cache_dir(tmp_path / "cache")))
+    monkeypatch.setenv("FEDROBUST_SCRATCH", str(tmp_path / "scratch"))
+
+    def crash(cfg_yaml, values, name, threads=1, artefacts=None):  # pickled by value: a closure of this test
+        yield {"event": "start", "host": "worker"}
+        os._exit(1)  # the worker dies under the task: Ray reports it lost, not failed
+
+    tiny = [*SWEEP_DEFAULTS, "train.epochs=1", "attack.surrogates=[cnn]", "attack.surrogate_epochs=3",
+            "attack.transfer_attacks=[cwa]", "attack.transfer_steps=3", "attack.query_attacks=[square_linf]",
+            "attack.queries=20", "attack.per_member=false", "train.progress=false"]
+    cells = [Cell("lr-0.1", [*tiny, "optimizer.lr=0.1"], "lr", 0.1)]
+    with pytest.raises(TooManyFailures) as err:
+        run_sweep("crash", cells, tmp_path / "sweep", max_concurrent=1, max_failures=2, progress=False, task=crash)
+    message = str(err.value)
+    assert "\n" not in message and "cell lr-0.1" in message and "(max_failures=2)" in message, message
+    assert message.startswith("3 trial(s) failed or were lost"), message
+    events = [json.loads(line) for line in (tmp_path / "sweep" / "executions.jsonl").read_text().splitlines()]
+    assert [e["event"] for e in events if e["event"] != "start"] == ["lost", "lost", "lost"]
+    assert read_trials_csv(tmp_path / "sweep" / "cells.csv")[0]["status"] == "missing"
