@@ -237,7 +237,7 @@ A real deployment (see the README's Deployment section):
   fedrobust deploy superlink --certs deploy/certs --bind 0.0.0.0
   CUDA_VISIBLE_DEVICES=0 fedrobust deploy supernode --superlink superlink.example.org:8000 \\
       --ca deploy/certs/ca.crt --key deploy/keys/node0 --partition-id 0 --num-partitions 3
-  flwr run . fedrobust --stream --run-config 'overrides="deployment.num_nodes=3" run-dir="/abs/runs/r1"'
+  fedrobust deploy run fedrobust deployment.num_nodes=3 run_dir=/abs/runs/r1   # exit 0 only if the run completed
 """
 
 
@@ -266,9 +266,38 @@ def _deploy(args: argparse.Namespace) -> int:
             os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
             sys.stdout.flush()
             os.execvp(argv[0], argv)
+        elif args.what == "run":
+            return _deploy_run(args)
     except ConfigError as exc:
         _error(exc)
         return 2
+    return 0
+
+
+def _deploy_run(args: argparse.Namespace) -> int:
+    """Submit with ``flwr run``, stream the log, exit with the run's final status (``flwr run`` exits 0 regardless)."""
+    from . import deploy
+
+    try:
+        cfg = load_config(args.overrides)  # a bad override is answered here, before anything is submitted
+        run_id = deploy.submit_run(args.connection, args.overrides, cfg.run_dir, args.app)
+    except deploy.RunFailed as exc:
+        _error(exc)
+        return 1
+    print(f"run {run_id} submitted to {args.connection}; its log follows (Ctrl-C stops following, not the run)",
+          flush=True)
+    go_on = f"`flwr log {run_id} {args.connection}` follows it, `flwr stop {run_id} {args.connection}` stops it"
+    try:
+        deploy.follow_run(args.connection, run_id)
+    except deploy.RunFailed as exc:
+        _error(exc)
+        return 1
+    except BaseException as exc:
+        intr = as_interrupt(exc)
+        if intr is None:
+            raise
+        return _interrupted(intr, f"run {run_id} goes on at the SuperLink: {go_on}")
+    print(f"run {run_id} finished:completed", flush=True)
     return 0
 
 
@@ -323,6 +352,10 @@ def main(argv: list[str] | None = None) -> int:
     sn.add_argument("--data-root", help="folder holding the data set (CIFAR archives, or the IDX files of MNIST and Fashion-MNIST)")
     sn.add_argument("--port", type=int, default=9094, help="this SuperNode's local runtime API port")
     sn.add_argument("--insecure", action="store_true")
+    rn = dsub.add_parser("run", help="submit a run with flwr run, stream its log, exit non-zero unless it completed")
+    rn.add_argument("connection", help="a SuperLink connection (from `fedrobust deploy connection`)")
+    rn.add_argument("overrides", nargs="*", help="Hydra overrides as for fedrobust train, run_dir=PATH included")
+    rn.add_argument("--app", default=".", help="the Flower app to submit: this repository (default: .)")
     args = parser.parse_args(argv)
     commands = {"deploy": lambda: _deploy(args), "tune": lambda: _tune(args.overrides),
                 "report": lambda: _report(args.path), "train": lambda: _train(args.overrides),

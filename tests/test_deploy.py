@@ -1,7 +1,8 @@
 """A real deployment on loopback: SuperLink and SuperNodes as separate processes, TLS, SuperNode authentication.
 
-Credentials come from ``fedrobust deploy``; the run is submitted with ``flwr run``. Every process is
-started in its own session and killed with its group when the test ends, whatever the outcome.
+Credentials come from ``fedrobust deploy``; the run is submitted with ``fedrobust deploy run``, which
+exits with the run's final status. Every process is started in its own session and killed with its
+group when the test ends, whatever the outcome. The launchers' flag checks run first, without one.
 """
 
 from __future__ import annotations
@@ -18,15 +19,79 @@ from pathlib import Path
 import pytest
 
 from fedrobust.cli import main as cli
+from fedrobust.deploy import make_certificates, make_supernode_keys
 from shared_cache import cache_dir
 
 # under pytest-xdist one worker runs this module, so one federation is built once
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("deploy")]
+pytestmark = pytest.mark.xdist_group("deploy")
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 
 
+# ------------------------------------------------------------ flags that go together --
+@pytest.fixture(scope="module")
+def credentials(tmp_path_factory):
+    d = tmp_path_factory.mktemp("credentials")
+    make_certificates(d / "certs")
+    make_supernode_keys(d / "keys", ["node0"])
+    return d
+
+
+_NODE = ["deploy", "supernode", "--superlink", "127.0.0.1:9", "--partition-id", "0", "--num-partitions", "3"]
+REFUSED = {  # argv (paths relative to the credentials folder) -> what the one line names
+    "ca without key": ([*_NODE, "--ca", "certs/ca.crt"], "--key: required with --ca"),
+    "key without ca": ([*_NODE, "--key", "keys/node0"], "--key: needs --ca"),
+    "key with insecure": ([*_NODE, "--key", "keys/node0", "--insecure"], "--key: needs --ca"),
+    "ca and key with insecure": ([*_NODE, "--ca", "certs/ca.crt", "--key", "keys/node0", "--insecure"],
+                                 "--ca and --insecure"),
+    "public key as key": ([*_NODE, "--ca", "certs/ca.crt", "--key", "keys/node0.pub"], "is a public key"),
+    "private key as ca": ([*_NODE, "--ca", "keys/node0", "--key", "keys/node0"], "--ca: keys/node0 is not a PEM"),
+    "neither": (_NODE, "--ca: required"),
+    "superlink certs with insecure": (["deploy", "superlink", "--certs", "certs", "--insecure"], "--certs and --insecure"),
+    "connection ca with insecure": (["deploy", "connection", "x", "--address", "127.0.0.1:9", "--ca", "certs/ca.crt",
+                                     "--insecure"], "--ca and --insecure"),
+    "run with a bad override": (["deploy", "run", "x", "train.nope=1"], "train.nope"),
+    "run on an unknown connection": (["deploy", "run", "nosuch", "train.epochs=1"], "no [superlink.nosuch]"),
+}
+
+
+@pytest.fixture
+def launches(credentials, monkeypatch):
+    """Run ``fedrobust`` in the credentials folder; every program it would start is recorded, not started."""
+    import fedrobust.deploy
+
+    started: list[list[str]] = []
+    monkeypatch.chdir(credentials)
+    monkeypatch.setenv("PATH", f"{BIN}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("FLWR_HOME", str(credentials / "flwr-home"))
+    monkeypatch.setattr(os, "execvp", lambda prog, argv: started.append(list(argv)))
+    monkeypatch.setattr(fedrobust.deploy.subprocess, "run", lambda argv, **kw: started.append(list(argv)))
+    return started
+
+
+@pytest.mark.parametrize("case", list(REFUSED))
+def test_flags_that_only_go_together_are_refused_before_anything_starts(case, launches, credentials, capsys):
+    argv, needle = REFUSED[case]
+    before = sorted(p.relative_to(credentials) for p in credentials.rglob("*"))
+    assert cli(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("fedrobust: error: ") and needle in err, err
+    assert "Traceback" not in err
+    assert launches == []  # nothing started
+    assert sorted(p.relative_to(credentials) for p in credentials.rglob("*")) == before  # nothing written
+
+
+def test_a_supernode_with_its_ca_and_key_starts_with_both(launches, capsys):
+    assert cli([*_NODE, "--ca", "certs/ca.crt", "--key", "keys/node0"]) == 0
+    [argv] = launches
+    assert argv[0] == "flower-supernode" and "--insecure" not in argv
+    assert argv[argv.index("--root-certificates") + 1].endswith("certs/ca.crt")
+    assert argv[argv.index("--auth-supernode-private-key") + 1].endswith("keys/node0")
+    assert capsys.readouterr().err == ""
+
+
+# ------------------------------------------------------------------- a federation --
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -52,9 +117,13 @@ class Federation:
         self.port = _free_port()
         self.name = "fedrobust-test"
 
-    def fedrobust(self, *args: str) -> subprocess.CompletedProcess:
+    def fedrobust(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", "fedrobust.cli", *args], env=self.env, cwd=self.root,
-                              capture_output=True, text=True, timeout=120)
+                              capture_output=True, text=True, timeout=timeout)
+
+    def run_argv(self, *overrides: str) -> list[str]:
+        """The README's run command: ``fedrobust deploy run CONNECTION OVERRIDES...``."""
+        return [sys.executable, "-m", "fedrobust.cli", "deploy", "run", self.name, *overrides, "--app", str(REPO)]
 
     def start(self, name: str, *args: str) -> subprocess.Popen:
         log = open(self.root / f"{name}.log", "w")
@@ -115,6 +184,7 @@ def _results(run_dir: Path) -> dict:
     return json.loads((run_dir / "results.json").read_text())
 
 
+@pytest.mark.slow
 def test_tls_authenticated_deployment_matches_simulation_and_refuses_unregistered_keys(federation, tmp_path):
     fed = federation
     # an unregistered key is refused at the SuperLink and its SuperNode gives up
@@ -123,10 +193,22 @@ def test_tls_authenticated_deployment_matches_simulation_and_refuses_unregistere
     assert rogue.returncode != 0
     assert "activate-node" in fed.log("superlink") and "2004" in fed.log("superlink")
 
+    # a ServerApp that raises fails the command (flwr run alone exits 0): a run_dir the SuperLink cannot create
+    occupied = tmp_path / "occupied"
+    occupied.write_text("a file where the run directory would go\n")
+    failed = subprocess.run(fed.run_argv("train.epochs=5", f"run_dir={occupied}"), env=fed.env, cwd=tmp_path,
+                            capture_output=True, text=True, timeout=300)
+    assert failed.returncode == 1, (failed.stdout + failed.stderr)[-3000:]
+    [line] = failed.stderr.splitlines()
+    assert line.startswith("fedrobust: error: run ") and " finished:failed: " in line, line
+    assert f"run_dir: {occupied} is a file" in line, line
+    assert "Traceback" in failed.stdout  # the ServerApp's own traceback is in the streamed log, not on stderr
+
     run_dir = tmp_path / "run-deployed"
-    sub = fed.flwr("run", ".", fed.name, "--stream", "--run-config",
-                   f'overrides="train.epochs=5" run-dir="{run_dir}"', timeout=600)
+    sub = subprocess.run(fed.run_argv("train.epochs=5", f"run_dir={run_dir}"), env=fed.env, cwd=tmp_path,
+                         capture_output=True, text=True, timeout=600)
     assert sub.returncode == 0, (sub.stdout + sub.stderr)[-3000:]
+    assert sub.stderr == "" and sub.stdout.splitlines()[-1].endswith(" finished:completed"), sub.stderr[-3000:]
     deployed = _results(run_dir)
     assert sorted(m["node"] for m in deployed["members"]) == [0, 1, 2]  # the rogue node contributed nothing
     assert "missing" not in deployed
@@ -137,15 +219,16 @@ def test_tls_authenticated_deployment_matches_simulation_and_refuses_unregistere
     assert abs(deployed["ensemble"]["clean_accuracy"] - simulated["ensemble"]["clean_accuracy"]) <= 0.02
 
 
+@pytest.mark.slow
 def test_a_supernode_killed_mid_training_leaves_the_run_to_finish_with_min_members(federation, tmp_path):
     fed = federation
     run_dir = tmp_path / "run-killed"
-    argv = [str(BIN / "flwr"), "run", ".", fed.name, "--stream", "--run-config",
-            f'overrides="train.epochs=10 engine.timeout=60 engine.on_missing=min_members engine.min_members=2" '
-            f'run-dir="{run_dir}"']
-    log_path = tmp_path / "flwr-run.log"
+    argv = fed.run_argv("train.epochs=10", "engine.timeout=60", "engine.on_missing=min_members", "engine.min_members=2",
+                        f"run_dir={run_dir}")
+    log_path = tmp_path / "deploy-run.log"
     with open(log_path, "w") as log:
-        sub = subprocess.Popen(argv, env=fed.env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        sub = subprocess.Popen(argv, env=fed.env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
+                               start_new_session=True)
         try:
             _wait(lambda: "round 1/1: training" in log_path.read_text(errors="replace"), 120, "training to start")
             time.sleep(2.0)
@@ -154,7 +237,6 @@ def test_a_supernode_killed_mid_training_leaves_the_run_to_finish_with_min_membe
         finally:
             if sub.poll() is None:
                 os.killpg(sub.pid, signal.SIGKILL)
-    # flwr run exits 0 even when the ServerApp raises: the log says why there are no results
     assert (run_dir / "results.json").is_file(), log_path.read_text()[-3000:]
     results = _results(run_dir)
     assert sorted(m["node"] for m in results["members"]) == [0, 1]
