@@ -296,7 +296,8 @@ def _deploy_run(args: argparse.Namespace) -> int:
         intr = as_interrupt(exc)
         if intr is None:
             raise
-        return _interrupted(intr, f"run {run_id} goes on at the SuperLink: {go_on}")
+        print(f"fedrobust: interrupted ({intr.name}); run {run_id} goes on at the SuperLink: {go_on}", file=sys.stderr)
+        return intr.exit_code  # one line: no log warning, which without a log file would print a second one
     print(f"run {run_id} finished:completed", flush=True)
     return 0
 

@@ -321,5 +321,5 @@ def follow_run(connection: str, run_id: int, *, settle_s: float = 30.0) -> str:
         lost = _squash(streamed.stderr.strip().splitlines()[-1]) if streamed.stderr.strip() else ""
         raise RunFailed(f"run {run_id} is {status} but its log stream ended{f' ({lost})' if lost else ''}; "
                         f"follow it with `flwr log {run_id} {connection}`")
-    raise RunFailed(f"run {run_id} {status}" + (f": {details}" if details else ""))
+    raise RunFailed(f"run {run_id} {status}" + (f": {details}" if details not in ("", "N/A") else ""))
 
