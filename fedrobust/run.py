@@ -34,6 +34,7 @@ from .data import ImageDataset, dataset_of
 from .ensemble import LogitAverageEnsemble
 from .node import MemberUpdate, build_member
 from .partition import class_counts_table
+from .redact import redact, redacted
 from .training import DivergedError, evaluate_model, resolve_device
 from .views import add_figure, class_mix_figure, run_hparams, write_hparams
 
@@ -123,11 +124,18 @@ class _StderrHandler(logging.StreamHandler):
         pass
 
 
+class _RedactingFormatter(logging.Formatter):
+    """Log lines with every URL password replaced by ``***`` (an error may quote a storage URL)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact(super().format(record))
+
+
 def setup_logging(run_dir: Path | None = None, filename: str = "train.log") -> None:
     logger = logging.getLogger("fedrobust")
     logger.setLevel(logging.INFO)
     logger.propagate = False
-    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
+    fmt = _RedactingFormatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
     if not any(isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler) for h in logger.handlers):
         sh = _StderrHandler()
         sh.setFormatter(fmt)
@@ -151,7 +159,7 @@ def prepare_run_dir(cfg: DictConfig, run_dir: str | None) -> Path:
     except OSError as exc:
         raise ConfigError(f"run_dir: cannot create {path} ({exc.strerror or exc})") from None
     cfg.run_dir = str(path)
-    write_text(path / "config.yaml", OmegaConf.to_yaml(cfg))
+    write_text(path / "config.yaml", OmegaConf.to_yaml(redacted(cfg)))  # a storage URL's password: ***
     setup_logging(path)
     log.info("run directory: %s", path)
     return path
@@ -227,9 +235,9 @@ def _write_tensorboard(run_dir: Path, cfg: DictConfig, members: list[MemberUpdat
             tb.add_scalar(f"member_clean_accuracy/member{m['member']}", m["clean_accuracy"], 0)
         tb.add_scalar("ensemble/clean_accuracy", results["ensemble"]["clean_accuracy"], 0)
         tb.add_text("partition", "```\n" + table + "\n```", 0)
-        tb.add_text("config", "```\n" + OmegaConf.to_yaml(cfg) + "\n```", 0)
+        tb.add_text("config", "```\n" + OmegaConf.to_yaml(redacted(cfg)) + "\n```", 0)
         add_figure(tb, "partition/class_counts", class_mix_figure({u.node: u.class_counts for u in members}))
-    write_hparams(run_dir, run_hparams(cfg, default_config()), {"clean_accuracy": results["ensemble"]["clean_accuracy"]})
+    write_hparams(run_dir, run_hparams(redacted(cfg), default_config()), {"clean_accuracy": results["ensemble"]["clean_accuracy"]})
 
 
 def _summary(results: dict) -> str:

@@ -54,6 +54,7 @@ from omegaconf import DictConfig, OmegaConf
 from ..atomic import write_json, write_text
 from ..config import ConfigError
 from ..progress import progress as progress_bar
+from ..redact import redacted, redacted_container
 from . import holdout, outputs
 from .space import SHORT_NAMES, SearchSpace
 from .trial import apply_values, load_scores, trial_task
@@ -98,7 +99,7 @@ def open_study(cfg: DictConfig, study_dir: Path) -> optuna.Study:
 
 def _base_cfg_for_trials(cfg: DictConfig) -> DictConfig:
     """The trials' config: scored on validation images (``tune.selection`` of them attacked), never on test ones."""
-    base = OmegaConf.merge(cfg, {})
+    base = redacted(cfg)  # a copy; only the tuner talks to the storage, so no trial sees its password
     base.evaluate = True
     base.train.progress = False
     base.run_dir = None
@@ -117,7 +118,7 @@ def pin_cache_dir(cfg: DictConfig) -> None:
 
 def _study_config(cfg: DictConfig) -> dict[str, Any]:
     """What must not change between runs of one study (everything but its size and parallelism)."""
-    data = OmegaConf.to_container(cfg, resolve=True)
+    data = redacted_container(cfg)  # a storage URL's password is never written
     for key in ("n_trials", "max_concurrent", "cpus_per_trial", "gpus_per_trial", "max_failures"):
         data["tune"].pop(key, None)
     for key in ("study_dir", "run_dir", "ray"):
@@ -139,7 +140,7 @@ def _check_same_study(study_dir: Path, cfg: DictConfig) -> None:
                 "use another study_dir or the same overrides")
     else:
         write_json(path, current, sort_keys=True)
-        write_text(study_dir / "config.yaml", OmegaConf.to_yaml(cfg))
+        write_text(study_dir / "config.yaml", OmegaConf.to_yaml(redacted(cfg)))
 
 
 def _diff_keys(a: Any, b: Any, prefix: str = "") -> list[str]:

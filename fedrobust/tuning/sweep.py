@@ -21,6 +21,7 @@ from omegaconf import OmegaConf
 from ..config import load_config
 from ..atomic import atomic_open, write_json
 from ..progress import interactive
+from ..redact import redacted
 from ..progress import progress as progress_bar
 from .pool import EventLog, TrialPool
 from .study import pin_cache_dir, share_artefacts, study_lock
@@ -78,7 +79,7 @@ class _Cells:
         self.name, self.cells, self.configs, self.sweep_dir, self.scores, self.bar = (
             name, cells, configs, sweep_dir, scores, bar)
         self.queue = list(todo)
-        self.yaml = {i: OmegaConf.to_yaml(configs[i]) for i in todo}
+        self.yaml = {i: OmegaConf.to_yaml(redacted(configs[i])) for i in todo}  # no URL password reaches a cell
         self.runner = None
 
     def finished(self) -> bool:
