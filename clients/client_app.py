@@ -3,8 +3,11 @@
 The node learns which shard it holds from its node config: ``partition-id``
 and ``num-partitions`` (set by the simulation engine, or by
 ``flower-supernode --node-config``), plus an optional ``data-root`` that
-overrides ``data.root``. Trainer state (weights, momentum, RNG, early-stopping
-counters) is kept in ``context.state`` between rounds.
+overrides the task's data folder. What to train comes as a
+:class:`~fedrobust.task.NodeTask` (:mod:`fedrobust.protocol`), never as the
+run's config; plug-in strategies installed on the node are loaded before it
+is read. Trainer state (weights, momentum, RNG, early-stopping counters) is
+kept in ``context.state`` between rounds.
 """
 
 from __future__ import annotations
@@ -15,9 +18,10 @@ import torch
 from flwr.app import ArrayRecord, Context, Message
 from flwr.clientapp import ClientApp
 
-from fedrobust.data import DataError, dataset_of
-from fedrobust.node import train_node_round
+from fedrobust.data import DataError
+from fedrobust.node import dataset_of_task, train_node_round
 from fedrobust.partition import num_nodes
+from fedrobust.plugins import load_plugins
 from fedrobust.protocol import decode_task, encode_reply
 
 log = logging.getLogger("fedrobust")
@@ -25,30 +29,27 @@ log = logging.getLogger("fedrobust")
 app = ClientApp()
 
 
-def _threads(num_cpus: float) -> int:
-    return max(1, int(num_cpus))
-
-
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    cfg, round_idx, peers = decode_task(msg.content)
+    load_plugins("strategies")  # a node needs no attack stage: the evaluation code is never imported here
+    task, round_idx, peers = decode_task(msg.content)
     node = int(context.node_config["partition-id"])
     partitions = int(context.node_config["num-partitions"])
-    expected = num_nodes(cfg.deployment.name, cfg.deployment.num_nodes)
+    expected = num_nodes(task.shard.deployment, task.shard.num_nodes)
     if partitions != expected:
         raise ValueError(f"node {node}: num-partitions={partitions} but the run expects {expected} node(s)")
     if "data-root" in context.node_config:
-        cfg.data.root = str(context.node_config["data-root"])
+        task = task.with_data_root(str(context.node_config["data-root"]))
     try:
-        dataset_of(cfg)
+        dataset_of_task(task)
     except DataError as exc:  # one line in the SuperNode's log and in the server's error
-        message = f"node {node}: cannot load data set '{cfg.data.name}': {exc}"
+        message = f"node {node}: cannot load data set '{task.shard.data}': {exc}"
         log.error(message)
         raise DataError(message) from None
-    torch.set_num_threads(_threads(cfg.engine.num_cpus))
+    torch.set_num_threads(task.threads)
 
     state = {k[len("trainer.") :]: rec.to_torch_state_dict() for k, rec in context.state.array_records.items() if k.startswith("trainer.")}
-    updates = train_node_round(cfg, node, round_idx, state, peers=peers)
+    updates = train_node_round(task, node, round_idx, state, peers=peers)
     for key, value in state.items():
         context.state[f"trainer.{key}"] = ArrayRecord(value)
     return Message(encode_reply(updates), reply_to=msg)

@@ -358,6 +358,15 @@ def main(argv: list[str] | None = None) -> int:
     rn.add_argument("overrides", nargs="*", help="Hydra overrides as for fedrobust train, run_dir=PATH included")
     rn.add_argument("--app", default=".", help="the Flower app to submit: this repository (default: .)")
     args = parser.parse_args(argv)
+    if args.command in ("train", "evaluate", "tune") or getattr(args, "what", None) == "run":
+        try:  # installed plug-ins' strategies and attacks, and every section's checks, before any config is read
+            from . import validation  # noqa: F401
+            from .plugins import load_plugins
+
+            load_plugins()
+        except ConfigError as exc:
+            _error(exc)
+            return 2
     commands = {"deploy": lambda: _deploy(args), "tune": lambda: _tune(args.overrides),
                 "report": lambda: _report(args.path), "train": lambda: _train(args.overrides),
                 "evaluate": lambda: _evaluate(args.run_dir, args.overrides)}

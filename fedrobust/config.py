@@ -4,12 +4,22 @@ The schemas below are registered in Hydra's ConfigStore, so composing the
 YAML groups in ``conf/`` against them rejects unknown keys and wrong types.
 :func:`validate` then rejects impossible values. Every failure is raised as a
 :class:`ConfigError` whose message is one line that names the key.
+
+The ``attack`` and ``tune`` sections are checked next to the code that reads
+them (:mod:`fedrobust.evaluation.checks`, :mod:`fedrobust.tuning.checks`);
+:mod:`fedrobust.validation` registers those checks here with
+:func:`register_check`. This module never imports either package, so a node
+can read its task without the evaluation or tuning code. Plug-in strategies
+add their schema with :func:`register_strategy_schema`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
+import typing
+from collections.abc import Callable, Mapping
 import math
 import re
 from dataclasses import dataclass, field
@@ -31,6 +41,9 @@ __all__ = [
     "load_config",
     "config_from_json",
     "config_to_json",
+    "register_check",
+    "register_strategy_schema",
+    "strategy_names",
     "validate",
 ]
 
@@ -39,7 +52,7 @@ CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10", "cifar100")
 MODELS = ("cnn", "resnet18", "resnet34", "mobilenetv2", "vgg16", "resnet8", "vgg7", "mlp", "lenet", "convnet")
 DEPLOYMENTS = ("centralized", "deep_ensemble", "distributed_iid", "distributed_dirichlet")
-STRATEGIES = ("plain", "curvature", "dispersion", "edlcm", "adversarial")
+STRATEGIES = ("plain", "curvature", "dispersion", "edlcm", "adversarial")  # built in; plug-ins: strategy_names()
 ENGINES = ("simulation", "inline")
 
 
@@ -277,6 +290,44 @@ def _register_schemas() -> None:
 _register_schemas()
 
 
+def strategy_names() -> tuple[str, ...]:
+    """The strategies a config may name: the built-in ones, then the plug-ins loaded in this process."""
+    return tuple(STRATEGY_SCHEMAS)
+
+
+def register_strategy_schema(name: str, params: type | None = None, *, needs_peers: bool = False) -> type:
+    """Make ``strategy=<name>`` a config option whose keys are the fields of the dataclass ``params``.
+
+    The schema is a :class:`StrategyConfig` with ``name`` defaulting to
+    ``name`` and ``params``' fields (typed, with their defaults). It is stored
+    in Hydra's ConfigStore under group ``strategy``, so ``strategy=<name>``
+    composes without a YAML file and ``strategy.<field>=...`` is type-checked.
+    ``needs_peers`` makes ``train.rounds`` default to the peer strategies'.
+    Registering the same name again replaces it.
+    """
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+        raise ConfigError(f"strategy.name: '{name}' is not a valid strategy name (letters, digits and _)")
+    fields: list[tuple[str, Any, Any]] = [("name", str, dataclasses.field(default=name))]
+    if params is not None:
+        if not dataclasses.is_dataclass(params):
+            raise ConfigError(f"strategy.{name}: its Config must be a dataclass, got {params!r}")
+        hints = typing.get_type_hints(params)
+        for f in dataclasses.fields(params):
+            if f.name == "name":
+                continue
+            default = (dataclasses.field(default_factory=f.default_factory)
+                       if f.default_factory is not dataclasses.MISSING else dataclasses.field(default=f.default))
+            fields.append((f.name, hints[f.name], default))
+    schema = dataclasses.make_dataclass(f"{name.title().replace('_', '')}StrategyConfig", fields, bases=(StrategyConfig,))
+    STRATEGY_SCHEMAS[name] = schema
+    cs = ConfigStore.instance()
+    cs.store(group="strategy", name=f"base_{name}", node=schema)
+    cs.store(group="strategy", name=name, node=schema)
+    if needs_peers and name not in PEER_STRATEGIES:
+        PEER_STRATEGIES.append(name)
+    return schema
+
+
 def _one_line(text: str) -> str:
     return " ".join(str(text).split())
 
@@ -378,7 +429,7 @@ def default_config() -> DictConfig:
     return cfg
 
 
-PEER_STRATEGIES = ("dispersion", "edlcm")
+PEER_STRATEGIES = ["dispersion", "edlcm"]  # plug-ins whose needs_peers is true join them
 PEER_ROUNDS = 10
 
 
@@ -394,12 +445,14 @@ def _check(ok: bool, key: str, msg: str) -> None:
         raise ConfigError(f"{key}: {msg}")
 
 
-def validate(cfg: DictConfig) -> None:
-    """Reject values that are well-typed but impossible."""
+def validate(cfg: DictConfig, *, sections: bool = True) -> None:
+    """Reject values that are well-typed but impossible: the run's own keys here, then (``sections``)
+    the sections whose checks were registered with :func:`register_check` (attack, tune)."""
     _check(cfg.data.name in DATASETS, "data.name", f"unknown dataset '{cfg.data.name}' (choose from {', '.join(DATASETS)})")
     _check(cfg.model.name in MODELS, "model.name", f"unknown model '{cfg.model.name}' (choose from {', '.join(MODELS)})")
     _check(cfg.deployment.name in DEPLOYMENTS, "deployment.name", f"unknown deployment '{cfg.deployment.name}' (choose from {', '.join(DEPLOYMENTS)})")
-    _check(cfg.strategy.name in STRATEGIES, "strategy.name", f"unknown strategy '{cfg.strategy.name}' (choose from {', '.join(STRATEGIES)})")
+    _check(cfg.strategy.name in STRATEGY_SCHEMAS, "strategy.name",
+           f"unknown strategy '{cfg.strategy.name}' (choose from {', '.join(strategy_names())})")
     _check(cfg.engine.name in ENGINES, "engine.name", f"unknown engine '{cfg.engine.name}' (choose from {', '.join(ENGINES)})")
     _check(0.0 < cfg.data.val_fraction < 1.0, "data.val_fraction", f"must be in (0, 1), got {cfg.data.val_fraction}")
     if cfg.data.get("train_subset") is not None:
@@ -433,88 +486,44 @@ def validate(cfg: DictConfig) -> None:
     _check(cfg.engine.ray_address is None or cfg.engine.name == "simulation", "engine.ray_address",
            f"only the simulation engine runs on Ray (engine={cfg.engine.name})")
     _check(cfg.engine.min_members >= 1, "engine.min_members", f"must be >= 1, got {cfg.engine.min_members}")
-    validate_attack(cfg.attack, cfg.data.name)
     validate_strategy(cfg.strategy)
-    validate_tune(cfg.tune)
+    if sections:
+        for check in _SECTION_CHECKS.values():
+            check(cfg)
 
 
-TUNE_OBJECTIVES = ("robustness", "accuracy")
+# section -> its check, registered by fedrobust.validation (see the module docstring)
+_SECTION_CHECKS: dict[str, Callable[[DictConfig], None]] = {}
 
 
-def validate_tune(t: DictConfig) -> None:
-    _check(t.n_trials >= 1, "tune.n_trials", f"must be >= 1, got {t.n_trials}")
-    _check(t.population_size >= 2, "tune.population_size", f"must be >= 2, got {t.population_size}")
-    _check(t.max_concurrent >= 1, "tune.max_concurrent", f"must be >= 1, got {t.max_concurrent}")
-    _check(t.objectives in TUNE_OBJECTIVES, "tune.objectives", f"unknown value '{t.objectives}' (choose from {', '.join(TUNE_OBJECTIVES)})")
-    _check(0 <= t.max_accuracy_drop <= 1, "tune.max_accuracy_drop", f"must be in [0, 1], got {t.max_accuracy_drop}")
-    if t.baseline_accuracy is not None:
-        _check(0 <= t.baseline_accuracy <= 1, "tune.baseline_accuracy", f"must be in [0, 1], got {t.baseline_accuracy}")
-    _check(t.cpus_per_trial > 0, "tune.cpus_per_trial", f"must be > 0, got {t.cpus_per_trial}")
-    _check(t.gpus_per_trial >= 0, "tune.gpus_per_trial", f"must be >= 0, got {t.gpus_per_trial}")
-    _check(t.max_failures >= 0, "tune.max_failures", f"must be >= 0, got {t.max_failures}")
-    if t.selection is not None:
-        _check(t.selection >= 1, "tune.selection", f"must be >= 1 (validation images per trial) or null, got {t.selection}")
+def register_check(section: str, check: Callable[[DictConfig], None]) -> None:
+    """Have :func:`validate` (so :func:`load_config`) also run ``check(cfg)``, which raises a
+    :class:`ConfigError` naming the key of ``section`` at fault. Registering a section again replaces it."""
+    _SECTION_CHECKS[section] = check
 
 
-def validate_strategy(st: DictConfig) -> None:
+def validate_strategy(st: Mapping[str, Any], prefix: str = "strategy") -> None:
+    """Range checks of the strategy keys that built-in strategies share (a plug-in's keys of the same
+    names are held to them too); ``prefix`` names the keys in the message."""
+    def get(key: str) -> Any:
+        return st[key] if key in st else None
+
     for key in ("alpha", "beta"):
-        if key in st:
-            _check(st[key] >= 0, f"strategy.{key}", f"must be >= 0, got {st[key]}")
-    if "every" in st:
-        _check(st.every >= 1, "strategy.every", f"must be >= 1, got {st.every}")
-    if "grad" in st:
-        _check(st.grad in ("fd", "exact"), "strategy.grad", f"unknown value '{st.grad}' (choose from fd, exact)")
-    if "clip_grad_norm" in st and st.clip_grad_norm is not None:
-        _check(st.clip_grad_norm > 0, "strategy.clip_grad_norm", f"must be > 0 or null, got {st.clip_grad_norm}")
-    if "h" in st and st.h is not None:
-        _check(st.h > 0, "strategy.h", f"must be > 0, got {st.h}")
-    if st.name == "adversarial":
-        _check(st.attack in ("pgd", "fgsm"), "strategy.attack", f"unknown value '{st.attack}' (choose from pgd, fgsm)")
-        _check(st.eps > 0, "strategy.eps", f"must be > 0, got {st.eps}")
-        _check(st.steps >= 1, "strategy.steps", f"must be >= 1, got {st.steps}")
-        _check(0 < st.eps_start <= 1, "strategy.eps_start", f"must be in (0, 1], got {st.eps_start}")
-
-
-# values per image of each dataset: the largest L2 distance between two [0, 1] images is sqrt of it
-INPUT_SIZES = {"digits": 1 * 8 * 8, "mnist": 28 * 28, "fashion_mnist": 28 * 28, "cifar10": 3 * 32 * 32, "cifar100": 3 * 32 * 32}
-
-
-def validate_attack(a: DictConfig, data_name: str = "digits") -> None:
-    def one_of(key: str, value: str, allowed: tuple[str, ...]) -> None:
-        _check(value in allowed, f"attack.{key}", f"unknown value '{value}' (choose from {', '.join(allowed)})")
-
-    _check(0 < a.eps < 1, "attack.eps", f"must be in (0, 1): an L-inf budget in [0, 1] pixel units "
-           f"(8/255 = 0.0314 is the paper's), got {a.eps}")
-    l2_max = INPUT_SIZES.get(data_name, 3 * 32 * 32) ** 0.5
-    _check(0 < a.eps_l2 < l2_max, "attack.eps_l2", f"must be in (0, {l2_max:.4g}) for {data_name} "
-           f"(the L2 diameter of its [0, 1] images), got {a.eps_l2}")
-    _check(a.num_samples >= 1, "attack.num_samples", f"must be >= 1, got {a.num_samples}")
-    one_of("split", a.split, SPLITS)
-    _check(a.batch_size >= 1, "attack.batch_size", f"must be >= 1, got {a.batch_size}")
-    if a.surrogates is not None:
-        _check(len(a.surrogates) > 0, "attack.surrogates",
-               "must name at least one model, or be null for the dataset's default zoo")
-        for name in a.surrogates:
-            one_of("surrogates", name, MODELS)
-    _check(a.surrogate_epochs >= 1, "attack.surrogate_epochs", f"must be >= 1, got {a.surrogate_epochs}")
-    from .evaluation.stages import stage_names  # the registered stages are what the lists may name
-
-    for group, key in (("transfer", "transfer_attacks"), ("query", "query_attacks"), ("whitebox", "whitebox")):
-        names = stage_names(group)
-        if key != "whitebox":
-            _check(len(a[key]) > 0, f"attack.{key}", f"must name at least one attack (from {', '.join(names)})")
-        for name in a[key]:
-            one_of(key, name, names)
-    one_of("transfer", a.transfer, tuple(a.transfer_attacks))
-    one_of("query", a.query, tuple(a.query_attacks))
-    one_of("transfer_loss", a.transfer_loss, ATTACK_LOSSES)
-    one_of("whitebox_loss", a.whitebox_loss, ATTACK_LOSSES)
-    one_of("square_loss", a.square_loss, ("margin", "ce"))
-    _check(a.queries >= 1, "attack.queries", f"must be >= 1, got {a.queries}")
-    _check(0 < a.p_init <= 1, "attack.p_init", f"must be in (0, 1], got {a.p_init}")
-    for key in ("transfer_steps", "whitebox_steps", "apgd_steps", "tsr_steps", "power_iters"):
-        _check(a[key] >= 1, f"attack.{key}", f"must be >= 1, got {a[key]}")
-    _check(a.hessian_samples >= 0, "attack.hessian_samples", f"must be >= 0, got {a.hessian_samples}")
+        if get(key) is not None:
+            _check(get(key) >= 0, f"{prefix}.{key}", f"must be >= 0, got {get(key)}")
+    if get("every") is not None:
+        _check(get("every") >= 1, f"{prefix}.every", f"must be >= 1, got {get('every')}")
+    if get("grad") is not None:
+        _check(get("grad") in ("fd", "exact"), f"{prefix}.grad", f"unknown value '{get('grad')}' (choose from fd, exact)")
+    if get("clip_grad_norm") is not None:
+        _check(get("clip_grad_norm") > 0, f"{prefix}.clip_grad_norm", f"must be > 0 or null, got {get('clip_grad_norm')}")
+    if get("h") is not None:
+        _check(get("h") > 0, f"{prefix}.h", f"must be > 0, got {get('h')}")
+    if get("name") == "adversarial":
+        _check(st["attack"] in ("pgd", "fgsm"), f"{prefix}.attack", f"unknown value '{st['attack']}' (choose from pgd, fgsm)")
+        _check(st["eps"] > 0, f"{prefix}.eps", f"must be > 0, got {st['eps']}")
+        _check(st["steps"] >= 1, f"{prefix}.steps", f"must be >= 1, got {st['steps']}")
+        _check(0 < st["eps_start"] <= 1, f"{prefix}.eps_start", f"must be in (0, 1], got {st['eps_start']}")
 
 
 def apply_overrides(cfg: DictConfig, overrides: list[str] | tuple[str, ...]) -> DictConfig:
@@ -534,7 +543,10 @@ def structured_base(strategy: str = "plain") -> DictConfig:
     """The typed default config, with the schema of ``strategy`` in ``strategy``."""
     base = OmegaConf.structured(Config)
     schema = STRATEGY_SCHEMAS.get(strategy)
-    if schema is not None and schema is not StrategyConfig:
+    if schema is None:
+        raise ConfigError(f"strategy.name: unknown strategy '{strategy}' (choose from {', '.join(strategy_names())}; "
+                          "a plug-in strategy's package must be installed)")
+    if schema is not StrategyConfig:
         base = OmegaConf.merge(base, {"strategy": OmegaConf.structured(schema)})
     return base
 

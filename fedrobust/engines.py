@@ -27,6 +27,7 @@ from .federation import collect_members, peers_of
 from .interrupt import as_interrupt
 from .node import MemberUpdate, train_node_round
 from .partition import num_nodes
+from .task import node_task
 
 __all__ = ["SimulationError", "backend_config", "run_inline", "run_simulation", "torch_threads"]
 
@@ -50,13 +51,14 @@ def run_inline(cfg: DictConfig, missing: dict | None = None) -> list[MemberUpdat
     are recorded in ``missing``, for :func:`fedrobust.run.finalize_run`.
     """
     states: dict[int, dict] = {node: {} for node in range(num_nodes(cfg.deployment.name, cfg.deployment.num_nodes))}
+    task = node_task(cfg)  # what a ClientApp is sent, so both engines train from the same task
 
     def train_round(round_idx: int, current: dict[int, dict]) -> Iterator[MemberUpdate]:
         # Every node gets the peers of the round's start; the server checks each node's members as they
         # come, so a divergence fails the run before the next node trains.
         peers = {node: peers_of(cfg, node, current) for node in states}
         for node, state in states.items():
-            yield from train_node_round(cfg, node, round_idx, state, peers=peers[node])
+            yield from train_node_round(task, node, round_idx, state, peers=peers[node])
 
     with torch_threads(int(cfg.engine.num_cpus)):
         return collect_members(cfg, train_round, missing)

@@ -5,6 +5,10 @@ member that lives on the node for this round's epochs, and returns one
 :class:`MemberUpdate` per member. A member that diverged is reported with its
 :class:`~fedrobust.training.Divergence` and without weights. The Flower ClientApp and the inline engine
 are thin adapters around it, so both produce the same members.
+
+It works from a :class:`~fedrobust.task.NodeTask`, what a node is sent. The
+helpers here (and :func:`train_node_round`) also take a run config, which
+they read through its task (:func:`fedrobust.task.node_task`).
 """
 
 from __future__ import annotations
@@ -22,14 +26,16 @@ from torch import nn
 
 from strategies import build_strategy
 
-from .data import ImageDataset, dataset_of
+from .data import ImageDataset, load_dataset
 from .models import build_model
 from .partition import NodeShard, members_per_node, node_shards, num_nodes
-from .training import Divergence, EpochRecord, MemberTrainer, TrainSettings, member_seed, resolve_device
+from .task import NodeTask, ShardSpec, node_task, shard_spec, train_settings
+from .training import Divergence, EpochRecord, MemberTrainer, member_seed, resolve_device
 
 __all__ = [
     "MemberUpdate",
     "build_member",
+    "dataset_of_task",
     "host_identity",
     "initial_weights",
     "epochs_per_round",
@@ -84,53 +90,57 @@ def _ray_node_ip(node_id: str) -> str:
     return ips[0] if ips else ray.util.get_node_ip_address()
 
 
-def members_of_node(cfg: DictConfig, node: int) -> list[int]:
+# What a node or a server knows of the run: its task, or the run's config.
+RunSpec = NodeTask | DictConfig
+
+
+def _shard_of(spec: RunSpec) -> ShardSpec:
+    return spec.shard if isinstance(spec, NodeTask) else shard_spec(spec)
+
+
+def members_of_node(spec: RunSpec, node: int) -> list[int]:
     """Global member indices trained on ``node``."""
-    k = members_per_node(cfg.deployment.name, cfg.deployment.num_nodes)
+    shard = _shard_of(spec)
+    k = members_per_node(shard.deployment, shard.num_nodes)
     return list(range(node * k, (node + 1) * k))
 
 
-def epochs_per_round(cfg: DictConfig) -> list[int]:
-    """Split ``train.epochs`` over ``train.rounds`` as evenly as possible."""
-    q, r = divmod(cfg.train.epochs, cfg.train.rounds)
-    return [q + (1 if i < r else 0) for i in range(cfg.train.rounds)]
+def epochs_per_round(spec: RunSpec) -> list[int]:
+    """Split the run's epochs over its rounds as evenly as possible."""
+    epochs, rounds = (spec.train.epochs, spec.rounds) if isinstance(spec, NodeTask) else (spec.train.epochs, spec.train.rounds)
+    q, r = divmod(epochs, rounds)
+    return [q + (1 if i < r else 0) for i in range(rounds)]
 
 
-def train_settings(cfg: DictConfig) -> TrainSettings:
-    return TrainSettings(
-        lr=cfg.optimizer.lr,
-        momentum=cfg.optimizer.momentum,
-        weight_decay=cfg.optimizer.weight_decay,
-        epochs=cfg.train.epochs,
-        batch_size=cfg.train.batch_size,
-        patience=cfg.train.patience,
-        augment=cfg.data.augment,
-        crop_padding=cfg.data.crop_padding,
-        precision=cfg.train.precision,
-    )
+def dataset_of_task(spec: RunSpec) -> ImageDataset:
+    """The data set the run trains on (``shard.data``, ``shard.root``, ``shard.train_subset``)."""
+    shard = _shard_of(spec)
+    return load_dataset(shard.data, shard.root, shard.train_subset)
 
 
-def build_member(cfg: DictConfig, data: ImageDataset, seed: int | None = None) -> nn.Module:
+def build_member(spec: RunSpec, data: ImageDataset, seed: int | None = None) -> nn.Module:
     """A fresh member; with ``seed``, its initialisation is fixed without touching the global RNG."""
+    model = spec.model if isinstance(spec, NodeTask) else spec.model.name
     if seed is None:
-        return build_model(cfg.model.name, data.in_channels, data.num_classes, data.mean, data.std)
+        return build_model(model, data.in_channels, data.num_classes, data.mean, data.std)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return build_model(cfg.model.name, data.in_channels, data.num_classes, data.mean, data.std)
+        return build_model(model, data.in_channels, data.num_classes, data.mean, data.std)
 
 
-def shards_for(cfg: DictConfig, data: ImageDataset) -> tuple[NodeShard, ...]:
-    d = cfg.deployment
-    return node_shards(data.y_train.numpy(), d.name, d.num_nodes, d.alpha, d.partition_seed, cfg.data.val_fraction)
+def shards_for(spec: RunSpec, data: ImageDataset) -> tuple[NodeShard, ...]:
+    s = _shard_of(spec)
+    return node_shards(data.y_train.numpy(), s.deployment, s.num_nodes, s.alpha, s.partition_seed, s.val_fraction)
 
 
-def initial_weights(cfg: DictConfig, data: ImageDataset, members: list[int]) -> dict[int, dict[str, torch.Tensor]]:
+def initial_weights(spec: RunSpec, data: ImageDataset, members: list[int]) -> dict[int, dict[str, torch.Tensor]]:
     """Every member's initialisation, exactly as its node builds it (the server sends these as round-1 peers)."""
-    return {m: build_member(cfg, data, member_seed(cfg.train.seed, m)).state_dict() for m in members}
+    seed = spec.seed if isinstance(spec, NodeTask) else spec.train.seed
+    return {m: build_member(spec, data, member_seed(seed, m)).state_dict() for m in members}
 
 
 def train_node_round(
-    cfg: DictConfig,
+    task: RunSpec,
     node: int,
     round_idx: int,
     state: MutableMapping[str, dict[str, torch.Tensor]],
@@ -140,43 +150,46 @@ def train_node_round(
 ) -> list[MemberUpdate]:
     """Train ``node``'s members for round ``round_idx``; ``state`` carries trainers between rounds.
 
+    ``task`` is what the node was sent (a run config is turned into it).
     ``peers`` holds the current weights of members on other nodes (used by
     strategies that need peers). Members that share a node train jointly
     under such a strategy, and independently otherwise.
     """
-    expected = num_nodes(cfg.deployment.name, cfg.deployment.num_nodes)
+    if not isinstance(task, NodeTask):
+        task = node_task(task)
+    expected = num_nodes(task.shard.deployment, task.shard.num_nodes)
     if not 0 <= node < expected:
         raise ValueError(f"node {node} is outside this deployment's {expected} node(s)")
-    device = device or resolve_device(cfg.train.device)
-    data = dataset_of(cfg)
-    shard = shards_for(cfg, data)[node]
-    strategy = build_strategy(cfg.strategy)
-    settings = train_settings(cfg)
-    epochs = epochs_per_round(cfg)[round_idx]
+    device = device or resolve_device(task.device)
+    data = dataset_of_task(task)
+    shard = shards_for(task, data)[node]
+    strategy = build_strategy(task.strategy, task.strategy_args)
+    settings = task.train
+    epochs = epochs_per_round(task)[round_idx]
     x_tr, y_tr = data.x_train[shard.train], data.y_train[shard.train]
     x_va, y_va = data.x_train[shard.val], data.y_train[shard.val]
     class_counts = np.bincount(y_tr.numpy(), minlength=data.num_classes).tolist()
-    own = members_of_node(cfg, node)
+    own = members_of_node(task, node)
     peer_models = []
     if strategy.needs_peers:
         for m, weights in sorted((peers or {}).items()):
             if m not in own:
-                peer = build_member(cfg, data)
+                peer = build_member(task, data)
                 peer.load_state_dict(weights)
                 peer_models.append(peer)
     joint = strategy.needs_peers and len(own) > 1
     groups = [own] if joint else [[m] for m in own]
     updates = []
     for group in groups:
-        seeds = [member_seed(cfg.train.seed, m) for m in group]
-        models = [build_member(cfg, data, seed) for seed in seeds]
+        seeds = [member_seed(task.seed, m) for m in group]
+        models = [build_member(task, data, seed) for seed in seeds]
         trainer = MemberTrainer(models, x_tr, y_tr, x_va, y_va, strategy, settings, seeds[0], device)
         key = "joint" if joint else f"member-{group[0]}"
         if key in state:
             trainer.load_state_dict(state[key])
         who = f"members {group[0]}-{group[-1]}" if joint else f"member {group[0]}"
-        desc = f"node {node} {who} r{round_idx + 1}/{cfg.train.rounds}"
-        history = trainer.run(epochs, peers=peer_models, progress=cfg.train.progress, desc=desc)
+        desc = f"node {node} {who} r{round_idx + 1}/{task.rounds}"
+        history = trainer.run(epochs, peers=peer_models, progress=task.progress, desc=desc)
         state[key] = trainer.state_dict()
         diverged = trainer.divergence is not None
         for k, m in enumerate(group):

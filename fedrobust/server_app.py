@@ -18,12 +18,12 @@ from flwr.app import Context, Message, MessageType
 from flwr.serverapp import Grid, ServerApp
 from omegaconf import DictConfig
 
-from .config import load_config
 from .ensemble import InvalidUpdateError
 from .federation import collect_members, peers_of
 from .node import MemberUpdate
 from .partition import num_nodes
 from .protocol import decode_reply, encode_task
+from .task import node_task
 
 __all__ = ["FlowerRounds", "app", "make_server_app", "serve"]
 
@@ -37,7 +37,8 @@ class FlowerRounds:
                  stop: threading.Event | None = None) -> None:
         self.grid = grid
         self.cfg = cfg
-        self.stop = stop  # set when the engine under this ServerApp has died: stop waiting for it
+        self.stop = stop  # set when the engine under this ServerApp has died or was interrupted: stop waiting
+        self.task = node_task(cfg)  # what every node is sent, with the round: never the config itself
         self.node_ids = self._wait_for_nodes(num_nodes(cfg.deployment.name, cfg.deployment.num_nodes), node_wait_s)
         self.partition_of: dict[int, int] = {}
         self.lost: list[int] = []  # Flower node ids that stopped replying (engine.on_missing=min_members)
@@ -75,7 +76,9 @@ class FlowerRounds:
         poll_s = 0.1 if self.stop is not None else 1.0
         replies: list[tuple[int, Message]] = []
         while waiting and (timeout is None or time.monotonic() - start < timeout):
-            for reply in self.grid.pull_messages(waiting):
+            pulled = list(self.grid.pull_messages(waiting))
+            self._check_stop()  # after the pull: replies that came after an interruption are not logged
+            for reply in pulled:
                 mid = reply.metadata.reply_to_message_id
                 if mid not in waiting:
                     continue
@@ -84,7 +87,6 @@ class FlowerRounds:
                 log.info("round %d: reply %d/%d, from flower node %s, after %.1fs%s", round_idx + 1, len(replies),
                          len(messages), node_of[mid], time.monotonic() - start, " (an error)" if reply.has_error() else "")
             if waiting:
-                self._check_stop()
                 time.sleep(poll_s)
         return replies
 
@@ -96,7 +98,7 @@ class FlowerRounds:
             part = self.partition_of.get(nid)
             peers = current if part is None else peers_of(self.cfg, part, current)
             messages.append(
-                Message(content=encode_task(self.cfg, round_idx, peers), dst_node_id=nid, message_type=MessageType.TRAIN)
+                Message(content=encode_task(self.task, round_idx, peers), dst_node_id=nid, message_type=MessageType.TRAIN)
             )
         replies = self._send_and_receive(round_idx, messages, self.cfg.engine.timeout or None)
         updates: list[MemberUpdate] = []
@@ -147,7 +149,8 @@ def serve(grid: Grid, cfg: DictConfig, run_dir: Path, stop: threading.Event | No
 def make_server_app(cfg: DictConfig, run_dir: Path, errors: list[BaseException],
                     stop: threading.Event | None = None) -> ServerApp:
     """A ServerApp bound to ``cfg``; an exception is appended to ``errors`` for the caller.
-    Setting ``stop`` makes it give up waiting for replies (the engine under it has died)."""
+    Setting ``stop`` makes it give up waiting for replies (the engine under it has died, or the
+    command was interrupted), without logging any reply that comes after."""
     server = ServerApp()
 
     @server.main()
@@ -165,8 +168,11 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    from .plugins import load_plugins
     from .run import prepare_run_dir
+    from .validation import load_config  # every section checked, plug-ins' names included
 
+    load_plugins()
     overrides = shlex.split(str(context.run_config.get("overrides", "")))
     cfg = load_config(overrides)
     run_dir = prepare_run_dir(cfg, str(context.run_config.get("run-dir", "")) or None)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -40,11 +41,18 @@ class TrainingStrategy(ABC):
     needs_input_grad : bool
         True when :meth:`loss` differentiates with respect to the input
         (curvature, dispersion); the caller leaves autograd enabled for ``x``.
+    Config : type or None
+        For a plug-in strategy (entry-point group ``fedrobust.strategies``): a
+        dataclass whose typed fields, with their defaults, are the keys of
+        ``strategy=<name>`` and the keyword arguments of the constructor. None:
+        the strategy takes no arguments. The built-in strategies' schemas live
+        in :mod:`fedrobust.config` and ``conf/strategy/``.
     """
 
     name: str = "base"
     needs_peers: bool = False
     needs_input_grad: bool = False
+    Config: ClassVar[type | None] = None
 
     def begin_batch(self, step: int) -> None:
         """Called by the trainer before every batch with the member's global step (epoch * batches + batch)."""

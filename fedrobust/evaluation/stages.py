@@ -35,7 +35,9 @@ and one config entry::
         def build(self, target, attack):
             return CarliniWagner(target, ...)
 
-and ``attack.whitebox=[fgsm,bim,pgd,apgd,cw]``.
+and ``attack.whitebox=[fgsm,bim,pgd,apgd,cw]``. From a shell, the class comes
+from an installed package: an entry point of group ``fedrobust.attacks``
+names it, and :func:`fedrobust.plugins.load_plugins` registers it.
 """
 
 from __future__ import annotations
@@ -167,10 +169,15 @@ def stage_names(group: str) -> tuple[str, ...]:
 
 def build_stages(attack: DictConfig, num_members: int) -> list[Stage]:
     """The stages an evaluation runs, in order."""
+    from ..config import ConfigError
+
     stages: list[Stage] = []
     for classes in REGISTRY.values():
         key = next(iter(classes.values())).listed_by
         names = list(attack[key]) if key else [n for n, c in classes.items() if c.wanted(attack, num_members)]
+        for n in names:
+            if n not in classes:  # a config checked before a plug-in's stage was unregistered
+                raise ConfigError(f"attack.{key}: unknown value '{n}' (choose from {', '.join(classes)})")
         stages += [classes[n]() for n in names]
     return stages
 
@@ -386,3 +393,6 @@ class Smoothness(Stage):
         return {"ensemble": {"smoothness": smooth},
                 "histograms": {"smoothness/lambda_max": lam_t.cpu().tolist(),
                                "smoothness/grad_cosine": cos.cpu().tolist()}}
+
+
+from . import checks  # noqa: E402,F401  (registers the attack section's check, which reads this registry)

@@ -1,0 +1,73 @@
+"""Checks of the ``attack`` config section, next to the stages that read it.
+
+:func:`validate_attack` rejects values that are well-typed but impossible,
+with a one-line :class:`~fedrobust.config.ConfigError` naming the key. The
+attack lists (``attack.transfer_attacks``, ``attack.query_attacks``,
+``attack.whitebox``) may name any stage in the registry, plug-ins included.
+Importing this module (or the stage registry, which imports it) registers
+the check with :func:`fedrobust.config.register_check`, so that a config
+loaded in a process that knows the stages is checked against them.
+"""
+
+from __future__ import annotations
+
+from omegaconf import DictConfig
+
+from ..config import ATTACK_LOSSES, MODELS, SPLITS, ConfigError, register_check
+from .stages import stage_names
+
+__all__ = ["INPUT_SIZES", "check_attack_section", "validate_attack"]
+
+# values per image of each dataset: the largest L2 distance between two [0, 1] images is sqrt of it
+INPUT_SIZES = {"digits": 1 * 8 * 8, "mnist": 28 * 28, "fashion_mnist": 28 * 28, "cifar10": 3 * 32 * 32,
+               "cifar100": 3 * 32 * 32}
+
+
+def _check(ok: bool, key: str, msg: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {msg}")
+
+
+def validate_attack(a: DictConfig, data_name: str = "digits") -> None:
+    def one_of(key: str, value: str, allowed: tuple[str, ...]) -> None:
+        _check(value in allowed, f"attack.{key}", f"unknown value '{value}' (choose from {', '.join(allowed)})")
+
+    _check(0 < a.eps < 1, "attack.eps", f"must be in (0, 1): an L-inf budget in [0, 1] pixel units "
+           f"(8/255 = 0.0314 is the paper's), got {a.eps}")
+    l2_max = INPUT_SIZES.get(data_name, 3 * 32 * 32) ** 0.5
+    _check(0 < a.eps_l2 < l2_max, "attack.eps_l2", f"must be in (0, {l2_max:.4g}) for {data_name} "
+           f"(the L2 diameter of its [0, 1] images), got {a.eps_l2}")
+    _check(a.num_samples >= 1, "attack.num_samples", f"must be >= 1, got {a.num_samples}")
+    one_of("split", a.split, SPLITS)
+    _check(a.batch_size >= 1, "attack.batch_size", f"must be >= 1, got {a.batch_size}")
+    if a.surrogates is not None:
+        _check(len(a.surrogates) > 0, "attack.surrogates",
+               "must name at least one model, or be null for the dataset's default zoo")
+        for name in a.surrogates:
+            one_of("surrogates", name, MODELS)
+    _check(a.surrogate_epochs >= 1, "attack.surrogate_epochs", f"must be >= 1, got {a.surrogate_epochs}")
+    # the registered stages (plug-ins included) are what the lists may name
+    for group, key in (("transfer", "transfer_attacks"), ("query", "query_attacks"), ("whitebox", "whitebox")):
+        names = stage_names(group)
+        if key != "whitebox":
+            _check(len(a[key]) > 0, f"attack.{key}", f"must name at least one attack (from {', '.join(names)})")
+        for name in a[key]:
+            one_of(key, name, names)
+    one_of("transfer", a.transfer, tuple(a.transfer_attacks))
+    one_of("query", a.query, tuple(a.query_attacks))
+    one_of("transfer_loss", a.transfer_loss, ATTACK_LOSSES)
+    one_of("whitebox_loss", a.whitebox_loss, ATTACK_LOSSES)
+    one_of("square_loss", a.square_loss, ("margin", "ce"))
+    _check(a.queries >= 1, "attack.queries", f"must be >= 1, got {a.queries}")
+    _check(0 < a.p_init <= 1, "attack.p_init", f"must be in (0, 1], got {a.p_init}")
+    for key in ("transfer_steps", "whitebox_steps", "apgd_steps", "tsr_steps", "power_iters"):
+        _check(a[key] >= 1, f"attack.{key}", f"must be >= 1, got {a[key]}")
+    _check(a.hessian_samples >= 0, "attack.hessian_samples", f"must be >= 0, got {a.hessian_samples}")
+
+
+def check_attack_section(cfg: DictConfig) -> None:
+    """:func:`validate_attack` on a whole run config (the form :func:`fedrobust.config.register_check` takes)."""
+    validate_attack(cfg.attack, cfg.data.name)
+
+
+register_check("attack", check_attack_section)

@@ -1,0 +1,107 @@
+"""Strategies and attack stages from installed packages, found through entry points.
+
+An installed distribution declares them in its ``pyproject.toml``::
+
+    [project.entry-points."fedrobust.strategies"]
+    l2ce = "mypkg.strategy:L2CrossEntropy"     # a strategies.TrainingStrategy subclass
+
+    [project.entry-points."fedrobust.attacks"]
+    fgsm_rand = "mypkg.attack:RandFGSM"        # a fedrobust.evaluation.stages.Stage subclass
+
+The entry point's name is the name a config uses (``strategy=l2ce``,
+``attack.whitebox=[...,fgsm_rand]``) and must be the class's ``name``. A
+strategy's parameters are the fields of its ``Config`` dataclass (see
+:class:`strategies.TrainingStrategy`); they become the typed keys of
+``strategy=<name>`` (:func:`fedrobust.config.register_strategy_schema`). An
+attack stage joins the evaluation registry like a built-in one.
+
+:func:`load_plugins` is idempotent. The CLI and the ServerApp load every
+group; a ClientApp loads ``strategies`` only, so that a node never imports the
+evaluation code. A plug-in that fails to load raises :class:`PluginError`,
+one line naming the entry point and its distribution.
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import EntryPoint, entry_points
+
+from .config import ConfigError
+
+__all__ = ["GROUPS", "PluginError", "load_plugins"]
+
+GROUPS = {"strategies": "fedrobust.strategies", "attacks": "fedrobust.attacks"}
+
+_loaded: set[str] = set()  # groups already loaded in this process
+
+
+class PluginError(ConfigError):
+    """An installed plug-in that cannot be used; the message is one line naming it and its distribution."""
+
+
+def _where(ep: EntryPoint) -> str:
+    dist = getattr(ep, "dist", None)
+    origin = f"{dist.name} {dist.version}" if dist is not None else "an unknown distribution"
+    return f"plug-in '{ep.name}' (entry point {ep.group}: {ep.name} = {ep.value}, from {origin})"
+
+
+def _one_line(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {' '.join(str(exc).split())}"[:300]
+
+
+def _add_strategy(ep: EntryPoint, cls: object) -> None:
+    import strategies
+
+    from .config import register_strategy_schema
+
+    if not (isinstance(cls, type) and issubclass(cls, strategies.TrainingStrategy)):
+        raise PluginError(f"{_where(ep)}: {cls!r} is not a strategies.TrainingStrategy subclass")
+    if cls.name != ep.name:
+        raise PluginError(f"{_where(ep)}: the entry point's name must be the class's name, '{cls.name}'")
+    try:
+        strategies.register_strategy(cls, ep.name)
+        register_strategy_schema(ep.name, cls.Config, needs_peers=cls.needs_peers)
+    except Exception as exc:  # a built-in name, or a Config that OmegaConf cannot type
+        if ep.name not in strategies.BUILT_IN and strategies.STRATEGIES.get(ep.name) is cls:
+            del strategies.STRATEGIES[ep.name]
+        raise PluginError(f"{_where(ep)}: {' '.join(str(exc).split())}") from None
+
+
+def _add_attack(ep: EntryPoint, cls: object) -> None:
+    from .evaluation.stages import REGISTRY, Stage, register
+
+    if not (isinstance(cls, type) and issubclass(cls, Stage) and getattr(cls, "group", None)):
+        raise PluginError(f"{_where(ep)}: {cls!r} is not a fedrobust.evaluation.stages.Stage subclass with a group")
+    if (cls.name or cls.group) != ep.name:
+        raise PluginError(f"{_where(ep)}: the entry point's name must be the stage's name, '{cls.name or cls.group}'")
+    taken = REGISTRY.get(cls.group, {}).get(cls.name)
+    if taken is not None and taken is not cls:
+        raise PluginError(f"{_where(ep)}: stage {cls.group}:{cls.name} is already registered by "
+                          f"{taken.__module__}.{taken.__qualname__}")
+    register(cls)
+
+
+_ADD = {"strategies": _add_strategy, "attacks": _add_attack}
+
+
+def load_plugins(*groups: str) -> list[str]:
+    """Register the plug-ins of ``groups`` (default: all, see :data:`GROUPS`); returns the entry points loaded,
+    as ``group:name``. A group already loaded in this process is not read again."""
+    loaded = []
+    for group in groups or tuple(GROUPS):
+        if group not in GROUPS:
+            raise ValueError(f"unknown plug-in group '{group}' (choose from {', '.join(GROUPS)})")
+        if group in _loaded:
+            continue
+        seen: set[tuple[str, str]] = set()
+        for ep in sorted(entry_points(group=GROUPS[group]), key=lambda e: (e.name, e.value)):
+            if (ep.name, ep.value) in seen:  # the same distribution found twice on the path
+                continue
+            seen.add((ep.name, ep.value))
+            try:
+                obj = ep.load()
+            except Exception as exc:  # any failure of the plug-in's own import
+                raise PluginError(f"{_where(ep)}: cannot import it ({_one_line(exc)})") from None
+            _ADD[group](ep, obj)
+            loaded.append(f"{ep.group}:{ep.name}")
+        _loaded.add(group)
+    return loaded
