@@ -9,7 +9,7 @@ Cells run on Ray and are skipped once done (see ``rq12.py``);
 ``fedrobust report OUT`` draws RA_T, RA_Q and CA against N and against alpha.
 
 Usage: python simulations/ablations.py [--out sweeps/ablations] [--which nodes alpha] [--nodes 3 5 7]
-       [--alphas 0.1 0.3 0.9 3 10] [--seeds 0 1 2] [--max-concurrent 2] [overrides...]
+       [--alphas 0.1 0.3 0.9 3 10] [--seeds 0 1 2] [--max-concurrent 2] [--max-failures 3] [overrides...]
 """
 
 from __future__ import annotations
@@ -47,13 +47,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--alphas", type=float, nargs="+", default=[0.1, 0.3, 0.9, 3.0, 10.0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--max-concurrent", type=int, default=2)
+    p.add_argument("--max-failures", type=int, default=3,
+                   help="cells that may fail or be lost with their worker before the sweep stops")
     p.add_argument("--cpus-per-cell", type=float, default=1.0)
     p.add_argument("--address", default=None)
     own, overrides = split_overrides(sys.argv[1:] if argv is None else argv)
     args = p.parse_args(own)
     setup_logging()
     rows = run_sweep("ablations", cells(args.which, args.nodes, args.alphas, args.seeds, overrides), args.out,
-                     max_concurrent=args.max_concurrent, cpus_per_cell=args.cpus_per_cell, address=args.address,
+                     max_concurrent=args.max_concurrent, max_failures=args.max_failures,
+                     cpus_per_cell=args.cpus_per_cell, address=args.address,
                      progress=sys.stderr.isatty())
     return 0 if all(r["status"] == "done" for r in rows) else 1
 

@@ -198,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="another EDLCM setting to train beside the default, written with = (it holds overrides), e.g. --edlcm-variant=light:strategy.alpha=0.25,strategy.beta=0.0025")
     p.add_argument("--parts", nargs="+", default=["rq12", "edlcm"], choices=["rq12", "edlcm"])
     p.add_argument("--max-concurrent", type=int, default=2)
+    p.add_argument("--max-failures", type=int, default=3,
+                   help="cells that may fail or be lost with their worker before the sweep stops")
     p.add_argument("--docs", default=None, help="copy the figures into this folder as fashion_mnist_*.png")
     own, overrides = split_overrides(sys.argv[1:] if argv is None else argv)
     args = p.parse_args(own)
@@ -220,6 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         cells = rq12_cells(params, DEPLOYMENTS, [3], args.seeds, grids, protocol)
         t0 = time.perf_counter()
         rows = run_sweep("fashion_mnist_rq12", cells, out / "rq12", max_concurrent=args.max_concurrent,
+                         max_failures=args.max_failures,
                          progress=progress)
         times["rq12"] = time.perf_counter() - t0
         sections += ["## RQ1/RQ2: learning rate against transfer and query robustness", ""]
@@ -237,6 +240,7 @@ def main(argv: list[str] | None = None) -> int:
                  for seed in args.edlcm_seeds for label, extra in variants.items()]
         t0 = time.perf_counter()
         rows = run_sweep("fashion_mnist_edlcm", cells, out / "edlcm", max_concurrent=args.max_concurrent,
+                         max_failures=args.max_failures,
                          progress=progress)
         times["edlcm"] = time.perf_counter() - t0
         sections += [f"## EDLCM against plain (seeds {', '.join(map(str, args.edlcm_seeds))}; mean ± std)", ""]

@@ -18,7 +18,7 @@ measure RA_T and RA_Q only (``attack.whitebox=[] attack.tsr=false
 attack.hessian_samples=0``); later overrides replace these defaults.
 
 Usage: python simulations/rq12.py [--out sweeps/rq12] [--params lr ...] [--deployments ...]
-       [--nodes 1 3 5 7] [--seeds 0 1 2] [--max-concurrent 2] [--lr 1e-4 1e-3 ...] [overrides...]
+       [--nodes 1 3 5 7] [--seeds 0 1 2] [--max-concurrent 2] [--max-failures 3] [--lr 1e-4 1e-3 ...] [overrides...]
 """
 
 from __future__ import annotations
@@ -65,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--nodes", type=int, nargs="+", default=[1, 3, 5, 7])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--max-concurrent", type=int, default=2)
+    p.add_argument("--max-failures", type=int, default=3,
+                   help="cells that may fail or be lost with their worker before the sweep stops")
     p.add_argument("--cpus-per-cell", type=float, default=1.0)
     p.add_argument("--address", default=None, help="Ray cluster address (default: a local instance)")
     for name, (_, values) in GRIDS.items():
@@ -76,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
              for k, (key, _) in GRIDS.items()}
     setup_logging()
     rows = run_sweep("rq12", cells(args.params, args.deployments, args.nodes, args.seeds, grids, overrides), args.out,
-                     max_concurrent=args.max_concurrent, cpus_per_cell=args.cpus_per_cell, address=args.address,
+                     max_concurrent=args.max_concurrent, max_failures=args.max_failures,
+                     cpus_per_cell=args.cpus_per_cell, address=args.address,
                      progress=sys.stderr.isatty())
     return 0 if all(r["status"] == "done" for r in rows) else 1
 
