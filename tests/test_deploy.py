@@ -39,7 +39,7 @@ def credentials(tmp_path_factory):
 
 
 _NODE = ["deploy", "supernode", "--superlink", "127.0.0.1:9", "--partition-id", "0", "--num-partitions", "3"]
-REFUSED = {  # argv (paths relative to the credentials folder) -> what the one line names
+REFUSED = {  # argv (paths relative to the credentials folder) -> what the one line names; flags that go together first
     "ca without key": ([*_NODE, "--ca", "certs/ca.crt"], "--key: required with --ca"),
     "key without ca": ([*_NODE, "--key", "keys/node0"], "--key: needs --ca"),
     "key with insecure": ([*_NODE, "--key", "keys/node0", "--insecure"], "--key: needs --ca"),
@@ -71,7 +71,7 @@ def launches(credentials, monkeypatch):
 
 
 @pytest.mark.parametrize("case", list(REFUSED))
-def test_flags_that_only_go_together_are_refused_before_anything_starts(case, launches, credentials, capsys):
+def test_bad_deploy_input_is_refused_with_one_line_before_anything_starts(case, launches, credentials, capsys):
     argv, needle = REFUSED[case]
     before = sorted(p.relative_to(credentials) for p in credentials.rglob("*"))
     assert cli(argv) == 2
@@ -117,9 +117,9 @@ class Federation:
         self.port = _free_port()
         self.name = "fedrobust-test"
 
-    def fedrobust(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    def fedrobust(self, *args: str) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", "fedrobust.cli", *args], env=self.env, cwd=self.root,
-                              capture_output=True, text=True, timeout=timeout)
+                              capture_output=True, text=True, timeout=120)
 
     def run_argv(self, *overrides: str) -> list[str]:
         """The README's run command: ``fedrobust deploy run CONNECTION OVERRIDES...``."""
