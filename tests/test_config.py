@@ -88,3 +88,53 @@ def test_defaults_and_user_overrides():
 def test_schema_is_typed():
     with pytest.raises(ConfigError, match="deployment.num_nodes"):
         load_config(["deployment.num_nodes=three"])
+
+
+def test_attack_and_tune_sections_are_checked_with_their_code_and_all_at_once_by_validation():
+    from fedrobust import config
+    from fedrobust.validation import load_config as load_checked
+    from fedrobust.validation import validate_all
+
+    with pytest.raises(ConfigError, match=r"^attack\.whitebox: unknown value 'nosuch' \(choose from fgsm, bim"):
+        load_checked(["attack.whitebox=[fgsm,nosuch]"])
+    with pytest.raises(ConfigError, match=r"^tune\.population_size: must be >= 2, got 1$"):
+        load_checked(["tune.population_size=1"])
+    cfg = load_checked([])
+    cfg.attack.eps = 2.0
+    config.validate(cfg, sections=False)  # the run's own keys: a node's task never holds the attack section
+    with pytest.raises(ConfigError, match=r"^attack\.eps: must be in \(0, 1\)"):
+        validate_all(cfg)
+
+
+def test_a_registered_strategy_schema_is_a_typed_strategy_option(monkeypatch):
+    """What a plug-in strategy's Config becomes: strategy=<name> composes without a YAML file, typed."""
+    from dataclasses import dataclass
+
+    from hydra.core.config_store import ConfigStore
+
+    from fedrobust import config
+
+    cs = ConfigStore.instance()  # undone after the test
+    monkeypatch.setitem(cs.repo, "strategy", dict(cs.repo["strategy"]))
+    monkeypatch.setattr(config, "STRATEGY_SCHEMAS", dict(config.STRATEGY_SCHEMAS))
+    monkeypatch.setattr(config, "PEER_STRATEGIES", list(config.PEER_STRATEGIES))
+
+    @dataclass
+    class ToyParams:
+        weight: float = 0.5
+        mode: str = "a"
+        limit: int | None = None
+
+    with pytest.raises(ConfigError, match="strategy: unknown value 'toy'"):
+        load_config(["strategy=toy"])
+    config.register_strategy_schema("toy", ToyParams, needs_peers=True)
+    cfg = load_config(["strategy=toy", "strategy.weight=2", "train.epochs=20"])
+    assert dict(cfg.strategy) == {"name": "toy", "weight": 2.0, "mode": "a", "limit": None}
+    assert cfg.train.rounds == 10  # it needs peers: the peer strategies' default rounds
+    assert config.strategy_names()[-1] == "toy"
+    for bad, key in (("strategy.weight=heavy", "strategy.weight"), ("strategy.nope=1", "strategy.nope"),
+                     ("strategy.limit=1.5", "strategy.limit")):
+        with pytest.raises(ConfigError, match=rf"^{key}"):
+            load_config(["strategy=toy", bad])
+    with pytest.raises(ConfigError, match="not a valid strategy name"):
+        config.register_strategy_schema("no-dash", ToyParams)

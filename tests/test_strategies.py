@@ -241,3 +241,24 @@ SIMULATION_CELLS = [("plain", "centralized"), ("curvature", "deep_ensemble"), ("
 def test_every_strategy_trains_in_simulation(tmp_path, strategy, deployment):
     results, _ = _train(tmp_path, "simulation", strategy, deployment)
     assert results["engine"] == "simulation"
+
+
+def test_a_strategy_is_built_by_name_and_a_plugin_cannot_take_a_built_in_name(monkeypatch):
+    import strategies
+
+    built = strategies.build_strategy("curvature", {"alpha": 0.5, "every": 2})
+    assert isinstance(built, strategies.Curvature)
+    assert isinstance(strategies.build_strategy(load_config(["strategy=curvature"]).strategy), strategies.Curvature)
+
+    class Mine(strategies.Plain):
+        name = "mine"
+
+    monkeypatch.setattr(strategies, "STRATEGIES", dict(strategies.STRATEGIES))  # undone after the test
+    with pytest.raises(ValueError, match="'plain' is built in"):
+        strategies.register_strategy(Mine, "plain")
+    with pytest.raises(TypeError, match="not a TrainingStrategy subclass"):
+        strategies.register_strategy(dict, "mine")
+    strategies.register_strategy(Mine)
+    assert isinstance(strategies.build_strategy("mine"), Mine)
+    with pytest.raises(ValueError, match="unknown strategy 'other'"):
+        strategies.build_strategy("other")
