@@ -80,9 +80,17 @@ def _train(overrides: list[str]) -> int:
 
             run_simulation(cfg, run_dir)
 
-    code = _guarded_step(train, "training",
-                         lambda: f"training stopped; {run_dir} is marked {INCOMPLETE}: evaluate and train refuse it")
+    def kept() -> str:
+        if (run_dir / INCOMPLETE).is_file():
+            return f"training stopped; {run_dir} is marked {INCOMPLETE}: evaluate and train refuse it"
+        return f"training had finished; results in {run_dir}"  # the signal came as the simulation shut down
+
+    code = _guarded_step(train, "training", kept)
     if code is not None:
+        if code > 128 and cfg.engine.name == "simulation":
+            from .interrupt import exit_now
+
+            exit_now(code)  # Flower's threads may still be blocked in Ray: nothing may join them at exit
         return code
     log.info("done in %.1fs; results in %s", time.perf_counter() - t0, run_dir / "results.json")
     if cfg.evaluate:

@@ -16,7 +16,9 @@ import contextlib
 import logging
 import math
 import os
+import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,7 +26,7 @@ import torch
 from omegaconf import DictConfig
 
 from .federation import collect_members, peers_of
-from .interrupt import as_interrupt
+from .interrupt import as_interrupt, descendants, keep_handlers
 from .node import MemberUpdate, train_node_round
 from .partition import num_nodes
 from .task import node_task
@@ -106,12 +108,74 @@ def backend_config(cfg: DictConfig, num_cpus: int | None = None) -> dict:
             "init_args": init_args}
 
 
+def _start_ray(init_args: dict) -> bool:
+    """Start (or join) Ray as Flower's RayBackend would, but here, in the calling thread, keeping our
+    SIGINT/SIGTERM handlers (``ray.init`` replaces SIGTERM's); True if this call started it. Flower
+    then finds Ray initialised and uses it. In the main thread, the kernel kills the private
+    instance's services when this process ends (Ray ties them to the thread that started them)."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    pythonpath = os.pathsep.join(sys.path)  # the client actors import clients.client_app and fedrobust
+    if os.environ.get("PYTHONPATH"):
+        pythonpath = f"{pythonpath}{os.pathsep}{os.environ['PYTHONPATH']}"
+    os.environ["PYTHONPATH"] = pythonpath
+    with keep_handlers():
+        ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, **({"include_dashboard": False} | init_args))
+    return True
+
+
+def _kill_actors() -> None:
+    """Kill the Ray actors this process holds handles to: Flower's client actors, the only ones it
+    creates. ``ray.kill`` ends them as asked for (a killed worker would be reported by Ray's error
+    printer, and killing a worker process by id would reach Ray's agents, named ``ray::...`` too)."""
+    import gc
+
+    import ray
+
+    for obj in gc.get_objects():
+        if issubclass(type(obj), ray.actor.ActorHandle):  # not isinstance: it asks lazy modules for __class__
+            with contextlib.suppress(Exception):
+                ray.kill(obj, no_restart=True)
+
+
+def _wind_down(done: threading.Event, stop: threading.Event) -> None:
+    """After an interruption: stop the ServerApp and kill the client actors, so that Flower's workers
+    return and Flower shuts Ray down. Flower and Ray log nothing from here on (a killed actor is no
+    error now). Waits at most ``_WIND_DOWN_S`` for Ray to be shut down and the private instance's
+    processes to be gone; the caller ends the process after that (:func:`fedrobust.interrupt.exit_now`)."""
+    import ray
+
+    for name in ("flwr", "ray"):
+        logging.getLogger(name).setLevel(logging.CRITICAL + 1)
+    logging.getLogger("flwr").disabled = True
+    stop.set()
+    deadline = time.monotonic() + _WIND_DOWN_S
+    while not done.is_set() and time.monotonic() < deadline and (ray.is_initialized() or descendants()):
+        if ray.is_initialized():
+            _kill_actors()  # again each time: Flower may have been creating its actors
+        done.wait(0.5)
+
+
+# An interrupted simulation waits this long for Flower to shut its Ray instance down (measured: about
+# 1-2 s once the actors are killed); then the process ends regardless.
+_WIND_DOWN_S = 5.0
+
+
 def run_simulation(cfg: DictConfig, run_dir: Path, *, num_cpus: int | None = None) -> None:
     """Run the federation on Flower's simulation engine; the ServerApp writes ``run_dir``.
 
     ``num_cpus`` caps the CPUs of the private Ray instance (default: all of
     this machine's). A failure of the runtime raises :class:`SimulationError`
     and stops the ServerApp, so the process never waits on a dead runtime.
+
+    Ray is started here, in the calling thread, and Flower runs in a thread of
+    its own, so that SIGINT and SIGTERM reach this thread in Python code (never
+    inside Ray) and raise :class:`~fedrobust.interrupt.Interrupted`. It is
+    raised after :func:`_wind_down`; Flower's threads may still be blocked in
+    Ray then, so a command ends its process with
+    :func:`fedrobust.interrupt.exit_now` once it has said what it kept.
     """
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
@@ -123,8 +187,11 @@ def run_simulation(cfg: DictConfig, run_dir: Path, *, num_cpus: int | None = Non
 
     # We call the Python API on purpose (it lets the CLI own the run directory);
     # `flwr run .` is supported as well, so drop Flower's deprecation notice.
-    logging.getLogger("flwr").addFilter(_DropRunSimulationNotice())
+    flwr_log = logging.getLogger("flwr")
+    if not any(isinstance(f, _DropRunSimulationNotice) for f in flwr_log.filters):
+        flwr_log.addFilter(_DropRunSimulationNotice())
     errors: list[BaseException] = []
+    failed: list[BaseException] = []
     stop = threading.Event()
     n = num_nodes(cfg.deployment.name, cfg.deployment.num_nodes)
     backend = backend_config(cfg, num_cpus)
@@ -132,19 +199,43 @@ def run_simulation(cfg: DictConfig, run_dir: Path, *, num_cpus: int | None = Non
              else f"a private local Ray instance of {backend['init_args']['num_cpus']} CPU(s)")
     log.info("simulation engine: %d virtual SuperNode(s), %s CPU / %s GPU per client, on %s", n, cfg.engine.num_cpus,
              cfg.engine.num_gpus, where)
+
+    def simulate() -> None:
+        try:
+            flwr_run_simulation(
+                server_app=make_server_app(cfg, run_dir, errors, stop),
+                client_app=client_app,
+                num_supernodes=n,
+                backend_config=backend,
+            )
+        except BaseException as exc:  # flwr exits through sys.exit for some failures
+            failed.append(exc)
+        finally:
+            done.set()
+
+    done = threading.Event()  # waited on, not sim.join(): a join that a signal interrupts marks the thread
+    #                           ended while it runs (CPython 3.11's Thread._wait_for_tstate_lock)
+    sim = threading.Thread(target=simulate, name="flwr-simulation", daemon=True)
     try:
-        flwr_run_simulation(
-            server_app=make_server_app(cfg, run_dir, errors, stop),
-            client_app=client_app,
-            num_supernodes=n,
-            backend_config=backend,
-        )
-    except (Exception, SystemExit) as exc:  # flwr exits through sys.exit for some failures
-        if as_interrupt(exc) is not None:
-            raise  # SIGTERM, through the handler ray.init installs: the caller reports it
-        if errors:
-            raise errors[0] from None
-        raise SimulationError(f"simulation runtime failed: {_root_cause(exc)}") from None
+        try:
+            started = _start_ray(backend["init_args"])
+        except Exception as exc:  # no Ray to run on (a cluster that cannot be reached, ...)
+            raise SimulationError(f"simulation runtime failed: {_root_cause(exc)}") from None
+        sim.start()
+        while not done.wait(0.2):
+            pass
+        import ray
+
+        if started and ray.is_initialized():
+            ray.shutdown()  # Flower shuts Ray down, unless it failed before it built its backend
+        if failed:  # read before the ServerApp is stopped, which would add an error of its own
+            if errors:
+                raise errors[0] from None
+            raise SimulationError(f"simulation runtime failed: {_root_cause(failed[0])}") from None
+    except BaseException as exc:
+        if as_interrupt(exc) is not None and sim.ident is not None:  # else Ray was starting: nothing to wind down
+            _wind_down(done, stop)
+        raise
     finally:
         stop.set()  # the ServerApp thread gives up waiting for replies
     if errors:

@@ -9,17 +9,29 @@ interruption leaves every file whole.
 ``ray.init`` replaces the SIGTERM handler with ``sys.exit(15)``; a
 ``SystemExit(15)`` is therefore read as SIGTERM too (:func:`as_interrupt`),
 and code that starts Ray in the main thread keeps our handlers (:func:`keep_handlers`).
+
+A command whose runtime cannot be wound down in time (threads blocked in
+Ray, Flower's simulation threads) ends with :func:`exit_now` once it has
+said what it kept: logs flushed, the processes it started killed, then
+``os._exit``, so no interpreter shutdown joins a blocked thread or tears down
+Ray's C++ core under it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
+import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import NoReturn
 
-__all__ = ["Interrupted", "as_interrupt", "guarded", "install", "keep_handlers"]
+__all__ = ["Interrupted", "as_interrupt", "descendants", "exit_now", "guarded", "install", "keep_handlers",
+           "kill_processes"]
 
 
 class Interrupted(BaseException):
@@ -108,3 +120,63 @@ def guarded(fn: Callable[[], int], kept: str, prog: str = "fedrobust") -> int:
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGINT, saved[0])
             signal.signal(signal.SIGTERM, saved[1])
+
+
+def _parent(pid: int) -> int:
+    try:  # the command may contain ")" or spaces: the fields after the last ")" are fixed
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def descendants(pid: int | None = None) -> list[int]:
+    """Live processes whose parent chain leads to ``pid`` (default: this process), from ``/proc``;
+    empty where there is no ``/proc``. Zombies count until their parent reaps them."""
+    pid = os.getpid() if pid is None else pid
+    try:
+        entries = [int(e) for e in os.listdir("/proc") if e.isdigit()]
+    except OSError:
+        return []
+    children: dict[int, list[int]] = {}
+    for p in entries:
+        if (ppid := _parent(p)):
+            children.setdefault(ppid, []).append(p)
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def kill_processes(pids: list[int], wait_s: float = 2.0) -> None:
+    """SIGKILL each of ``pids`` (by id; gone ones are skipped), and reap those that are this process's
+    children, waiting at most ``wait_s``."""
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+    mine = [pid for pid in pids if _parent(pid) == os.getpid()]
+    deadline = time.monotonic() + wait_s
+    while mine and time.monotonic() < deadline:
+        for pid in list(mine):
+            try:
+                if os.waitpid(pid, os.WNOHANG)[0] == 0:
+                    continue
+            except OSError:  # reaped elsewhere
+                pass
+            mine.remove(pid)
+        if mine:
+            time.sleep(0.02)
+
+
+def exit_now(code: int) -> NoReturn:
+    """End the process with ``code`` at once: flush the logs and standard streams, kill every process
+    it started (by id), then ``os._exit``: no atexit hook runs and no thread is joined."""
+    with contextlib.suppress(Exception):
+        logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    with contextlib.suppress(Exception):
+        kill_processes(descendants())
+    os._exit(code)

@@ -70,7 +70,8 @@ def _assert_one_line(output: str, sig: int, code: int, what: str) -> str:
 
 @pytest.mark.parametrize("sig, engine", [
     pytest.param(signal.SIGINT, "inline", id="SIGINT-inline"),
-    # ray.init replaces the SIGTERM handler; Flower runs the simulation in the main thread
+    # ray.init replaces the SIGTERM handler (the engine keeps ours); more points of a simulated run, and
+    # what it leaves running, in tests/test_signals_simulation.py
     pytest.param(signal.SIGTERM, "simulation", marks=pytest.mark.slow, id="SIGTERM-simulation"),
 ])
 def test_train_interrupted_exits_128_plus_signal_and_leaves_a_run_marked_incomplete(sig, engine, tmp_path):
