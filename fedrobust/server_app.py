@@ -9,6 +9,7 @@ the run config key ``overrides`` and the output folder from ``run-dir``.
 from __future__ import annotations
 
 import logging
+import re
 import shlex
 import threading
 import time
@@ -28,6 +29,18 @@ from .task import node_task
 __all__ = ["FlowerRounds", "app", "make_server_app", "serve"]
 
 log = logging.getLogger("fedrobust")
+
+
+_RAISED = re.compile(r"^\s*([A-Za-z_][\w.]*(?:Error|Exception|Exit|Interrupt)): (.+?)\s*'?>?\s*$")
+
+
+def client_error(reason: str) -> str:
+    """A node's error reply in one line: the exception its ClientApp raised (``Type: message``, the last
+    one its traceback names), else the whole reason with its whitespace collapsed."""
+    raised = [m for m in map(_RAISED.match, reason.splitlines()) if m]
+    if raised:
+        return f"{raised[-1][1].rsplit('.', 1)[-1]}: {raised[-1][2]}"
+    return " ".join(reason.split())
 
 
 class FlowerRounds:
@@ -108,7 +121,7 @@ class FlowerRounds:
         failed: dict[int, str] = {}  # Flower node id -> the reason in its error reply
         for nid, reply in replies:
             if reply.has_error():
-                failed[nid] = " ".join(str(reply.error.reason).split())
+                failed[nid] = client_error(str(reply.error.reason))
                 log.warning("flower node %s failed in round %d: %s", nid, round_idx + 1, failed[nid])
                 continue
             replied.add(nid)

@@ -25,9 +25,41 @@ from shared_cache import cache_dir
 MARK = "FEDROBUST_TEST_MARK"
 EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
-# one trial on the simulation engine, trained long enough (30 epochs) to be stopped while it trains
-STUDY = ["engine=simulation", "tune.n_trials=1", "tune.population_size=2", "tune.max_concurrent=1",
-         "tune.baseline_accuracy=0.5", "train.epochs=30", "train.progress=false", "attack.num_samples=60",
+# A plug-in strategy (installed as a distribution on PYTHONPATH) that trains like plain cross-entropy, and
+# raises while its flag file exists: a trial that raises, on demand, inside the ClientApp of a simulation.
+BOOM = '''
+import os
+from dataclasses import dataclass
+
+import torch.nn.functional as F
+
+from strategies.base import LossTerms, TrainingStrategy
+
+
+@dataclass
+class BoomConfig:
+    flag: str = ""
+
+
+class Boom(TrainingStrategy):
+    name = "boom"
+    Config = BoomConfig
+
+    def __init__(self, flag=""):
+        self.flag = flag
+
+    def loss(self, model, x, y, *, peers=()):
+        if self.flag and os.path.exists(self.flag):
+            raise RuntimeError("boom: the flag file exists")
+        logits = model(x)
+        ce = F.cross_entropy(logits, y)
+        return LossTerms(total=ce, terms={"ce": ce.detach()}, logits=logits.detach())
+'''
+
+# one trial of one node on the simulation engine, trained long enough (12 epochs) to be stopped while it trains
+STUDY = ["engine=simulation", "deployment=centralized", "strategy=boom", "tune.n_trials=1", "tune.population_size=2", "tune.max_concurrent=1",
+         "tune.max_failures=0", "tune.baseline_accuracy=0.5", "train.epochs=12", "train.progress=false",
+         "attack.num_samples=60",
          "attack.surrogates=[cnn]", "attack.surrogate_epochs=3", "attack.transfer_attacks=[cwa]",
          "attack.transfer_steps=3", "attack.query_attacks=[square_linf]", "attack.queries=20", "attack.whitebox=[]",
          "attack.tsr=false", "attack.hessian_samples=0", "attack.per_member=false"]
@@ -59,10 +91,22 @@ def kill_marked(mark: str) -> None:
             pass
 
 
+def install_boom(tmp: Path) -> Path:
+    site = tmp / "site"
+    info = site / "fedrobust_boom-0.1.dist-info"
+    info.mkdir(parents=True)
+    (site / "fedrobust_boom.py").write_text(BOOM)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: fedrobust-boom\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[fedrobust.strategies]\nboom = fedrobust_boom:Boom\n")
+    return site
+
+
 def env_for(tmp: Path, mark: str) -> dict[str, str]:
+    path = os.pathsep.join(p for p in (str(install_boom(tmp)), os.environ.get("PYTHONPATH", "")) if p)
     return {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")} | {
         MARK: mark, "FEDROBUST_SCRATCH": str(tmp / "scratch"), "FEDROBUST_CACHE": str(cache_dir(tmp / "cache")),
-        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0"}
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+        "PYTHONPATH": path}
 
 
 def wait_until(check, proc: subprocess.Popen, log: Path, timeout: float, what: str) -> None:
@@ -85,39 +129,57 @@ def training_child(scratch: Path) -> bool:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_a_signal_to_the_tuner_stops_its_training_trial_and_leaves_nothing(tmp_path, sig):
+@pytest.mark.parametrize("how", [signal.SIGINT, signal.SIGTERM, "raise"], ids=["SIGINT", "SIGTERM", "raise"])
+def test_a_stopped_study_leaves_nothing_running_and_resumes(tmp_path, how):
+    """SIGINT or SIGTERM to the tuner while its trial's simulation child trains, or a trial that raises
+    (tune.max_failures=0 then stops the study): the tuner exits at once, nothing it started is alive 10 s
+    later, no scratch folder is left, and the same command then completes the study."""
     mark = uuid.uuid4().hex
-    study, scratch, log = tmp_path / "study", tmp_path / "scratch", tmp_path / "tune.log"
-    cmd = [sys.executable, "-m", "fedrobust.cli", "tune", f"study_dir={study}", *STUDY]
+    study, scratch, log, flag = tmp_path / "study", tmp_path / "scratch", tmp_path / "tune.log", tmp_path / "raise"
+    cmd = [sys.executable, "-m", "fedrobust.cli", "tune", f"study_dir={study}", *STUDY, f"strategy.flag={flag}"]
     env = env_for(tmp_path, mark)
+    if how == "raise":
+        flag.write_text("the boom strategy raises while this file exists\n")
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)
     try:
         wait_until(lambda: training_child(scratch), proc, log, 240, "a trial's child started training")
-        time.sleep(1.0)
         assert marked(mark), "no process carries the marker: the scan would prove nothing"
-        sent = time.monotonic()
-        proc.send_signal(sig)  # the tuner alone, as `kill -INT PID` does
-        try:
-            code = proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            pytest.fail(f"the tuner was still running 15 s after {sig.name}: {log.read_text()[-2000:]}")
-        took = time.monotonic() - sent
-        text = log.read_text(errors="replace")
-        assert code == EXIT[sig], text[-2000:]
+        if how == "raise":
+            try:
+                code = proc.wait(timeout=240)
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"the tuner did not stop after its trial raised: {log.read_text()[-2000:]}")
+            took = 0.0
+            text = log.read_text(errors="replace")
+            assert code == 1, text[-2000:]
+            last = text.strip().splitlines()[-1]
+            assert last.startswith("fedrobust: error: 1 trial(s) failed or were lost (tune.max_failures=0); "
+                                   "the last, trial 0, failed:") and "boom: the flag file exists" in last, last
+        else:
+            time.sleep(1.0)
+            sent = time.monotonic()
+            proc.send_signal(how)  # the tuner alone, as `kill -INT PID` does
+            try:
+                code = proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"the tuner was still running 15 s after {how.name}: {log.read_text()[-2000:]}")
+            took = time.monotonic() - sent
+            text = log.read_text(errors="replace")
+            assert code == EXIT[how], text[-2000:]
+            assert f"fedrobust: interrupted ({how.name})" in text.strip().splitlines()[-1], text[-1000:]
+            assert '"cancelled"' in (study / "executions.jsonl").read_text()
         assert "Traceback" not in text, text[-3000:]
-        assert f"fedrobust: interrupted ({sig.name})" in text.splitlines()[-1], text[-1000:]
         time.sleep(10)
-        assert marked(mark) == [], f"left running 10 s after the tuner exited ({took:.1f} s after {sig.name})"
+        assert marked(mark) == [], f"left running 10 s after the tuner exited ({took:.1f} s after the signal)"
         assert list(scratch.iterdir()) == []
-        assert '"cancelled"' in (study / "executions.jsonl").read_text()
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
         kill_marked(mark)
 
+    flag.unlink(missing_ok=True)
     done = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     try:
         assert done.returncode == 0, done.stderr[-2000:]

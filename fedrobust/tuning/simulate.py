@@ -13,6 +13,8 @@ from pathlib import Path
 
 from .child import die_with_parent
 
+ERROR_PREFIX = "fedrobust trial: error: "
+
 
 def main(argv: list[str]) -> int:
     die_with_parent()
@@ -21,15 +23,28 @@ def main(argv: list[str]) -> int:
     def run() -> int:
         from ..config import config_from_json
         from ..engines import run_simulation
+        from ..plugins import load_plugins
         from ..run import setup_logging
 
+        load_plugins()
         spec, run_dir, cpus = argv
         cfg = config_from_json(Path(spec).read_text())
         setup_logging(Path(run_dir))
         run_simulation(cfg, Path(run_dir), num_cpus=int(cpus))
         return 0
 
-    return guarded(run, "the trial is abandoned", prog="fedrobust trial")
+    def reported() -> int:
+        try:
+            return run()
+        except Exception as exc:  # one line for the trial's error (the whole traceback is in the log above it)
+            import logging
+            import traceback
+
+            logging.getLogger("fedrobust").error("trial failed:\n%s", traceback.format_exc())
+            print(f"{ERROR_PREFIX}{' '.join(str(exc).split()) or type(exc).__name__}", file=sys.stderr, flush=True)
+            return 1
+
+    return guarded(reported, "the trial is abandoned", prog="fedrobust trial")
 
 
 if __name__ == "__main__":

@@ -132,6 +132,9 @@ def run_sweep(name: str, cells: list[Cell], sweep_dir: str | Path, *, max_concur
         raise ValueError("cell names must be unique")
     if max_failures < 0:
         raise ValueError(f"max_failures must be >= 0, got {max_failures}")
+    from ..plugins import load_plugins
+
+    load_plugins()  # cells may name a plug-in strategy or attack stage
     configs = [load_config(c.overrides) for c in cells]  # every cell's config is checked before anything runs
     with study_lock(sweep_dir):
         (sweep_dir / "cells").mkdir(exist_ok=True)

@@ -102,9 +102,12 @@ def _simulate_in_child(cfg, run_path: Path, threads: int) -> None:
     log_path = run_path.parent / "child.log"  # beside the run directory: scratch, not sent back
     code = run_in_session(cmd, env=env, log_path=log_path, pid_path=run_path.parent / PID_FILE)
     if code != 0:
+        from .simulate import ERROR_PREFIX
+
         lines = log_path.read_text(errors="replace").strip().splitlines()
-        tail = " ".join(lines[-3:])
-        raise RuntimeError(f"simulation engine failed (exit {code}): {tail}")
+        said = [line[len(ERROR_PREFIX):] for line in lines if line.startswith(ERROR_PREFIX)]
+        reason = said[-1] if said else " ".join(lines[-3:])
+        raise RuntimeError(f"simulation engine failed (exit {code}): {reason}")
 
 
 def execute(cfg_yaml: str, values: dict[str, Any], run_dir: str, threads: int = 1,
@@ -142,6 +145,9 @@ def _execute(cfg_yaml: str, values: dict[str, Any], run_dir: str, threads: int,
     from ..node import host_identity
     from .remote import install_files
 
+    from ..plugins import load_plugins
+
+    load_plugins()  # a plug-in strategy or attack stage named by the trial's config (this is a fresh worker)
     cfg = apply_values(OmegaConf.create(cfg_yaml), values)
     cfg.train.progress = False
     t0 = time.perf_counter()
