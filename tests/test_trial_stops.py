@@ -217,3 +217,66 @@ def test_a_sweep_whose_cell_always_crashes_its_worker_ends_after_max_failures(tm
     events = [json.loads(line) for line in (tmp_path / "sweep" / "executions.jsonl").read_text().splitlines()]
     assert [e["event"] for e in events if e["event"] != "start"] == ["lost", "lost", "lost"]
     assert read_trials_csv(tmp_path / "sweep" / "cells.csv")[0]["status"] == "missing"
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    # members that are zombies have ended; only their exit status waits for a parent
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[2]) == pgid and fields[0] != "Z":
+                return True
+    return False
+
+
+def test_an_interrupted_wait_stops_the_childs_whole_process_group(tmp_path):
+    import _thread
+    import threading
+
+    from fedrobust.tuning.child import run_in_session
+
+    pid_file = tmp_path / "child.pid"
+    # the child starts a grandchild in the background, as a trial's child starts its Ray
+    cmd = ["sh", "-c", "sleep 300 & sleep 300"]
+    timer = threading.Timer(1.0, _thread.interrupt_main)  # what a non-forced Ray cancel does to a task
+    timer.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_in_session(cmd, env=dict(os.environ), log_path=tmp_path / "child.log", pid_path=pid_file)
+    finally:
+        timer.cancel()
+    pgid = None
+    for entry in Path("/proc").iterdir():  # whatever is left of the group would still name the command
+        if entry.name.isdigit():
+            try:
+                if b"sleep\x00300" in (entry / "cmdline").read_bytes():
+                    pgid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[2])
+            except OSError:
+                continue
+    assert pgid is None or not _group_alive(pgid)
+    assert not pid_file.exists()
+
+
+def test_cleanup_stops_the_recorded_child_and_removes_only_a_scratch_folder(tmp_path, monkeypatch):
+    from fedrobust.tuning.child import PID_FILE, cleanup_work_dir
+
+    monkeypatch.setenv("FEDROBUST_SCRATCH", str(tmp_path / "scratch"))
+    work = tmp_path / "scratch" / "trial_0001-abcd"
+    work.mkdir(parents=True)
+    child = subprocess.Popen(["sh", "-c", "sleep 300 & sleep 300"], start_new_session=True)
+    (work / PID_FILE).write_text(str(child.pid))
+    cleanup_work_dir(work)
+    child.wait(timeout=10)
+    assert not _group_alive(child.pid) and not work.exists()
+
+    elsewhere = tmp_path / "kept"  # not directly under the scratch root: never removed
+    elsewhere.mkdir()
+    cleanup_work_dir(elsewhere)
+    assert elsewhere.is_dir()

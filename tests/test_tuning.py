@@ -405,3 +405,38 @@ def test_a_diverged_trial_is_failed_with_its_reason_not_requeued_and_not_counted
     monkeypatch.setattr(_FakePool, "error", "the trial's worker ran out of memory")
     with pytest.raises(RuntimeError, match=r"^1 trial\(s\) failed or were lost \(tune\.max_failures=0\); the last, trial \d+, failed: the trial's worker"):
         study.run_study(load_config([*args, f"study_dir={tmp_path / 'other'}"]))
+
+
+class _LosingPool(_FakePool):
+    """Trial 0's worker dies under it (lost); every other trial finishes."""
+
+    def wait(self, timeout=None):
+        from fedrobust.tuning.pool import Finished
+
+        key = min(self.running)
+        if key == 0:
+            del self.running[key]
+            self.on_start(key, {"host": "here"})
+            return [Finished(key, error=RuntimeError("the worker died"), lost=True, where={"host": "here"})]
+        return super().wait(timeout)
+
+
+def test_a_lost_trial_runs_again_with_its_parameters_and_losses_count_towards_max_failures(tmp_path, monkeypatch):
+    from fedrobust.tuning import pool, study
+    from fedrobust.tuning.runner import TooManyFailures
+
+    monkeypatch.setattr(pool, "TrialPool", _LosingPool)
+    monkeypatch.setattr(study, "share_artefacts", lambda pool, cfg: {})
+    args = ["engine=inline", "tune.n_trials=2", "tune.population_size=2", "tune.max_concurrent=1",
+            "tune.baseline_accuracy=0.5", "train.progress=false"]
+    rows = study.run_study(load_config([*args, "tune.max_failures=1", f"study_dir={tmp_path / 'study'}"]))
+    lost, again = rows[0], [r for r in rows if r["requeued_from"] == 0]
+    assert lost["state"] == "FAIL" and lost["failure"] == "lost" and len(again) == 1
+    assert again[0]["state"] == "COMPLETE"
+    assert all(again[0][k] == lost[k] for k in ("optimizer.lr", "optimizer.momentum", "train.batch_size"))
+    log = [json.loads(line) for line in (tmp_path / "study" / "executions.jsonl").read_text().splitlines()]
+    assert [e["event"] for e in log if e["key"] == 0] == ["start", "lost"]
+
+    with pytest.raises(TooManyFailures, match=r"^1 trial\(s\) failed or were lost \(tune\.max_failures=0\); "
+                                              r"the last, trial 0, lost with its worker: the worker died$"):
+        study.run_study(load_config([*args, "tune.max_failures=0", f"study_dir={tmp_path / 'other'}"]))
