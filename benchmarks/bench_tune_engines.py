@@ -21,7 +21,7 @@ from pathlib import Path
 
 import optuna
 
-from fedrobust.config import load_config
+from fedrobust.validation import load_config
 from fedrobust.run import setup_logging
 from fedrobust.tuning.outputs import read_trials_csv
 from fedrobust.tuning.space import SearchSpace

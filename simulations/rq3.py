@@ -16,7 +16,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from fedrobust.config import load_config
+from fedrobust.validation import load_config
 from fedrobust.interrupt import guarded
 from fedrobust.run import preflight, setup_logging
 from fedrobust.tuning import run_study

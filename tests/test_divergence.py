@@ -267,9 +267,7 @@ def test_with_min_members_a_simulation_finishes_without_a_member_that_diverged_i
     def infinite_lr_for_node_2(self, message, context):
         task = message.content["task"]
         if int(context.node_config["partition-id"]) == 2 and int(task["round"]) == 1:
-            cfg = json.loads(str(task["config"]))
-            cfg["optimizer"]["lr"] = 1e30  # finite, so the task passes validation; the first step blows up
-            task["config"] = json.dumps(cfg)
+            message.content["task.train"]["lr"] = 1e30  # finite, so the task passes validation; the first step blows up
         return original(self, message, context)
 
     monkeypatch.setattr(raybackend.RayBackend, "process_message", infinite_lr_for_node_2)

@@ -69,7 +69,8 @@ def images_measured(run_dir: Path) -> dict[str, str]:
 
 def load_study_config(study_dir: Path) -> DictConfig:
     """The study's configuration (``config.yaml``, written when the study started), typed and validated."""
-    from ..config import ConfigError, structured_base, validate
+    from ..config import ConfigError, structured_base
+    from ..validation import validate_all as validate
 
     path = Path(study_dir) / "config.yaml"
     try:
@@ -87,7 +88,8 @@ def load_study_config(study_dir: Path) -> DictConfig:
 
 def _test_config(run_dir: Path, study_cfg: DictConfig) -> DictConfig:
     """The trial's own config (its model and hyperparameters) with the study's test sample and attack settings."""
-    from ..config import structured_base, validate
+    from ..config import structured_base
+    from ..validation import validate_all as validate
 
     saved = OmegaConf.load(run_dir / "config.yaml")
     cfg = OmegaConf.merge(structured_base(saved.get("strategy", {}).get("name", "plain")), saved)

@@ -18,7 +18,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from ..config import load_config
+from ..validation import load_config  # every section checked, attack and tune included
 from ..atomic import atomic_open, write_json
 from ..progress import interactive
 from ..redact import redacted

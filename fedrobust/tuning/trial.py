@@ -28,7 +28,7 @@ log = logging.getLogger("fedrobust")
 
 def apply_values(cfg, values: dict[str, Any]):
     """The config with ``values`` (config key -> value) set, validated."""
-    from ..config import validate
+    from ..validation import validate_all as validate  # every section, also in a fresh Ray worker
 
     cfg = OmegaConf.merge(cfg, {})  # a copy
     for key, value in values.items():
