@@ -122,16 +122,18 @@ def guarded(fn: Callable[[], int], kept: str, prog: str = "fedrobust") -> int:
             signal.signal(signal.SIGTERM, saved[1])
 
 
-def _parent(pid: int) -> int:
+def _stat(pid: int) -> tuple[str, int]:
+    """A process's state letter and parent id (``("", 0)`` when it is gone)."""
     try:  # the command may contain ")" or spaces: the fields after the last ")" are fixed
-        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return fields[0], int(fields[1])
     except (OSError, ValueError, IndexError):
-        return 0
+        return "", 0
 
 
 def descendants(pid: int | None = None) -> list[int]:
-    """Live processes whose parent chain leads to ``pid`` (default: this process), from ``/proc``;
-    empty where there is no ``/proc``. Zombies count until their parent reaps them."""
+    """Live processes (not zombies) whose parent chain leads to ``pid`` (default: this process), read
+    from ``/proc``; empty where there is no ``/proc``."""
     pid = os.getpid() if pid is None else pid
     try:
         entries = [int(e) for e in os.listdir("/proc") if e.isdigit()]
@@ -139,7 +141,8 @@ def descendants(pid: int | None = None) -> list[int]:
         return []
     children: dict[int, list[int]] = {}
     for p in entries:
-        if (ppid := _parent(p)):
+        state, ppid = _stat(p)
+        if ppid and state != "Z":  # a zombie's children have a new parent already
             children.setdefault(ppid, []).append(p)
     found, todo = [], [pid]
     while todo:
@@ -155,7 +158,7 @@ def kill_processes(pids: list[int], wait_s: float = 2.0) -> None:
     for pid in pids:
         with contextlib.suppress(OSError):
             os.kill(pid, signal.SIGKILL)
-    mine = [pid for pid in pids if _parent(pid) == os.getpid()]
+    mine = [pid for pid in pids if _stat(pid)[1] == os.getpid()]
     deadline = time.monotonic() + wait_s
     while mine and time.monotonic() < deadline:
         for pid in list(mine):
