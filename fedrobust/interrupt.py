@@ -30,8 +30,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import NoReturn
 
-__all__ = ["Interrupted", "as_interrupt", "descendants", "exit_now", "guarded", "install", "keep_handlers",
-           "kill_processes"]
+__all__ = ["Interrupted", "OneLineFailure", "as_interrupt", "descendants", "exit_now", "guarded", "install",
+           "keep_handlers", "kill_processes"]
 
 
 class Interrupted(BaseException):
@@ -98,9 +98,14 @@ def as_interrupt(exc: BaseException | None) -> Interrupted | None:
     return None
 
 
+class OneLineFailure(RuntimeError):
+    """A failure whose message is one line that says it all: :func:`guarded` prints it and exits 1."""
+
+
 def guarded(fn: Callable[[], int], kept: str, prog: str = "fedrobust") -> int:
-    """Run a command with the handlers installed (and restored after): a :class:`ConfigError` exits 2
-    and an interruption ``128 + signum``, each with one line on stderr that says what was kept."""
+    """Run a command with the handlers installed (and restored after): a :class:`ConfigError` exits 2,
+    a :class:`OneLineFailure` 1, and an interruption ``128 + signum``, each with one line on stderr
+    (for an interruption, saying what was kept)."""
     from .config import ConfigError
 
     saved = (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM))
@@ -110,6 +115,9 @@ def guarded(fn: Callable[[], int], kept: str, prog: str = "fedrobust") -> int:
     except ConfigError as exc:
         print(f"{prog}: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
+    except OneLineFailure as exc:
+        print(f"{prog}: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 1
     except BaseException as exc:
         intr = as_interrupt(exc)
         if intr is None:

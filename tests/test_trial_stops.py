@@ -280,3 +280,15 @@ def test_cleanup_stops_the_recorded_child_and_removes_only_a_scratch_folder(tmp_
     elsewhere.mkdir()
     cleanup_work_dir(elsewhere)
     assert elsewhere.is_dir()
+
+
+def test_a_sweep_script_reports_too_many_failures_in_one_line(capsys):
+    from fedrobust.interrupt import guarded
+    from fedrobust.tuning.runner import TooManyFailures
+
+    def main() -> int:
+        raise TooManyFailures("4 trial(s) failed or were lost (max_failures=3); the last, cell lr-0.1, failed: boom")
+
+    assert guarded(main, "kept", prog="rq12") == 1
+    err = capsys.readouterr().err
+    assert err == "rq12: error: 4 trial(s) failed or were lost (max_failures=3); the last, cell lr-0.1, failed: boom\n"

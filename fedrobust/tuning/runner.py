@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from ..interrupt import OneLineFailure
 from .pool import EventLog, Finished, TrialPool, short_node
 
 __all__ = ["Launch", "TooManyFailures", "TrialRunner", "TrialSource", "is_divergence"]
@@ -38,7 +39,7 @@ __all__ = ["Launch", "TooManyFailures", "TrialRunner", "TrialSource", "is_diverg
 log = logging.getLogger("fedrobust")
 
 
-class TooManyFailures(RuntimeError):
+class TooManyFailures(OneLineFailure):
     """More trials were lost or failed than the run's ``max_failures`` allows; the message is one line."""
 
 
