@@ -129,7 +129,8 @@ def test_a_signal_ends_the_simulation_at_once_in_one_line_and_leaves_nothing_run
         print(f"{sig.name} at {point}: exit {code} {took:.2f}s after the signal")  # shown with pytest -s
         assert code == EXIT[sig], f"exit {code} after {took:.1f}s:\n{output[-3000:]}"
         assert took < EXIT_WITHIN_S, f"exited {took:.1f}s after the signal:\n{output[-3000:]}"
-        for bad in ("Traceback", "Aborted", "ERROR", "(raylet)"):
+        # Ray's C++ failure handler prints "*** SIGTERM received" with a stack when it holds SIGTERM
+        for bad in ("Traceback", "Aborted", "ERROR", "(raylet)", "*** SIG", "logging.cc"):
             assert bad not in output, output[-3000:]
         lines = [ln for ln in output.splitlines() if ln.startswith("fedrobust: ")]
         assert len(lines) == 1, output
