@@ -140,11 +140,12 @@ def _kill_actors() -> None:
                 ray.kill(obj, no_restart=True)
 
 
-def _wind_down(done: threading.Event, stop: threading.Event) -> None:
+def _wind_down(done: threading.Event, stop: threading.Event, private: bool) -> None:
     """After an interruption: stop the ServerApp and kill the client actors, so that Flower's workers
     return and Flower shuts Ray down. Flower and Ray log nothing from here on (a killed actor is no
-    error now). Waits at most ``_WIND_DOWN_S`` for Ray to be shut down and the private instance's
-    processes to be gone; the caller ends the process after that (:func:`fedrobust.interrupt.exit_now`)."""
+    error now). Waits at most ``_WIND_DOWN_S`` until the private instance's processes are gone (on a
+    cluster: until Flower has disconnected from it); the caller ends the process after that
+    (:func:`fedrobust.interrupt.exit_now`)."""
     import ray
 
     for name in ("flwr", "ray"):
@@ -152,7 +153,7 @@ def _wind_down(done: threading.Event, stop: threading.Event) -> None:
     logging.getLogger("flwr").disabled = True
     stop.set()
     deadline = time.monotonic() + _WIND_DOWN_S
-    while not done.is_set() and time.monotonic() < deadline and (ray.is_initialized() or descendants()):
+    while not done.is_set() and time.monotonic() < deadline and (descendants() if private else ray.is_initialized()):
         if ray.is_initialized():
             _kill_actors()  # again each time: Flower may have been creating its actors
         done.wait(0.5)
@@ -234,7 +235,7 @@ def run_simulation(cfg: DictConfig, run_dir: Path, *, num_cpus: int | None = Non
             raise SimulationError(f"simulation runtime failed: {_root_cause(failed[0])}") from None
     except BaseException as exc:
         if as_interrupt(exc) is not None and sim.ident is not None:  # else Ray was starting: nothing to wind down
-            _wind_down(done, stop)
+            _wind_down(done, stop, private=not cfg.engine.ray_address)
         raise
     finally:
         stop.set()  # the ServerApp thread gives up waiting for replies
