@@ -48,4 +48,9 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    code = main(sys.argv[1:])
+    if code > 128:  # interrupted: Flower's threads may still be blocked in Ray, so nothing may join them at exit
+        from ..interrupt import exit_now
+
+        exit_now(code)
+    sys.exit(code)
