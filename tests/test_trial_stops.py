@@ -244,19 +244,23 @@ def test_an_interrupted_wait_stops_the_childs_whole_process_group(tmp_path):
 
     pid_file = tmp_path / "child.pid"
     # the child starts a grandchild in the background, as a trial's child starts its Ray
-    cmd = ["sh", "-c", "sleep 300 & sleep 300"]
-    timer = threading.Timer(1.0, _thread.interrupt_main)  # what a non-forced Ray cancel does to a task
+    cmd = ["sh", "-c", "sleep 61 & sleep 61"]
+    # What a non-forced Ray cancel does to a task. A pytest-xdist worker ignores SIGINT, which would
+    # make interrupt_main a no-op: Python's own handler is installed for the test.
+    saved = signal.signal(signal.SIGINT, signal.default_int_handler)
+    timer = threading.Timer(1.0, _thread.interrupt_main)
     timer.start()
     try:
         with pytest.raises(KeyboardInterrupt):
             run_in_session(cmd, env=dict(os.environ), log_path=tmp_path / "child.log", pid_path=pid_file)
     finally:
         timer.cancel()
+        signal.signal(signal.SIGINT, saved)
     pgid = None
     for entry in Path("/proc").iterdir():  # whatever is left of the group would still name the command
         if entry.name.isdigit():
             try:
-                if b"sleep\x00300" in (entry / "cmdline").read_bytes():
+                if b"sleep\x0061" in (entry / "cmdline").read_bytes():
                     pgid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[2])
             except OSError:
                 continue
@@ -270,7 +274,7 @@ def test_cleanup_stops_the_recorded_child_and_removes_only_a_scratch_folder(tmp_
     monkeypatch.setenv("FEDROBUST_SCRATCH", str(tmp_path / "scratch"))
     work = tmp_path / "scratch" / "trial_0001-abcd"
     work.mkdir(parents=True)
-    child = subprocess.Popen(["sh", "-c", "sleep 300 & sleep 300"], start_new_session=True)
+    child = subprocess.Popen(["sh", "-c", "sleep 62 & sleep 62"], start_new_session=True)
     (work / PID_FILE).write_text(str(child.pid))
     cleanup_work_dir(work)
     child.wait(timeout=10)
