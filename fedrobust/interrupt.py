@@ -112,12 +112,9 @@ def guarded(fn: Callable[[], int], kept: str, prog: str = "fedrobust") -> int:
     install()
     try:
         return fn()
-    except ConfigError as exc:
+    except (ConfigError, OneLineFailure) as exc:
         print(f"{prog}: error: {' '.join(str(exc).split())}", file=sys.stderr)
-        return 2
-    except OneLineFailure as exc:
-        print(f"{prog}: error: {' '.join(str(exc).split())}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(exc, ConfigError) else 1
     except BaseException as exc:
         intr = as_interrupt(exc)
         if intr is None:

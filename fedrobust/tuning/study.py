@@ -364,8 +364,7 @@ class _StudyTrials:
         self.complete = _count(study, optuna.trial.TrialState.COMPLETE)
         self.pending: list[tuple[optuna.Trial, dict[str, Any]]] = []  # asked, not launched yet
         self.handles: dict[int, tuple[optuna.Trial, dict[str, Any]]] = {}
-        self.params: dict[int, dict[str, Any]] = {}  # a failed trial's parameters, until it is queued again
-        self.diverged = 0
+        self.lost: dict[int, dict[str, Any]] = {}  # a lost trial's parameters, until it is queued again
         self.runner = None  # set by run_study, for the progress bar's counts
 
     def finished(self) -> bool:
@@ -418,19 +417,19 @@ class _StudyTrials:
 
     def failed(self, launch, reason: str, kind: str, where: dict[str, Any]) -> None:
         trial, _ = self.handles.pop(launch.key)
-        self.params[launch.key] = trial.params
+        if kind == "lost":
+            self.lost[launch.key] = trial.params
         trial.set_user_attr("error", reason)
         trial.set_user_attr("failure", kind)  # lost, diverged or error
         self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
-        if kind == "diverged":
-            self.diverged += 1
-            if self.diverged > self.cfg.tune.n_trials:
-                raise RuntimeError(f"{self.diverged} trials diverged, more than tune.n_trials={self.cfg.tune.n_trials}: "
-                                   "narrow the search space (e.g. a lower optimizer.lr high)")
+        diverged = self.runner.counts["diverged"] if self.runner is not None else 0
+        if diverged > self.cfg.tune.n_trials:
+            raise RuntimeError(f"{diverged} trials diverged, more than tune.n_trials={self.cfg.tune.n_trials}: "
+                               "narrow the search space (e.g. a lower optimizer.lr high)")
 
     def retry(self, launch) -> None:
         """A lost trial's parameters, queued again: the next ask runs them."""
-        self.study.enqueue_trial(self.params.pop(launch.key), user_attrs={"requeued_from": launch.key},
+        self.study.enqueue_trial(self.lost.pop(launch.key), user_attrs={"requeued_from": launch.key},
                                  skip_if_exists=False)
 
 
