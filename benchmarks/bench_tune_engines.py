@@ -14,18 +14,16 @@ Usage: python benchmarks/bench_tune_engines.py [--trials 4] [--out /tmp/bench_tu
 from __future__ import annotations
 
 import argparse
-import shutil
 import tempfile
-import time
 from pathlib import Path
 
-import optuna
+from bench_tuning import draw_fixed, timed_study  # this folder is on the path when the script runs
 
-from fedrobust.validation import load_config
 from fedrobust.run import setup_logging
 from fedrobust.tuning.outputs import read_trials_csv
 from fedrobust.tuning.space import SearchSpace
-from fedrobust.tuning.study import open_study, prepare_zoo, run_study
+from fedrobust.tuning.study import prepare_zoo
+from fedrobust.validation import load_config
 
 
 def main() -> None:
@@ -40,25 +38,11 @@ def main() -> None:
     setup_logging()
     cfg = load_config(base)
     prepare_zoo(cfg)  # the zoo is shared; train it outside the timing
-    space = SearchSpace.from_config(cfg)
-    draw = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0), directions=["maximize", "maximize"])
-    fixed = []
-    for _ in range(args.trials):
-        t = draw.ask()
-        fixed.append(space.suggest(t))
-        draw.tell(t, [0.0, 0.0])
+    fixed = draw_fixed(SearchSpace.from_config(cfg), args.trials)
     times, scores = {}, {}
     for engine in ("inline", "simulation"):
         d = out / engine
-        shutil.rmtree(d, ignore_errors=True)
-        run_cfg = load_config([f"engine={engine}", *base, f"study_dir={d}"])
-        d.mkdir(parents=True)
-        study = open_study(run_cfg, d)
-        for params in fixed:
-            study.enqueue_trial(params)
-        t0 = time.perf_counter()
-        run_study(run_cfg)
-        times[engine] = time.perf_counter() - t0
+        times[engine] = timed_study(load_config([f"engine={engine}", *base, f"study_dir={d}"]), d, fixed)
         rows = read_trials_csv(d / "trials.csv")
         scores[engine] = sorted((r["ca"], r["ra_t"], r["ra_q"]) for r in rows if r["state"] == "COMPLETE")
     print(f"{args.trials} fixed trials (digits, the demo's defaults, 2 at a time, 1 CPU each), studies in {out}")

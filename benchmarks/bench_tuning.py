@@ -25,6 +25,29 @@ from fedrobust.tuning.space import SearchSpace
 from fedrobust.tuning.study import open_study, prepare_zoo, run_study
 
 
+def draw_fixed(space: SearchSpace, n: int) -> list[dict]:
+    """``n`` configurations drawn once from ``space`` with a seeded random sampler."""
+    draw = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0), directions=["maximize", "maximize"])
+    fixed = []
+    for _ in range(n):
+        t = draw.ask()
+        fixed.append(space.suggest(t))
+        draw.tell(t, [0.0, 0.0])
+    return fixed
+
+
+def timed_study(run_cfg, study_dir: Path, fixed: list[dict]) -> float:
+    """Seconds to run a new study in ``study_dir`` whose trials are ``fixed`` (queued in order)."""
+    shutil.rmtree(study_dir, ignore_errors=True)
+    study_dir.mkdir(parents=True)
+    study = open_study(run_cfg, study_dir)
+    for params in fixed:
+        study.enqueue_trial(params)
+    t0 = time.perf_counter()
+    run_study(run_cfg)
+    return time.perf_counter() - t0
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--epochs", type=int, default=10)
@@ -39,26 +62,11 @@ def main() -> None:
     setup_logging()
     cfg = load_config(base)
     prepare_zoo(cfg)  # the zoo is shared; train it outside the timing
-    space = SearchSpace.from_config(cfg)
-    sampler = optuna.samplers.RandomSampler(seed=0)
-    draw = optuna.create_study(sampler=sampler, directions=["maximize", "maximize"])
-    fixed = []
-    for _ in range(args.trials):
-        t = draw.ask()
-        fixed.append(space.suggest(t))
-        draw.tell(t, [0.0, 0.0])
+    fixed = draw_fixed(SearchSpace.from_config(cfg), args.trials)
     times = {}
     for k in (1, 2):
         d = out / f"concurrent{k}"
-        shutil.rmtree(d, ignore_errors=True)
-        run_cfg = load_config([*base, f"study_dir={d}", f"tune.max_concurrent={k}"])
-        d.mkdir(parents=True)
-        study = open_study(run_cfg, d)
-        for params in fixed:
-            study.enqueue_trial(params)
-        t0 = time.perf_counter()
-        run_study(run_cfg)
-        times[k] = time.perf_counter() - t0
+        times[k] = timed_study(load_config([*base, f"study_dir={d}", f"tune.max_concurrent={k}"]), d, fixed)
     print(f"{args.trials} fixed trials (digits, {args.epochs} epochs, 1 CPU each), studies in {out}")
     print(f"1 at a time: {times[1]:7.1f} s")
     print(f"2 at a time: {times[2]:7.1f} s   ratio {times[2] / times[1]:.2f}x   (goal <= 0.65x)")
