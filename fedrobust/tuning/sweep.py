@@ -75,9 +75,8 @@ def _write(sweep_dir: Path, rows: list[dict[str, Any]]) -> None:
 class _Cells:
     """A sweep as the runner's source (:class:`.runner.TrialSource`): its cells not done yet, in order."""
 
-    def __init__(self, name, cells, configs, todo, sweep_dir, scores, bar) -> None:
-        self.name, self.cells, self.configs, self.sweep_dir, self.scores, self.bar = (
-            name, cells, configs, sweep_dir, scores, bar)
+    def __init__(self, cells, configs, todo, sweep_dir, scores, bar) -> None:
+        self.cells, self.configs, self.sweep_dir, self.scores, self.bar = cells, configs, sweep_dir, scores, bar
         self.queue = list(todo)
         self.yaml = {i: OmegaConf.to_yaml(redacted(configs[i])) for i in todo}  # no URL password reaches a cell
         self.runner = None
@@ -147,7 +146,7 @@ def run_sweep(name: str, cells: list[Cell], sweep_dir: str | Path, *, max_concur
                 pin_cache_dir(cfg)
                 cfg.evaluate = True
             bar = progress_bar(total=len(cells), initial=len(cells) - len(todo), desc=name, enabled=progress)
-            source = _Cells(name, cells, configs, todo, sweep_dir, scores, bar)
+            source = _Cells(cells, configs, todo, sweep_dir, scores, bar)
             try:
                 pool = TrialPool(task, address=address, cpus=cpus_per_cell, gpus=gpus_per_cell,
                                  max_concurrent=max_concurrent)
