@@ -117,9 +117,10 @@ def _start_ray(init_args: dict) -> bool:
 
     if ray.is_initialized():
         return False
-    pythonpath = os.pathsep.join(sys.path)  # the client actors import clients.client_app and fedrobust
-    if os.environ.get("PYTHONPATH"):
-        pythonpath = f"{pythonpath}{os.pathsep}{os.environ['PYTHONPATH']}"
+    # the client actors import clients.client_app, fedrobust and plug-ins: this process's path, once each
+    # (a second simulation in the same process must not grow it)
+    entries = [*sys.path, *os.environ.get("PYTHONPATH", "").split(os.pathsep)]
+    pythonpath = os.pathsep.join(dict.fromkeys(e for e in entries if e))
     os.environ["PYTHONPATH"] = pythonpath
     with keep_handlers():
         ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, **({"include_dashboard": False} | init_args))
