@@ -199,7 +199,7 @@ class AttackConfig:
     p_init: float = 0.8
     square_loss: str = "margin"  # margin | ce
     whitebox: list[str] = field(default_factory=lambda: list(WHITEBOX_ATTACKS))
-    whitebox_loss: str = "ce"  # ce | margin | dlr
+    whitebox_loss: str = "ce"  # ce | margin | dlr | file:PATH | a registered name
     whitebox_steps: int = 10
     apgd_steps: int = 100
     per_member: bool = True  # per-member RA (transfer replay and the primary query attack)

@@ -2,7 +2,10 @@
 
 :func:`validate_attack` rejects values that are well-typed but impossible,
 with a one-line :class:`~fedrobust.config.ConfigError` naming the key. The
-attack lists (``attack.transfer_attacks``, ``attack.query_attacks``,
+attack losses (``attack.transfer_loss``, ``attack.whitebox_loss``) may be a
+built-in or registered name, or ``file:PATH``: the file is read and its
+expression checked here, so that a bad one is refused before anything runs.
+The attack lists (``attack.transfer_attacks``, ``attack.query_attacks``,
 ``attack.whitebox``) may name any stage in the registry, plug-ins included.
 Importing this module (or the stage registry, which imports it) registers
 the check with :func:`fedrobust.config.register_check`, so that a config
@@ -13,10 +16,12 @@ from __future__ import annotations
 
 from omegaconf import DictConfig
 
+from ..attacks.expression import LossExpressionError, load_loss_file
+from ..attacks.losses import FILE_PREFIX, LOSSES
 from ..config import ATTACK_LOSSES, MODELS, SPLITS, ConfigError, register_check
 from .stages import stage_names
 
-__all__ = ["INPUT_SIZES", "check_attack_section", "validate_attack"]
+__all__ = ["INPUT_SIZES", "check_attack_loss", "check_attack_section", "validate_attack"]
 
 # values per image of each dataset: the largest L2 distance between two [0, 1] images is sqrt of it
 INPUT_SIZES = {"digits": 1 * 8 * 8, "mnist": 28 * 28, "fashion_mnist": 28 * 28, "cifar10": 3 * 32 * 32,
@@ -26,6 +31,21 @@ INPUT_SIZES = {"digits": 1 * 8 * 8, "mnist": 28 * 28, "fashion_mnist": 28 * 28, 
 def _check(ok: bool, key: str, msg: str) -> None:
     if not ok:
         raise ConfigError(f"{key}: {msg}")
+
+
+def check_attack_loss(key: str, value: str) -> None:
+    """``attack.<key>`` names a loss: a built-in or registered name, or ``file:PATH`` of a loss file
+    that loads now (a :class:`~fedrobust.attacks.LossExpressionError` becomes a one-line ConfigError)."""
+    if isinstance(value, str) and value.startswith(FILE_PREFIX):
+        path = value[len(FILE_PREFIX):]
+        _check(bool(path), f"attack.{key}", "file: needs a path, e.g. file:losses/best.json")
+        try:
+            load_loss_file(path)
+        except LossExpressionError as exc:
+            raise ConfigError(f"attack.{key}: {exc}") from None
+        return
+    names = tuple(dict.fromkeys((*ATTACK_LOSSES, *LOSSES)))  # the built-ins first, then registered ones
+    _check(value in names, f"attack.{key}", f"unknown value '{value}' (choose from {', '.join(names)}, or file:PATH)")
 
 
 def validate_attack(a: DictConfig, data_name: str = "digits") -> None:
@@ -55,8 +75,8 @@ def validate_attack(a: DictConfig, data_name: str = "digits") -> None:
             one_of(key, name, names)
     one_of("transfer", a.transfer, tuple(a.transfer_attacks))
     one_of("query", a.query, tuple(a.query_attacks))
-    one_of("transfer_loss", a.transfer_loss, ATTACK_LOSSES)
-    one_of("whitebox_loss", a.whitebox_loss, ATTACK_LOSSES)
+    check_attack_loss("transfer_loss", a.transfer_loss)
+    check_attack_loss("whitebox_loss", a.whitebox_loss)
     one_of("square_loss", a.square_loss, ("margin", "ce"))
     _check(a.queries >= 1, "attack.queries", f"must be >= 1, got {a.queries}")
     _check(0 < a.p_init <= 1, "attack.p_init", f"must be in (0, 1], got {a.p_init}")

@@ -36,7 +36,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ..atomic import write_json
-from ..attacks import accuracy
+from ..attacks import accuracy, loss_identity
 from ..config import ConfigError
 from ..data import ImageDataset, dataset_of, to_float
 from ..progress import interactive, progress as progress_bar
@@ -182,6 +182,8 @@ def _evaluation_key(run_dir: Path, cfg: DictConfig, images: Images) -> str:
         h.update(path.name.encode())
         h.update(path.read_bytes())
     attack = {k: v for k, v in OmegaConf.to_container(cfg.attack, resolve=True).items() if k != "cache_dir"}
+    for k in ("transfer_loss", "whitebox_loss"):  # a searched loss's expression, not its file's path
+        attack[k] = loss_identity(attack[k])
     return content_key({"members": h.hexdigest(), "attack": attack, "data": cfg.data.name, "split": images.split,
                         "indices": images.indices.tolist(), "version": 2})
 

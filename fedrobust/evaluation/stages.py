@@ -53,7 +53,8 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from ..attacks import CWA, MIFGSM, PGD, SquareAttack, accuracy, build_gradient_attack, predict, transferability
+from ..attacks import (CWA, MIFGSM, PGD, SearchedLoss, SquareAttack, accuracy, attack_loss, build_gradient_attack,
+                       loss_identity, predict, transferability)
 from ..attacks.smoothness import gradient_cosine, hessian_lambda_max
 from ..ensemble import LogitAverageEnsemble
 from .cache import cache_root, content_key, load_tensors, save_tensors
@@ -72,6 +73,13 @@ class Zoo:
     model: LogitAverageEnsemble
     key: str
     cached: bool
+
+
+def loss_entry(loss: str) -> dict[str, str]:
+    """A result entry's loss: the name as configured and, for a searched one, the expression it stood for
+    (a ``file:`` path alone does not say which loss ran)."""
+    fn = attack_loss(loss)
+    return {"loss": loss, "loss_expression": fn.text} if isinstance(fn, SearchedLoss) else {"loss": loss}
 
 
 def batched(attack: Attack, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> torch.Tensor:
@@ -109,7 +117,8 @@ class TransferExamples:
         a = self.a
         key = content_key({
             "kind": "transfer", "attack": name, "zoo": zoo_key, "split": self.split, "indices": self.indices.tolist(),
-            "eps": a.eps, "steps": a.transfer_steps, "loss": a.transfer_loss, "seed": a.seed, "version": 2,
+            # a searched loss by its expression, not by its file's path
+            "eps": a.eps, "steps": a.transfer_steps, "loss": loss_identity(a.transfer_loss), "seed": a.seed, "version": 2,
         })
         return cache_root(a.cache_dir) / "transfer" / f"{key}.pt"
 
@@ -214,7 +223,7 @@ class TransferStage(Stage):
         if self.name == a.transfer:
             board.adversarial_grid(f"transfer_{self.name}", target, x, x_adv, y)
         entry = {"kind": "transfer", "robust_accuracy": ra, "asr": 1 - ra, "eps": a.eps, "norm": "linf",
-                 "steps": a.transfer_steps, "loss": a.transfer_loss, "surrogates": len(zoo.model.members),
+                 "steps": a.transfer_steps, **loss_entry(a.transfer_loss), "surrogates": len(zoo.model.members),
                  "surrogate_accuracy": accuracy(zoo.model, x_adv, y), "cached": hit}
         return {"attacks": {f"transfer_{self.name}": entry},
                 "members": {f"transfer_{self.name}": [accuracy(m, x_adv, y) for m in members]},
@@ -317,7 +326,7 @@ class WhiteboxStage(Stage):
         ra = worst_case_accuracy(target, self.build(target, a), x, y, a.batch_size)
         return {"attacks": {f"whitebox_{self.name}": {
             "kind": "whitebox", "robust_accuracy": ra, "asr": 1 - ra, "eps": a.eps, "norm": "linf",
-            "steps": self.steps(a), "loss": a.whitebox_loss}}}
+            "steps": self.steps(a), **loss_entry(a.whitebox_loss)}}}
 
 
 @register
