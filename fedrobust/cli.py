@@ -142,39 +142,84 @@ def _run_evaluation(run_dir, cfg, train_seconds: float | None = None) -> int:
     return 0
 
 
-def _evaluate(run_dir: str, overrides: list[str]) -> int:
-    from pathlib import Path
-
+def _load_run(path, overrides: list[str]):
+    """A completed run's saved config with ``overrides`` applied, every member checkpoint checked;
+    ConfigError (one line) for anything else."""
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
     from .config import apply_overrides, structured_base
+    from .run import check_complete, load_ensemble, preflight
+
+    if not path.is_dir():
+        raise ConfigError(f"run_dir: {path} is not a directory (expected a run directory written by fedrobust train)")
+    if not (path / "config.yaml").is_file() or not any((path / "members").glob("member_*.pt")):
+        raise ConfigError(f"run_dir: {path} is not a run directory (expected config.yaml and members/member_*.pt)")
+    check_complete(path)
+    try:
+        saved = OmegaConf.load(path / "config.yaml")
+        if saved.get("attack", {}).get("surrogates") == []:  # written before null meant the default zoo
+            saved.attack.surrogates = None
+        cfg = OmegaConf.merge(structured_base(saved.get("strategy", {}).get("name", "plain")), saved)
+    except (OmegaConfBaseException, ValueError, AttributeError) as exc:
+        raise ConfigError(f"run_dir: {path / 'config.yaml'} is not a valid run config ({_one_line(exc)})") from None
+    cfg = apply_overrides(cfg, overrides)
+    preflight(cfg)
+    load_ensemble(path, "cpu", cfg)  # every checkpoint is checked before anything is written
+    return cfg
+
+
+def _evaluate(run_dir: str, overrides: list[str]) -> int:
+    from pathlib import Path
+
     from .evaluation.evaluate import read_results
-    from .run import check_complete, load_ensemble, preflight, setup_logging
+    from .run import setup_logging
 
     path = Path(run_dir)
     try:
-        if not path.is_dir():
-            raise ConfigError(f"run_dir: {path} is not a directory (expected a run directory written by fedrobust train)")
-        if not (path / "config.yaml").is_file() or not any((path / "members").glob("member_*.pt")):
-            raise ConfigError(f"run_dir: {path} is not a run directory (expected config.yaml and members/member_*.pt)")
-        check_complete(path)
-        try:
-            saved = OmegaConf.load(path / "config.yaml")
-            if saved.get("attack", {}).get("surrogates") == []:  # written before null meant the default zoo
-                saved.attack.surrogates = None
-            cfg = OmegaConf.merge(structured_base(saved.get("strategy", {}).get("name", "plain")), saved)
-        except (OmegaConfBaseException, ValueError, AttributeError) as exc:
-            raise ConfigError(f"run_dir: {path / 'config.yaml'} is not a valid run config ({_one_line(exc)})") from None
-        cfg = apply_overrides(cfg, overrides)
-        preflight(cfg)
+        cfg = _load_run(path, overrides)
         read_results(path)
-        load_ensemble(path, "cpu", cfg)  # every checkpoint is checked before anything is written
     except ConfigError as exc:
         _error(exc)
         return 2
     setup_logging(path, "evaluate.log")
     return _run_evaluation(path, cfg)
+
+
+_SEARCH_HELP = """\
+AutoLoss-AR (paper 004): genetic programming over loss expressions, fitness = robust accuracy after PGD-10
+on validation images; the found losses are then measured on held-out test images. E.g.:
+  fedrobust search-loss runs/demo loss_search=small loss_search.eps=0.1
+  fedrobust search-loss runs/demo loss_search.generations=100 loss_search.population=200   # Table IV's defaults
+  fedrobust evaluate runs/demo attack.whitebox_loss=file:runs/demo/loss_search/best.json
+Running the same command again resumes the search from its last finished generation.
+keys: loss_search.{generations,population,tournament,selections,crossover,mutation,max_depth,init_min_depth,
+      init_max_depth,mutation_depth,seed,eps,steps,attack_seed,num_images,sample_seed,target,hall_of_fame,test,
+      test_images,long_steps,apgd_steps,test_eps,ray_address,out_dir}   presets: loss_search={paper,small}
+"""
+
+
+def _search_loss(run_dir: str, overrides: list[str]) -> int:
+    from pathlib import Path
+
+    try:
+        from .lossearch.settings import load_settings
+
+        path = Path(run_dir)
+        cfg = _load_run(path, [])
+        from .run import member_files
+
+        settings = load_settings(overrides, len(member_files(path)))
+        from .lossearch.search import run_search, search_dir
+        from .run import setup_logging
+    except ConfigError as exc:
+        _error(exc)
+        return 2
+    out = search_dir(path, settings)
+    setup_logging()
+    code = _guarded_step(lambda: run_search(path, cfg, settings, log_file=True), "loss search",
+                         lambda: f"finished generations are kept in {out}; run the same command to resume")
+    return 0 if code is None else code
 
 
 _TUNE_HELP = """\
@@ -329,6 +374,12 @@ def main(argv: list[str] | None = None) -> int:
         epilog=_TUNE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     tune.add_argument("overrides", nargs="*", help="Hydra overrides and study_dir=PATH")
+    sl_ = sub.add_parser(
+        "search-loss", help="search the attack loss that breaks a run's ensemble best (AutoLoss-AR, resumable)",
+        epilog=_SEARCH_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sl_.add_argument("run_dir", help="a run directory written by fedrobust train")
+    sl_.add_argument("overrides", nargs="*", help="loss_search=PRESET and loss_search.KEY=VALUE")
     rep = sub.add_parser("report", help="plots and a Markdown summary of a study or sweep directory")
     rep.add_argument("path", help="a study_dir written by fedrobust tune, or a sweep directory from simulations/")
     dep = sub.add_parser("deploy", help="credentials and launchers for a real deployment (TLS, SuperNode auth)",
@@ -366,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
     rn.add_argument("overrides", nargs="*", help="Hydra overrides as for fedrobust train, run_dir=PATH included")
     rn.add_argument("--app", default=".", help="the Flower app to submit: this repository (default: .)")
     args = parser.parse_args(argv)
-    if args.command in ("train", "evaluate", "tune") or getattr(args, "what", None) == "run":
+    if args.command in ("train", "evaluate", "tune", "search-loss") or getattr(args, "what", None) == "run":
         try:  # installed plug-ins' strategies and attacks, and every section's checks, before any config is read
             from . import validation  # noqa: F401
             from .plugins import load_plugins
@@ -377,7 +428,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     commands = {"deploy": lambda: _deploy(args), "tune": lambda: _tune(args.overrides),
                 "report": lambda: _report(args.path), "train": lambda: _train(args.overrides),
-                "evaluate": lambda: _evaluate(args.run_dir, args.overrides)}
+                "evaluate": lambda: _evaluate(args.run_dir, args.overrides),
+                "search-loss": lambda: _search_loss(args.run_dir, args.overrides)}
     # each command says what it kept when interrupted in its main work; before that, nothing was written
     return guarded(commands[args.command], "nothing was written")
 

@@ -31,9 +31,12 @@ Query attack (:mod:`.square`)
     ``SquareAttack(model, eps, norm="linf"|"l2", n_queries, p_init, loss,
     seed)``; ``attack.run(x, y)`` also returns the queries spent per image
     (each forward pass on an image counts once) in a :class:`SquareResult`.
-Losses (:mod:`.losses`)
+Losses (:mod:`.losses`, :mod:`.expression`)
     per-sample and "larger is more adversarial": ``ce``, ``margin``, ``dlr``,
-    chosen by name with ``loss=...`` (AutoLoss-AR, paper 004).
+    ``file:PATH`` (a searched loss), a name given to ``register_loss``, or any
+    callable ``loss(logits, y) -> (N,)``, passed as ``loss=...``;
+    ``SearchedLoss`` compiles an expression tree of AutoLoss-AR's search
+    space (paper 004) to torch, ``load_loss_file`` reads one.
 Measures (:mod:`.metrics`, :mod:`.smoothness`)
     ``accuracy``/``predict``; ``transferability`` (TSR, EDLCM eq. 12);
     ``hessian_lambda_max`` (input-Hessian power iteration), ``hvp``,
@@ -50,15 +53,16 @@ Example::
 """
 
 from .gradient import APGD, BIM, CWA, FGSM, MIFGSM, PGD, build_gradient_attack
-from .losses import LOSSES, attack_loss, margin
+from .expression import LossExpressionError, SearchedLoss, load_loss_file
+from .losses import LOSSES, attack_loss, loss_identity, margin, register_loss
 from .metrics import accuracy, predict, transferability
 from .smoothness import fd_hvp, gradient_cosine, hessian_lambda_max, hvp, input_gradient
 from .square import SquareAttack, SquareResult
 from .worst_case import AttackResult, WorstCase
 
 __all__ = [
-    "APGD", "AttackResult", "BIM", "CWA", "FGSM", "LOSSES", "MIFGSM", "PGD", "SquareAttack", "SquareResult",
-    "WorstCase", "accuracy",
-    "attack_loss", "build_gradient_attack", "fd_hvp", "gradient_cosine", "hessian_lambda_max", "hvp",
+    "APGD", "AttackResult", "BIM", "CWA", "FGSM", "LOSSES", "LossExpressionError", "MIFGSM", "PGD", "SearchedLoss",
+    "SquareAttack", "SquareResult", "WorstCase", "accuracy",
+    "attack_loss", "build_gradient_attack", "load_loss_file", "loss_identity", "register_loss", "fd_hvp", "gradient_cosine", "hessian_lambda_max", "hvp",
     "input_gradient", "margin", "predict", "transferability",
 ]

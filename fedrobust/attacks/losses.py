@@ -1,12 +1,15 @@
 """Per-sample attack losses. Larger means more adversarial (untargeted).
 
 The surrogate loss changes how tight a robustness estimate is (AutoLoss-AR,
-paper 004), so every gradient attack takes one of these by name.
+paper 004), so every gradient attack takes one by name, or as a callable
+``loss(logits, y) -> (N,)``.
 
 * ``ce``: cross-entropy.
 * ``margin``: ``max_{j != y} z_j - z_y`` (Carlini-Wagner margin); > 0 iff misclassified.
 * ``dlr``: difference of logits ratio (Croce & Hein 2020),
   ``-(z_y - max_{j != y} z_j) / (z_pi1 - z_pi3 + 1e-12)``, invariant to logit scale.
+* ``file:PATH``: a searched loss (``best.json`` of ``fedrobust search-loss``; see :mod:`.expression`).
+* any name given to :func:`register_loss`.
 """
 
 from __future__ import annotations
@@ -16,7 +19,12 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-__all__ = ["LOSSES", "attack_loss", "margin"]
+from .expression import LossExpressionError, SearchedLoss, load_loss_file
+
+__all__ = ["LOSSES", "FILE_PREFIX", "LossFn", "attack_loss", "loss_identity", "margin", "register_loss"]
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+FILE_PREFIX = "file:"
 
 
 def margin(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -35,11 +43,38 @@ def _dlr(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return margin(logits, y) / (top[:, 0] - third + 1e-12)
 
 
-LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {"ce": _ce, "margin": margin, "dlr": _dlr}
+LOSSES: dict[str, LossFn] = {"ce": _ce, "margin": margin, "dlr": _dlr}
+BUILTIN = ("ce", "margin", "dlr")
 
 
-def attack_loss(name: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+def register_loss(name: str, loss: LossFn | str) -> None:
+    """Make ``name`` usable wherever a loss name is (``attack.whitebox_loss=name``, ``PGD(..., loss=name)``).
+
+    ``loss`` is a callable ``(logits, y) -> (N,)`` or an expression's text form (see :mod:`.expression`).
+    """
+    if name in BUILTIN or name.startswith(FILE_PREFIX) or not name.isidentifier():
+        raise ValueError(f"cannot register a loss as '{name}': a built-in name, or not an identifier")
+    LOSSES[name] = SearchedLoss.parse(loss, name=name) if isinstance(loss, str) else loss
+
+
+def attack_loss(loss: str | LossFn) -> LossFn:
+    """The loss a name stands for; a callable is returned as it is."""
+    if callable(loss):
+        return loss
+    if loss.startswith(FILE_PREFIX):
+        try:
+            return load_loss_file(loss[len(FILE_PREFIX):])
+        except LossExpressionError as exc:
+            raise ValueError(f"attack loss '{loss}': {exc}") from None
     try:
-        return LOSSES[name]
+        return LOSSES[loss]
     except KeyError:
-        raise ValueError(f"unknown attack loss '{name}' (choose from {', '.join(LOSSES)})") from None
+        raise ValueError(f"unknown attack loss '{loss}' (choose from {', '.join(LOSSES)}, or file:PATH)") from None
+
+
+def loss_identity(loss: str | LossFn) -> str:
+    """What a loss is, for cache keys: its name, or a searched loss's expression (not the file's path)."""
+    fn = attack_loss(loss)
+    if isinstance(fn, SearchedLoss):
+        return f"expr:{fn.text}"
+    return loss if isinstance(loss, str) else getattr(fn, "__qualname__", repr(fn))

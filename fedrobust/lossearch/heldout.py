@@ -1,0 +1,106 @@
+"""The found losses on held-out test images (paper 004, Questions 1 and 2).
+
+The search saw only validation images; here every figure is measured on
+``loss_search.test_images`` test images (default ``attack.num_samples``,
+drawn with ``attack.sample_seed``: the run's own evaluation sample), with the
+worst case kept, as in ``fedrobust evaluate``:
+
+* the main table: each hand-made loss and each hall-of-fame loss under
+  PGD-10 (the search's attack), and the best-by-search-fitness loss and the
+  hand-made ones under PGD-100 and APGD;
+* the transfer table (Question 2): the best loss against cross-entropy on
+  another model (every member alone, and the ensemble, whichever the search
+  did not target) and at other budgets.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from ..atomic import write_json, write_text
+from ..attacks import APGD, PGD
+from ..attacks.expression import SearchedLoss
+from ..data import to_float
+from ..evaluation.evaluate import Images, evaluation_sample, held_out_images
+from ..evaluation.stages import worst_case_accuracy
+
+__all__ = ["measure_heldout"]
+
+log = logging.getLogger("fedrobust")
+
+
+def _ra(model, attack, x, y, batch_size: int) -> float:
+    return round(worst_case_accuracy(model, attack, x, y, batch_size), 6)
+
+
+def measure_heldout(search, fame: list[dict[str, Any]], out: Path) -> dict[str, Any]:
+    cfg, s = search.cfg, search.s
+    a = cfg.attack
+    whole = held_out_images(cfg, search.data, "test")
+    n = s.test_images or a.num_samples
+    images = Images("test", whole.indices[evaluation_sample(whole.pool, n, a.sample_seed)], whole.pool, a.sample_seed)
+    x, y = images.tensors(search.data)
+    x, y = to_float(x).to(search.device), y.to(search.device)
+    model, eps, bs, seed = search.model, search.eps, a.batch_size, s.attack_seed
+    best = SearchedLoss.parse(fame[0]["expression"])
+    losses: dict[str, Any] = {"ce": "ce", "margin": "margin", "dlr": "dlr"}
+    rows = []
+    for name, loss in losses.items():
+        rows.append({"loss": name, "search_fitness": None,
+                     f"pgd{s.steps}": _ra(model, PGD(model, eps, s.steps, loss=loss, seed=seed), x, y, bs),
+                     f"pgd{s.long_steps}": _ra(model, PGD(model, eps, s.long_steps, loss=loss, seed=seed), x, y, bs),
+                     f"apgd{s.apgd_steps}": _ra(model, APGD(model, eps, s.apgd_steps, loss=loss, seed=seed), x, y, bs)})
+    for entry in fame:
+        loss = SearchedLoss.parse(entry["expression"])
+        entry["test_robust_accuracy"] = _ra(model, PGD(model, eps, s.steps, loss=loss, seed=seed), x, y, bs)
+        row = {"loss": f"found #{entry['rank']}: {entry['infix']}", "search_fitness": entry["search_fitness"],
+               f"pgd{s.steps}": entry["test_robust_accuracy"]}
+        if entry is fame[0]:
+            row[f"pgd{s.long_steps}"] = _ra(model, PGD(model, eps, s.long_steps, loss=loss, seed=seed), x, y, bs)
+            row[f"apgd{s.apgd_steps}"] = _ra(model, APGD(model, eps, s.apgd_steps, loss=loss, seed=seed), x, y, bs)
+        rows.append(row)
+    # Question 2: the same loss on another model and at other budgets (PGD-steps, as in the search)
+    others = [("ensemble", search.ensemble)] + [(f"member:{m}", mem) for m, mem in enumerate(search.ensemble.members)]
+    transfer = []
+    for where, target in others:
+        if where == s.target:
+            continue
+        transfer.append(_pair(f"{where} (eps {eps:g})", target, eps, best, x, y, s, bs, seed))
+    for e in (s.test_eps if s.test_eps is not None else [eps / 2, min(2 * eps, 0.99)]):
+        transfer.append(_pair(f"{s.target} (eps {e:g})", model, e, best, x, y, s, bs, seed))
+    result = {"images": images.describe(), "indices": images.indices.tolist(), "eps": eps, "target": s.target,
+              "best": {"expression": fame[0]["expression"], "infix": fame[0]["infix"]}, "table": rows,
+              "transfer": transfer}
+    write_json(out / "heldout.json", result)
+    write_text(out / "heldout.md", _markdown(result, s))
+    log.info("held-out (%s): PGD-%d robust accuracy ce %.4f, best found %.4f", images.describe()["text"], s.steps,
+             rows[0][f"pgd{s.steps}"], fame[0]["test_robust_accuracy"])
+    return result
+
+
+def _pair(where: str, model, eps: float, best, x, y, s, bs: int, seed: int) -> dict[str, Any]:
+    ce = _ra(model, PGD(model, eps, s.steps, loss="ce", seed=seed), x, y, bs)
+    found = _ra(model, PGD(model, eps, s.steps, loss=best, seed=seed), x, y, bs)
+    return {"setting": where, "ce": ce, "found": found, "gain_points": round(100 * (ce - found), 2)}
+
+
+def _fmt(v) -> str:
+    return "-" if v is None else f"{v:.4f}"
+
+
+def _markdown(result: dict[str, Any], s) -> str:
+    cols = [f"pgd{s.steps}", f"pgd{s.long_steps}", f"apgd{s.apgd_steps}"]
+    lines = [f"Held-out robust accuracy (lower = stronger loss), {result['images']['text']}, "
+             f"L-inf eps {result['eps']:g}, target {result['target']}; worst case kept.", "",
+             "| loss | search fitness | " + " | ".join(c.upper().replace("PGD", "PGD-").replace("APGD-", "APGD-")
+                                                    for c in cols) + " |",
+             "|---|---|" + "---|" * len(cols)]
+    for r in result["table"]:
+        lines.append(f"| {r['loss']} | {_fmt(r['search_fitness'])} | " + " | ".join(_fmt(r.get(c)) for c in cols) + " |")
+    lines += ["", f"Transfer of the best found loss (PGD-{s.steps}):", "",
+              "| setting | ce | found | gain (points) |", "|---|---|---|---|"]
+    for t in result["transfer"]:
+        lines.append(f"| {t['setting']} | {t['ce']:.4f} | {t['found']:.4f} | {t['gain_points']:+.2f} |")
+    return "\n".join(lines) + "\n"
