@@ -194,7 +194,7 @@ on validation images; the found losses are then measured on held-out test images
   fedrobust evaluate runs/demo attack.whitebox_loss=file:runs/demo/loss_search/best.json
 Running the same command again resumes the search from its last finished generation.
 keys: loss_search.{generations,population,tournament,selections,crossover,mutation,max_depth,init_min_depth,
-      init_max_depth,mutation_depth,seed,eps,steps,attack_seed,num_images,sample_seed,target,hall_of_fame,test,
+      init_max_depth,mutation_depth,hand_made_start,seed,eps,steps,attack_seed,num_images,sample_seed,target,hall_of_fame,test,
       test_images,long_steps,apgd_steps,test_eps,ray_address,out_dir}   presets: loss_search={paper,small}
 """
 

@@ -57,7 +57,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
-    "GAMMA", "LOSS_FILE_FORMAT", "MAX_DEPTH", "MAX_NODES", "PRIMITIVES", "TERMINALS", "LossExpressionError",
+    "GAMMA", "HAND_MADE", "LOSS_FILE_FORMAT", "MAX_DEPTH", "MAX_NODES", "PRIMITIVES", "TERMINALS", "LossExpressionError",
     "SearchedLoss", "Tree", "depth", "infix", "load_loss_file", "parse", "simplify", "size", "to_text",
 ]
 
@@ -100,6 +100,24 @@ PRIMITIVES: dict[str, tuple[int, Callable[..., torch.Tensor]]] = {
     "Sum": (1, lambda x: x.sum(1, keepdim=True)),
     "Softmax": (1, lambda x: torch.softmax(x, 1)),
 }
+
+
+def _hand_made() -> dict[str, Tree]:
+    k = ("Exp", ("Exp", ("Exp", "1")))  # e^(e^e) ~ 3.8e6, from the constant 1: a "large" number
+
+    def neg(x):
+        return ("Neg", x)
+
+    margin = ("Add", ("Max", ("Add", "p", neg(("Mul", "q", k)))), neg(("Sum", ("Mul", "q", "p"))))
+    top1 = ("Softmax", ("Mul", k, "p"))  # one-hot of the largest logit
+    without1 = ("Add", "p", neg(("Mul", k, top1)))
+    top2 = ("Softmax", ("Mul", k, without1))
+    third = ("Max", ("Add", without1, neg(("Mul", k, top2))))
+    return {
+        "ce": neg(("Mul", "q", ("Log", ("Softmax", "p")))),
+        "margin": margin,
+        "dlr": ("Mul", margin, ("Inv", ("Add", ("Max", "p"), neg(third)))),
+    }
 
 
 class LossExpressionError(ValueError):
@@ -402,3 +420,8 @@ def load_loss_file(path: str | os.PathLike) -> SearchedLoss:
     except OSError as exc:
         raise LossExpressionError(f"{path}: cannot be read ({exc.strerror or exc})") from None
     return SearchedLoss(tree, name=f"file:{path}")
+
+
+# The hand-made losses of :mod:`.losses` as trees of this space (cross-entropy up to the protected log's gamma;
+# margin and DLR wherever the logits' gaps are far above 1 / e^(e^e))
+HAND_MADE: dict[str, Tree] = _hand_made()

@@ -38,6 +38,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ..atomic import dumps_json, save_figure, write_json, write_text
+from ..attacks.expression import HAND_MADE as HAND_MADE_TREES
 from ..attacks.expression import LOSS_FILE_FORMAT, SearchedLoss, infix, parse, size, to_text
 from ..config import ConfigError
 from ..data import dataset_of, to_float
@@ -55,7 +56,7 @@ log = logging.getLogger("fedrobust")
 
 HAND_MADE = ("ce", "margin", "dlr")
 _TRAJECTORY = ("generations", "population", "tournament", "selections", "crossover", "mutation", "max_depth",
-               "init_min_depth", "init_max_depth", "mutation_depth", "seed", "steps", "attack_seed", "split",
+               "init_min_depth", "init_max_depth", "mutation_depth", "hand_made_start", "seed", "steps", "attack_seed", "split",
                "num_images", "sample_seed", "target")
 
 
@@ -110,8 +111,9 @@ class _Search:
             except ValueError:
                 raise ConfigError(f"loss_search.out_dir: {path} is damaged; remove {self.out} to start over") from None
             if saved.get("key") != self.key:
-                differ = [k for k, v in self.description["settings"].items() if saved.get("settings", {}).get(k) != v]
-                what = f" ({', '.join(differ)} differ)" if differ else " (other members, images or eps)"
+                had = saved.get("settings", {}) if isinstance(saved.get("settings"), dict) else {}
+                differ = [k for k, v in self.description["settings"].items() if k in had and had[k] != v]
+                what = f" (differing: {', '.join(differ)})" if differ else " (other members, images or eps)"
                 raise ConfigError(f"loss_search.out_dir: {self.out} holds a search with other settings{what}; "
                                   f"give another loss_search.out_dir, or remove it to start over")
             return (self.out / "checkpoint.json").is_file()
@@ -210,7 +212,8 @@ def run_search(run_dir: str | Path, cfg: DictConfig, s: DictConfig, log_file: bo
         baselines = {name: search.problem.robust_accuracy(name) for name in HAND_MADE}
         log.info("search images: %s; eps %.4g; PGD-%d robust accuracy with %s", search.images.describe()["text"],
                  search.eps, s.steps, ", ".join(f"{k} {v:.4f}" for k, v in baselines.items()))
-        population = breeder.initial(s.population)
+        start = [HAND_MADE_TREES[n] for n in HAND_MADE] if s.hand_made_start else []
+        population = start + breeder.initial(s.population - len(start))
         gen, history, fitness = -1, [], []
     with SummaryWriter(str(out / "tensorboard")) as tb, evaluator:
         if gen < 0:

@@ -30,6 +30,8 @@ class LossSearchConfig:
     init_min_depth: int = 1  # ramped half-and-half initialisation
     init_max_depth: int = 4
     mutation_depth: int = 2  # height of a mutation's new subtree (at most)
+    # start the population from ce, margin and DLR written as trees (the rest random); the paper starts at random
+    hand_made_start: bool = False
     seed: int = 0  # the genetic program's seed
     eps: float | None = None  # L-inf budget of the fitness's PGD; null: attack.eps of the run
     steps: int = 10  # PGD-10 (the paper's m)
@@ -60,6 +62,8 @@ def validate_loss_search(s: DictConfig, num_members: int) -> None:
         _check(s[key] >= 1, key, f"must be >= 1, got {s[key]}")
     _check(s.generations >= 0, "generations", f"must be >= 0, got {s.generations}")
     _check(s.population >= 2, "population", f"must be >= 2, got {s.population}")
+    if s.hand_made_start:
+        _check(s.population >= 4, "population", f"must be >= 4 with hand_made_start (3 hand-made + 1), got {s.population}")
     _check(s.selections >= 2, "selections", f"must be >= 2, got {s.selections}")
     _check(s.tournament <= s.population, "tournament", f"must be <= population ({s.population}), got {s.tournament}")
     for key in ("crossover", "mutation"):
