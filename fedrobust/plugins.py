@@ -8,12 +8,18 @@ An installed distribution declares them in its ``pyproject.toml``::
     [project.entry-points."fedrobust.attacks"]
     fgsm_rand = "mypkg.attack:RandFGSM"        # a fedrobust.evaluation.stages.Stage subclass
 
+    [project.entry-points."fedrobust.losses"]
+    found = "mypkg.losses:FOUND"               # a loss(logits, y) -> (N,) callable, or an expression's text
+
 The entry point's name is the name a config uses (``strategy=l2ce``,
 ``attack.whitebox=[...,fgsm_rand]``) and must be the class's ``name``. A
 strategy's parameters are the fields of its ``Config`` dataclass (see
 :class:`strategies.TrainingStrategy`); they become the typed keys of
 ``strategy=<name>`` (:func:`fedrobust.config.register_strategy_schema`). An
-attack stage joins the evaluation registry like a built-in one.
+attack stage joins the evaluation registry like a built-in one. A loss
+becomes a name ``attack.whitebox_loss`` and ``attack.transfer_loss`` take
+(:func:`fedrobust.attacks.register_loss`); an expression's text is checked
+and compiled as a searched loss is (:mod:`fedrobust.attacks.expression`).
 
 :func:`load_plugins` is idempotent. The CLI and the ServerApp load every
 group; a ClientApp loads ``strategies`` only, so that a node never imports the
@@ -29,7 +35,7 @@ from .config import ConfigError
 
 __all__ = ["GROUPS", "PluginError", "load_plugins"]
 
-GROUPS = {"strategies": "fedrobust.strategies", "attacks": "fedrobust.attacks"}
+GROUPS = {"strategies": "fedrobust.strategies", "attacks": "fedrobust.attacks", "losses": "fedrobust.losses"}
 
 _loaded: set[str] = set()  # groups already loaded in this process
 
@@ -80,7 +86,21 @@ def _add_attack(ep: EntryPoint, cls: object) -> None:
     register(cls)
 
 
-_ADD = {"strategies": _add_strategy, "attacks": _add_attack}
+def _add_loss(ep: EntryPoint, obj: object) -> None:
+    from .attacks.losses import LOSSES, register_loss
+
+    if not (callable(obj) or isinstance(obj, str)):
+        raise PluginError(f"{_where(ep)}: {obj!r} is neither a loss(logits, y) callable nor an expression's text")
+    taken = LOSSES.get(ep.name)
+    if taken is not None and taken is not obj and getattr(taken, "text", None) != obj:
+        raise PluginError(f"{_where(ep)}: the loss name '{ep.name}' is already taken")
+    try:
+        register_loss(ep.name, obj)
+    except ValueError as exc:  # a built-in name, or an expression outside the search space
+        raise PluginError(f"{_where(ep)}: {' '.join(str(exc).split())}") from None
+
+
+_ADD = {"strategies": _add_strategy, "attacks": _add_attack, "losses": _add_loss}
 
 
 def load_plugins(*groups: str) -> list[str]:

@@ -9,6 +9,7 @@ runs it, so nothing registered here leaks into other tests.
 from __future__ import annotations
 
 import json
+import shutil
 import os
 import subprocess
 import sys
@@ -269,3 +270,49 @@ def test_the_simulation_engine_trains_a_plugin_strategy_as_inline_does(plugin, t
     assert len(sim) == len(inline) == 2
     for a, b in zip(sim, inline):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+LOSSES_MODULE = '''
+import torch
+
+def half_margin(logits, y):
+    true = logits.gather(1, y[:, None]).squeeze(1)
+    return 0.5 * (logits.amax(1) - true)
+
+# a searched loss, as the text a best.json holds
+FOUND = "Neg(Mul(q, Log(Softmax(p))))"
+BROKEN = "Neg(Frobnicate(p))"
+'''
+
+
+def _loss_distribution(folder: Path, name: str, entry_points: str) -> Path:
+    """Like :func:`_distribution`, with a package of its own (``toylosses``) beside the strategy plug-in's."""
+    (folder / "toylosses").mkdir(parents=True)
+    (folder / "toylosses" / "__init__.py").write_text(LOSSES_MODULE)
+    info = folder / f"{name.replace('-', '_')}-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(entry_points)
+    return folder
+
+
+def test_plugin_losses_are_names_the_attacks_take_from_the_shell(plugin, trained, tmp_path):
+    site = _loss_distribution(tmp_path / "site", "fedrobust-toylosses",
+                              "[fedrobust.losses]\nhalf_margin = toylosses:half_margin\nfound = toylosses:FOUND\n")
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    proc = fedrobust("evaluate", str(run), *ATTACK, "attack.whitebox=[pgd]", "attack.whitebox_loss=found",
+                     "attack.transfer_loss=half_margin", f"attack.cache_dir={tmp_path / 'cache'}", plugins=(plugin, site))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    attacks = json.loads((run / "results.json").read_text())["ensemble"]["attacks"]
+    assert attacks["whitebox_pgd"]["loss"] == "found" and attacks["transfer_pgd"]["loss"] == "half_margin"
+    # without the distribution the name is unknown, in one line
+    proc = fedrobust("evaluate", str(run), "attack.whitebox_loss=found", plugins=(plugin,))
+    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0
+    assert "attack.whitebox_loss: unknown value 'found'" in proc.stderr or "unknown attack loss" in proc.stderr, proc.stderr
+    # an expression outside the search space: one line naming the entry point and its distribution
+    broken = _loss_distribution(tmp_path / "broken", "fedrobust-badloss", "[fedrobust.losses]\nbroken = toylosses:BROKEN\n")
+    proc = fedrobust("evaluate", str(run), "attack.whitebox_loss=broken", plugins=(plugin, broken))
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert "plug-in 'broken'" in lines[0] and "fedrobust-badloss 0.1" in lines[0] and "unknown primitive 'Frobnicate'" in lines[0]
