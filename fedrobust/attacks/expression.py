@@ -166,7 +166,10 @@ def infix(tree: Tree) -> str:
         return f"-{_atom(args[0])}"
     if op == "Square":
         return f"{_atom(args[0])}^2"
-    return _INFIX_UNARY[op].format(infix(args[0]))
+    inner = infix(args[0])
+    if not isinstance(args[0], str) and args[0][0] == "Add":
+        inner = inner[1:-1]  # max_c(a + b), not max_c((a + b))
+    return _INFIX_UNARY[op].format(inner)
 
 
 def _atom(tree: Tree) -> str:
