@@ -15,6 +15,7 @@ worst case kept, as in ``fedrobust evaluate``:
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from ..atomic import write_json, write_text
 from ..attacks import APGD, PGD
 from ..attacks.expression import SearchedLoss
 from ..data import to_float
+from ..evaluation.cache import content_key
 from ..evaluation.evaluate import Images, evaluation_sample, held_out_images
 from ..evaluation.stages import worst_case_accuracy
 
@@ -36,11 +38,21 @@ def _ra(model, attack, x, y, batch_size: int) -> float:
 
 
 def measure_heldout(search, fame: list[dict[str, Any]], out: Path) -> dict[str, Any]:
+    """The tables (also written to ``heldout.json`` and ``heldout.md``); each hall-of-fame entry gets its
+    ``test_robust_accuracy``. A complete search run again reuses its tables when nothing they depend on changed."""
     cfg, s = search.cfg, search.s
     a = cfg.attack
     whole = held_out_images(cfg, search.data, "test")
     n = s.test_images or a.num_samples
     images = Images("test", whole.indices[evaluation_sample(whole.pool, n, a.sample_seed)], whole.pool, a.sample_seed)
+    key = content_key({"search": search.key, "fame": [e["expression"] for e in fame], "indices": images.indices.tolist(),
+                       "settings": [s.test_images, s.long_steps, s.apgd_steps, s.test_eps, a.batch_size], "version": 1})
+    saved = _saved(out / "heldout.json", key)
+    if saved is not None:
+        for entry, ra in zip(fame, saved["fame_test_robust_accuracy"]):
+            entry["test_robust_accuracy"] = ra
+        log.info("held-out tables unchanged: reused %s", out / "heldout.json")
+        return saved
     x, y = images.tensors(search.data)
     x, y = to_float(x).to(search.device), y.to(search.device)
     model, eps, bs, seed = search.model, search.eps, a.batch_size, s.attack_seed
@@ -70,7 +82,8 @@ def measure_heldout(search, fame: list[dict[str, Any]], out: Path) -> dict[str, 
         transfer.append(_pair(f"{where} (eps {eps:g})", target, eps, best, x, y, s, bs, seed))
     for e in (s.test_eps if s.test_eps is not None else [eps / 2, min(2 * eps, 0.99)]):
         transfer.append(_pair(f"{s.target} (eps {e:g})", model, e, best, x, y, s, bs, seed))
-    result = {"images": images.describe(), "indices": images.indices.tolist(), "eps": eps, "target": s.target,
+    result = {"key": key, "fame_test_robust_accuracy": [e["test_robust_accuracy"] for e in fame],
+              "images": images.describe(), "indices": images.indices.tolist(), "eps": eps, "target": s.target,
               "best": {"expression": fame[0]["expression"], "infix": fame[0]["infix"]}, "table": rows,
               "transfer": transfer}
     write_json(out / "heldout.json", result)
@@ -78,6 +91,14 @@ def measure_heldout(search, fame: list[dict[str, Any]], out: Path) -> dict[str, 
     log.info("held-out (%s): PGD-%d robust accuracy ce %.4f, best found %.4f", images.describe()["text"], s.steps,
              rows[0][f"pgd{s.steps}"], fame[0]["test_robust_accuracy"])
     return result
+
+
+def _saved(path: Path, key: str) -> dict[str, Any] | None:
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return saved if isinstance(saved, dict) and saved.get("key") == key else None
 
 
 def _pair(where: str, model, eps: float, best, x, y, s, bs: int, seed: int) -> dict[str, Any]:
