@@ -145,3 +145,35 @@ def test_fitness_on_ray_equals_fitness_in_process():
         assert sum(done) == len(keys)
     finally:
         pool.close()
+
+
+def test_a_search_writes_its_hall_of_fame_best_loss_and_held_out_tables(trained, tmp_path, capsys, monkeypatch):
+    from fedrobust.attacks import SearchedLoss, attack_loss
+    from fedrobust.lossearch import heldout
+
+    out = tmp_path / "out"
+    settings = ["loss_search=small", "loss_search.population=6", "loss_search.selections=6",
+                "loss_search.generations=1", "loss_search.num_images=30", "loss_search.eps=0.1",
+                "loss_search.test_images=25", "loss_search.long_steps=3", "loss_search.apgd_steps=3",
+                "loss_search.hall_of_fame=3", "loss_search.test_eps=[0.05]", f"loss_search.out_dir={out}"]
+    assert main(["search-loss", str(trained), *settings]) == 0
+    fame = json.loads((out / "hall_of_fame.json").read_text())
+    assert set(fame["baselines"]) == {"ce", "margin", "dlr"} and 1 <= len(fame["entries"]) <= 3
+    assert [e["search_fitness"] for e in fame["entries"]] == sorted(e["search_fitness"] for e in fame["entries"])
+    for e in fame["entries"]:
+        assert 0 <= e["test_robust_accuracy"] <= 1 and e["infix"] == SearchedLoss.parse(e["expression"]).infix
+    best = attack_loss(f"file:{out / 'best.json'}")
+    assert best.text == fame["entries"][0]["expression"]
+    held = json.loads((out / "heldout.json").read_text())
+    assert held["images"]["split"] == "test" and held["images"]["num_images"] == 25
+    search = json.loads((out / "search.json").read_text())
+    assert search["images"]["split"] == "validation"  # the search saw training images only
+    rows = {r["loss"].split(":")[0]: r for r in held["table"]}
+    assert {"ce", "margin", "dlr", "found #1"} <= set(rows) and set(rows["found #1"]) >= {"pgd10", "pgd3", "apgd3"}
+    assert [t["setting"] for t in held["transfer"]] == ["member:0 (eps 0.1)", "member:1 (eps 0.1)",
+                                                       "member:2 (eps 0.1)", "ensemble (eps 0.05)"]
+    assert (out / "heldout.md").read_text().count("\n|") >= 8
+    # run again: nothing left to search, and the held-out tables are reused, not measured again
+    monkeypatch.setattr(heldout, "_ra", lambda *a, **k: pytest.fail("measured the held-out tables again"))
+    assert main(["search-loss", str(trained), *settings]) == 0
+    assert json.loads((out / "heldout.json").read_text()) == held
