@@ -123,7 +123,7 @@ def main() -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--docs", help="also copy summary.png to docs/loss_search_NAME.png")
     p.add_argument("overrides", nargs="*", help="loss_search=PRESET and loss_search.KEY=VALUE")
-    args = p.parse_args()
+    args = p.parse_intermixed_args()
     out = Path(args.out)
     for seed in args.seeds:
         _search(args.run_dir, out / f"seed_{seed}", seed, args.overrides)

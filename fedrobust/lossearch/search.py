@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import json
 import logging
 import statistics
 import time
@@ -104,8 +105,6 @@ class _Search:
         """Create the folder or check that it holds this search; True when a checkpoint is there to resume."""
         path = self.out / "search.json"
         if path.is_file():
-            import json
-
             try:
                 saved = json.loads(path.read_text())
             except ValueError:
@@ -200,13 +199,12 @@ def run_search(run_dir: str | Path, cfg: DictConfig, s: DictConfig, log_file: bo
     evaluator = _Evaluator(search.problem, s, cfg.train.progress)
     t0 = time.perf_counter()
     if resume:
-        import json
-
         state = json.loads((out / "checkpoint.json").read_text())
         breeder.restore(state["random_state"])
         gen, population, fitness = state["generation"], state["population"], state["fitness"]
         history, baselines = state["history"], state["baselines"]
         population = [parse(t) for t in population]
+        t0 -= history[-1]["seconds"] if history else 0.0  # history's seconds count the whole search
         log.info("resuming the loss search in %s after generation %d/%d", out, gen, s.generations)
     else:
         baselines = {name: search.problem.robust_accuracy(name) for name in HAND_MADE}
