@@ -39,6 +39,12 @@ def _search(run_dir: str, out: Path, seed: int, overrides: list[str]) -> None:
         raise SystemExit(code)
 
 
+def _name(column: str) -> str:
+    """pgd10 -> PGD-10, apgd100 -> APGD-100."""
+    letters = column.rstrip("0123456789")
+    return f"{letters.upper()}-{column[len(letters):]}"
+
+
 def _mean_std(values: list[float]) -> str:
     if len(values) < 2:
         return f"{values[0]:.2f}"
@@ -67,19 +73,19 @@ def summarise(out: Path, seeds: list[int]) -> str:
     first = json.loads((out / f"seed_{seeds[0]}" / "heldout.json").read_text())
     lines = [f"Held-out images: {first['images']['text']}; L-inf eps {first['eps']:g}; target {first['target']}; "
              f"robust accuracy with the worst case kept (lower = the loss breaks more).", "",
-             f"| seed | best loss found (by search fitness) | search fitness (ce) | test {short.upper()}: ce | margin "
+             f"| seed | best loss found (by search fitness) | search fitness (ce) | test {_name(short)}: ce | margin "
              f"| dlr | found | gap to ce (points) | search time |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['seed']} | `{r['infix']}` | {r['fit']:.4f} ({r['fit_ce']:.4f}) | {r['ce']:.4f} | "
                      f"{r['margin']:.4f} | {r['dlr']:.4f} | {r['found']:.4f} | {r['gap']:+.2f} | "
                      f"{r['seconds'] / 60:.1f} min |")
     lines += ["", f"Gap to ce over the seeds (points, mean ± std): {_mean_std([r['gap'] for r in rows])}.", "",
-              f"| seed | ce {long_.upper()} / {apgd.upper()} | margin | dlr | found |", "|---|---|---|---|---|"]
+              f"| seed | ce {_name(long_)} / {_name(apgd)} | margin | dlr | found |", "|---|---|---|---|---|"]
     for r in long_rows:
         cell = lambda n: f"{r[f'{n}_{long_}']:.4f} / {r[f'{n}_{apgd}']:.4f}"  # noqa: E731
         lines.append(f"| {r['seed']} | {cell('ce')} | {cell('margin')} | {cell('dlr')} | "
                      f"{r['found_long']:.4f} / {r['found_apgd']:.4f} |")
-    lines += ["", f"Transfer of each seed's best loss ({short.upper()}; gain = ce − found, points):", "",
+    lines += ["", f"Transfer of each seed's best loss ({_name(short)}; gain = ce − found, points):", "",
               "| setting | " + " | ".join(f"seed {t['seed']}: ce → found" for t in transfer) + " |",
               "|---|" + "---|" * len(transfer)]
     for i, row in enumerate(transfer[0]["rows"]):
