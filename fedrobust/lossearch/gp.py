@@ -20,7 +20,7 @@ from contextlib import contextmanager
 
 from deap import algorithms, base, creator, gp, tools
 
-from ..attacks.expression import PRIMITIVES, TERMINALS, Tree, check
+from ..attacks.expression import PRIMITIVES, Tree, check
 
 __all__ = ["Breeder", "from_deap", "primitive_set", "to_deap"]
 

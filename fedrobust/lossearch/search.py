@@ -35,12 +35,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from ..atomic import dumps_json, save_figure, write_json, write_text
+from ..atomic import save_figure, write_json
 from ..attacks.expression import HAND_MADE as HAND_MADE_TREES
-from ..attacks.expression import LOSS_FILE_FORMAT, SearchedLoss, infix, parse, size, to_text
+from ..attacks.expression import LOSS_FILE_FORMAT, infix, parse, size, to_text
 from ..config import ConfigError
 from ..data import dataset_of, to_float
 from ..evaluation.cache import content_key
