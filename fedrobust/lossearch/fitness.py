@@ -102,9 +102,10 @@ class FitnessCache:
             with self.path.open("a") as f:
                 f.write(json.dumps({"expression": key, "fitness": fitness, "status": status}) + "\n")
 
-    def evaluate(self, trees: Iterable[Tree], measure: Callable[[list[str]], list[tuple[float, str]]],
+    def evaluate(self, trees: Iterable[Tree], measure: Callable[..., Iterable[tuple[float, str]]],
                  on_done: Callable[[int], None] | None = None) -> list[float]:
-        """Fitness of each tree; only keys not seen before are measured (``measure`` takes a list of keys)."""
+        """Fitness of each tree; only keys not seen before are measured: ``measure(keys, on_done)`` yields
+        ``(fitness, status)`` per key, in order, each kept as soon as it comes."""
         keys = [canonical(t) for t in trees]
         todo = list(dict.fromkeys(k for k in keys if k not in self.values))
         self.hits += len(keys) - len(todo)

@@ -60,7 +60,6 @@ def validate_loss_search(s: DictConfig, num_members: int) -> None:
     """One-line :class:`ConfigError` naming the first key at fault."""
     for key in ("generations", "tournament", "steps", "long_steps", "apgd_steps", "num_images"):
         _check(s[key] >= 1, key, f"must be >= 1, got {s[key]}")
-    _check(s.generations >= 0, "generations", f"must be >= 0, got {s.generations}")
     _check(s.population >= 2, "population", f"must be >= 2, got {s.population}")
     if s.hand_made_start:
         _check(s.population >= 4, "population", f"must be >= 4 with hand_made_start (3 hand-made + 1), got {s.population}")
