@@ -11,6 +11,12 @@ them (:mod:`fedrobust.evaluation.checks`, :mod:`fedrobust.tuning.checks`);
 :func:`register_check`. This module never imports either package, so a node
 can read its task without the evaluation or tuning code. Plug-in strategies
 add their schema with :func:`register_strategy_schema`.
+
+A searched architecture is a model like any other: ``model=searched:PATH``
+(or ``model.name=``) names a genotype file, set after composing as path keys
+are. :func:`resolve_genotype` copies the genotype into ``model.genotype``, so
+that a run's saved config holds its architecture; :func:`model_spec` is the
+form a node receives, ``searched:`` and the genotype's JSON.
 """
 
 from __future__ import annotations
@@ -41,8 +47,12 @@ __all__ = [
     "load_config",
     "config_from_json",
     "config_to_json",
+    "inline_model_overrides",
+    "is_searched",
+    "model_spec",
     "register_check",
     "register_strategy_schema",
+    "resolve_genotype",
     "strategy_names",
     "validate",
 ]
@@ -51,6 +61,8 @@ CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10", "cifar100")
 MODELS = ("cnn", "resnet18", "resnet34", "mobilenetv2", "vgg16", "resnet8", "vgg7", "mlp", "lenet", "convnet")
+# model.name=searched:PATH (a genotype file, fedrobust search-arch) or searched:{...} (the genotype's JSON)
+SEARCHED_PREFIX = "searched:"
 DEPLOYMENTS = ("centralized", "deep_ensemble", "distributed_iid", "distributed_dirichlet")
 STRATEGIES = ("plain", "curvature", "dispersion", "edlcm", "adversarial")  # built in; plug-ins: strategy_names()
 ENGINES = ("simulation", "inline")
@@ -72,7 +84,10 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = "cnn"
+    name: str = "cnn"  # a hand-made model (MODELS), or searched:PATH (a genotype file) or searched:{...}
+    # a searched model's genotype as canonical JSON: read from model.name when the config is loaded (and again
+    # whenever model.name changes), so that a run's config.yaml holds its architecture, not only a path; null otherwise
+    genotype: str | None = None
 
 
 @dataclass
@@ -365,14 +380,27 @@ PATH_KEYS = ("run_dir", "study_dir", "data.root", "attack.cache_dir")
 _NULLABLE_PATHS = ("run_dir", "study_dir", "data.root")
 
 
+def _unquoted(value: str) -> str:
+    if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+        return value[1:-1]  # quoted for Hydra, as its grammar would require
+    return value
+
+
+def _names_searched_model(key: str, value: str) -> bool:
+    """``model=searched:...`` or ``model.name=searched:...``: Hydra has no group option for the first, and
+    its grammar takes neither an arbitrary path nor JSON, so both are set after composing, as paths are."""
+    return key.lstrip("+") in ("model", "model.name") and is_searched(_unquoted(value))
+
+
 def _split_path_overrides(overrides: list[str]) -> tuple[dict[str, str | None], list[str]]:
     paths: dict[str, str | None] = {}
     rest = []
     for item in overrides:
         key, sep, value = item.partition("=")
-        if sep and key.lstrip("+") in PATH_KEYS:
-            if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
-                value = value[1:-1]  # quoted for Hydra, as its grammar would require
+        if sep and _names_searched_model(key, value):
+            paths["model.name"] = _unquoted(value)
+        elif sep and key.lstrip("+") in PATH_KEYS:
+            value = _unquoted(value)
             key = key.lstrip("+")
             paths[key] = None if key in _NULLABLE_PATHS and value in ("", "null") else value
         else:
@@ -399,9 +427,22 @@ def _check_syntax(overrides: list[str]) -> None:
                               f"{key}={quote}{value}{quote} (with shell quotes around the whole override)") from None
 
 
+def inline_model_overrides(overrides: list[str] | tuple[str, ...], cfg: DictConfig) -> list[str]:
+    """``overrides`` with a searched model's genotype file replaced by its JSON (``cfg``'s), for a process
+    on another machine that cannot read the file (a deployment's ServerApp)."""
+    kept = [o for o in overrides if not _names_searched_model(*o.partition("=")[::2])]
+    if len(kept) == len(overrides):
+        return list(overrides)
+    return [*kept, f"model.name={model_spec(cfg)}"]
+
+
 def load_config(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
     """Compose ``conf/config.yaml`` with Hydra overrides and validate the result."""
     paths, overrides = _split_path_overrides(list(overrides))
+    for item in overrides:
+        if item.partition("=")[0].lstrip("+~") == "model.genotype":
+            raise ConfigError("model.genotype: read from model.name; name the genotype file there, "
+                              "e.g. model=searched:searches/fmnist/genotype.json")
     _check_syntax(overrides)
     GlobalHydra.instance().clear()
     try:
@@ -416,6 +457,7 @@ def load_config(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
             raise ConfigError(f"{key}: '${{' is not allowed in a path (OmegaConf would read it as an interpolation)")
         OmegaConf.update(cfg, key, value, merge=False)
     resolve_defaults(cfg)
+    resolve_genotype(cfg, reread=True)
     validate(cfg)
     return cfg
 
@@ -440,6 +482,61 @@ def resolve_defaults(cfg: DictConfig) -> None:
         cfg.train.rounds = max(1, min(rounds, cfg.train.epochs))
 
 
+def is_searched(name: object) -> bool:
+    """Whether a model name names a searched model: ``searched:PATH`` or ``searched:{...}``."""
+    return isinstance(name, str) and name.startswith(SEARCHED_PREFIX)
+
+
+def resolve_genotype(cfg: DictConfig, *, reread: bool = False) -> None:
+    """Fill ``model.genotype`` from ``model.name``: null for a hand-made model; for a searched one, its
+    genotype's canonical JSON, read from the file (or the JSON) that ``model.name`` names when ``reread``
+    or when the config holds none yet. A genotype that cannot be read is a ConfigError naming model.name.
+    (This imports torch, for a searched model only.)"""
+    if not is_searched(cfg.model.name):
+        cfg.model.genotype = None
+        return
+    if cfg.model.get("genotype") is not None and not reread:
+        return  # the run's own copy: the file may have changed or gone since
+    from .models import read_genotype
+    from .nas import GenotypeError
+
+    try:
+        cfg.model.genotype = read_genotype(cfg.model.name).to_json()
+    except GenotypeError as exc:
+        raise ConfigError(f"model.name: {_one_line(exc)}") from None
+
+
+def model_spec(cfg: DictConfig) -> str:
+    """The run's model as :func:`fedrobust.models.build_model` takes it and a node receives it: a hand-made
+    model's name, or ``searched:`` and the genotype's JSON (a node never reads a file)."""
+    if is_searched(cfg.model.name):
+        return SEARCHED_PREFIX + str(cfg.model.genotype)
+    return str(cfg.model.name)
+
+
+def _check_model(m: DictConfig) -> None:
+    if not is_searched(m.name):
+        _check(m.name in MODELS, "model.name",
+               f"unknown model '{m.name}' (choose from {', '.join(MODELS)}, or searched:PATH of a genotype file)")
+        _check(m.get("genotype") is None, "model.genotype",
+               "only a searched model has one (model.name=searched:PATH); must be null")
+        return
+    from .models import read_genotype
+    from .nas import GenotypeError, parse_genotype
+
+    _check(isinstance(m.get("genotype"), str), "model.genotype", "missing: a searched model's config holds its genotype")
+    try:
+        held = parse_genotype(m.genotype)
+    except GenotypeError as exc:
+        raise ConfigError(f"model.genotype: {_one_line(exc)}") from None
+    if m.name[len(SEARCHED_PREFIX):].lstrip().startswith("{"):  # inline: the two must agree
+        try:
+            named = read_genotype(m.name)
+        except GenotypeError as exc:
+            raise ConfigError(f"model.name: {_one_line(exc)}") from None
+        _check(named == held, "model.genotype", "differs from the genotype that model.name holds")
+
+
 def _check(ok: bool, key: str, msg: str) -> None:
     if not ok:
         raise ConfigError(f"{key}: {msg}")
@@ -449,7 +546,7 @@ def validate(cfg: DictConfig, *, sections: bool = True) -> None:
     """Reject values that are well-typed but impossible: the run's own keys here, then (``sections``)
     the sections whose checks were registered with :func:`register_check` (attack, tune)."""
     _check(cfg.data.name in DATASETS, "data.name", f"unknown dataset '{cfg.data.name}' (choose from {', '.join(DATASETS)})")
-    _check(cfg.model.name in MODELS, "model.name", f"unknown model '{cfg.model.name}' (choose from {', '.join(MODELS)})")
+    _check_model(cfg.model)
     _check(cfg.deployment.name in DEPLOYMENTS, "deployment.name", f"unknown deployment '{cfg.deployment.name}' (choose from {', '.join(DEPLOYMENTS)})")
     _check(cfg.strategy.name in STRATEGY_SCHEMAS, "strategy.name",
            f"unknown strategy '{cfg.strategy.name}' (choose from {', '.join(strategy_names())})")
@@ -528,13 +625,20 @@ def validate_strategy(st: Mapping[str, Any], prefix: str = "strategy") -> None:
 
 def apply_overrides(cfg: DictConfig, overrides: list[str] | tuple[str, ...]) -> DictConfig:
     """Apply ``key=value`` overrides to a composed config (no group switches), then validate."""
+    reread = False
     try:
         for item in overrides:
             if "=" not in item:
                 raise ConfigError(f"{item}: expected key=value")
-            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
+            key, _, value = item.partition("=")
+            if _names_searched_model(key, value):  # any path or JSON, as load_config takes it
+                cfg = OmegaConf.merge(cfg, {"model": {"name": _unquoted(value)}})
+            else:
+                cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
+            reread = reread or key.lstrip("+") in ("model", "model.name")
     except OmegaConfBaseException as exc:
         raise _translate(exc) from None
+    resolve_genotype(cfg, reread=reread)  # a run's saved genotype stands unless model.name is overridden
     validate(cfg)
     return cfg
 

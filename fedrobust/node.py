@@ -26,6 +26,7 @@ from torch import nn
 
 from strategies import build_strategy
 
+from .config import model_spec
 from .data import ImageDataset, load_dataset
 from .models import build_model
 from .partition import NodeShard, members_per_node, node_shards, num_nodes
@@ -120,7 +121,7 @@ def dataset_of_task(spec: RunSpec) -> ImageDataset:
 
 def build_member(spec: RunSpec, data: ImageDataset, seed: int | None = None) -> nn.Module:
     """A fresh member; with ``seed``, its initialisation is fixed without touching the global RNG."""
-    model = spec.model if isinstance(spec, NodeTask) else spec.model.name
+    model = spec.model if isinstance(spec, NodeTask) else model_spec(spec)
     if seed is None:
         return build_model(model, data.in_channels, data.num_classes, data.mean, data.std)
     with torch.random.fork_rng(devices=[]):

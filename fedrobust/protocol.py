@@ -3,9 +3,10 @@
 Task (server → node): the :class:`~fedrobust.task.NodeTask` and the round, as
 ``ConfigRecord``s, never the run's config:
 
-* ``task``: ``version`` (1), ``round`` (0-based), ``num-rounds``, ``model``,
-  ``seed``, ``device``, ``threads``, ``progress``, ``strategy`` (its name) and,
-  when some field is null, ``null`` (their names, e.g. ``shard.root``);
+* ``task``: ``version`` (1), ``round`` (0-based), ``num-rounds``, ``model``
+  (a name, or ``searched:`` and the genotype's JSON, never a path), ``seed``,
+  ``device``, ``threads``, ``progress``, ``strategy`` (its name) and, when
+  some field is null, ``null`` (their names, e.g. ``shard.root``);
 * ``task.train``: the :class:`~fedrobust.training.TrainSettings` fields;
 * ``task.shard``: the :class:`~fedrobust.task.ShardSpec` fields;
 * ``task.strategy``: the strategy's arguments.

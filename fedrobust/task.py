@@ -8,7 +8,8 @@ rounds, the device, the torch threads and whether to show progress. The
 server builds it with :func:`node_task`; the attack and tune sections, run
 directories and storage URLs never reach a node.
 
-:func:`check_task` is the node's validation: types, ranges, known model,
+:func:`check_task` is the node's validation: types, ranges, known model (or a
+searched model's genotype, which travels as JSON and is checked field by field),
 data set, deployment and strategy names (plug-ins included once loaded), the
 strategy's arguments against its schema. A malformed task raises
 :class:`TaskError`, whose message is one line naming the field.
@@ -26,7 +27,8 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from .config import DATASETS, DEPLOYMENTS, MODELS, STRATEGY_SCHEMAS, ConfigError, strategy_names, validate_strategy
+from .config import (DATASETS, DEPLOYMENTS, MODELS, SEARCHED_PREFIX, STRATEGY_SCHEMAS, ConfigError, is_searched,
+                     model_spec, strategy_names, validate_strategy)
 from .training import TrainSettings
 
 __all__ = ["NodeTask", "ShardSpec", "TaskError", "check_task", "node_task", "shard_spec", "train_settings"]
@@ -54,7 +56,7 @@ class ShardSpec:
 class NodeTask:
     """Everything a node needs to train its members for any round of a run."""
 
-    model: str
+    model: str  # a hand-made model's name, or searched: and the genotype's JSON (never a path: a node reads no file)
     train: TrainSettings
     strategy: str
     strategy_args: Mapping[str, Any]  # the strategy's constructor arguments: scalars, or lists of them
@@ -99,7 +101,7 @@ def node_task(cfg: DictConfig) -> NodeTask:
     """The task every node of the run described by ``cfg`` receives (checked with :func:`check_task`)."""
     args = OmegaConf.to_container(cfg.strategy, resolve=True)
     args.pop("name", None)
-    task = NodeTask(model=str(cfg.model.name), train=train_settings(cfg), strategy=str(cfg.strategy.name),
+    task = NodeTask(model=model_spec(cfg), train=train_settings(cfg), strategy=str(cfg.strategy.name),
                     strategy_args=args, shard=shard_spec(cfg), seed=int(cfg.train.seed), rounds=int(cfg.train.rounds),
                     device=str(cfg.train.device), threads=max(1, int(cfg.engine.num_cpus)),
                     progress=bool(cfg.train.progress))
@@ -142,10 +144,25 @@ _SHARD_TYPES = {"data": (str, False), "root": (str, True), "train_subset": (int,
 _ARG_TYPES = (bool, int, float, str)
 
 
+def _check_genotype(text: str) -> None:
+    """A searched model's genotype, as JSON in the task: checked as a genotype file is (size, depth, fields)."""
+    from .nas import GenotypeError, parse_genotype
+
+    _need(text.lstrip().startswith("{"), "model", f"a searched model travels as its genotype's JSON "
+          f"(searched:{{...}}), not as a file name, got 'searched:{text:.60}'")
+    try:
+        parse_genotype(text)
+    except GenotypeError as exc:
+        _fail("model", f"searched genotype: {' '.join(str(exc).split())}")
+
+
 def check_task(task: NodeTask) -> None:
     """Check what a node uses of ``task``: types, ranges and names. Raises :class:`TaskError`."""
     _typed(task.model, str, "model")
-    _one_of(task.model, MODELS, "model")
+    if is_searched(task.model):
+        _check_genotype(task.model[len(SEARCHED_PREFIX):])
+    else:
+        _one_of(task.model, MODELS, "model")
     _typed(task.seed, int, "seed")
     _need(task.seed >= 0, "seed", f"must be >= 0, got {task.seed}")
     _typed(task.rounds, int, "num-rounds")

@@ -18,6 +18,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -62,6 +63,11 @@ def run_hparams(cfg: DictConfig, defaults: DictConfig) -> dict[str, bool | int |
     differ = {k: v for k, v in ours.items()
               if (k not in base or base[k] != v) and not any(k == n or k.startswith(n) for n in _NOT_HPARAMS)}
     always = {"strategy.name": cfg.strategy.name, "deployment.name": cfg.deployment.name, "train.seed": cfg.train.seed}
+    for key in ("model.name", "model.genotype"):  # a genotype's JSON is a digest in the table (config.yaml has it)
+        value = differ.get(key)
+        if isinstance(value, str) and value.removeprefix("searched:").startswith("{"):
+            body = value.removeprefix("searched:")
+            differ[key] = value[: len(value) - len(body)] + "sha256:" + hashlib.sha256(body.encode()).hexdigest()[:12]
     return {k: _hparam_value(v) for k, v in sorted((always | differ).items())}
 
 

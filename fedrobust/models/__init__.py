@@ -4,15 +4,25 @@
 model; the input channels, class count and normalisation come from the data.
 The CIFAR variants keep full resolution in the stem (3x3 conv, no max-pool)
 and end in global average pooling, so they also run on small images.
+
+Besides the hand-made models (:data:`MODEL_BUILDERS`), a name may be a
+searched architecture (:mod:`fedrobust.nas`): ``searched:PATH`` of a genotype
+file, or ``searched:{...}``, the genotype's JSON itself. :func:`resolve_model`
+turns the first into the second, the form a node receives (it never reads a
+file); a genotype that cannot be built is a one-line
+:class:`~fedrobust.nas.GenotypeError`.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
 
+from ..config import SEARCHED_PREFIX, is_searched
+from ..nas import Genotype, GenotypeError, SearchedNetwork, load_genotype, parse_genotype
 from .cnn import SmallCNN
 from .lenet import ConvNet, LeNet5
 from .mlp import MLP
@@ -20,7 +30,8 @@ from .mobilenet import MobileNetV2
 from .resnet import resnet8, resnet18, resnet34
 from .vgg import vgg7_bn, vgg16_bn
 
-__all__ = ["MODEL_BUILDERS", "Normalize", "build_model"]
+__all__ = ["DATA_SHAPES", "MODEL_BUILDERS", "Normalize", "build_model", "count_parameters", "is_searched",
+           "read_genotype", "resolve_model"]
 
 
 class Normalize(nn.Module):
@@ -51,14 +62,54 @@ MODEL_BUILDERS: dict[str, Callable[[int, int], nn.Module]] = {
 }
 
 
+# (channels, height, width, classes) of each data set's images: a model's size depends on channels and classes
+DATA_SHAPES = {"digits": (1, 8, 8, 10), "mnist": (1, 28, 28, 10), "fashion_mnist": (1, 28, 28, 10),
+               "cifar10": (3, 32, 32, 10), "cifar100": (3, 32, 32, 100)}
+
+
+@functools.lru_cache(maxsize=32)
+def _parsed(text: str) -> Genotype:
+    return parse_genotype(text)
+
+
+def read_genotype(name: str) -> Genotype:
+    """The genotype of a searched model's name: ``searched:{...}`` holds it, ``searched:PATH`` names its
+    file (read now: a path that starts with ``{`` is written ``./{...}``)."""
+    if not is_searched(name):
+        raise GenotypeError(f"'{name:.60}' is not a searched model (searched:PATH or searched:{{...}})")
+    spec = name[len(SEARCHED_PREFIX):]
+    if spec.lstrip().startswith("{"):
+        return _parsed(spec)
+    if not spec:
+        raise GenotypeError("searched: needs a genotype file, e.g. searched:searches/fmnist/genotype.json")
+    return load_genotype(spec)
+
+
+def resolve_model(name: str) -> str:
+    """The model as a node receives it: a hand-made model's name as it is; a searched one as ``searched:``
+    and its genotype's canonical JSON (:meth:`~fedrobust.nas.Genotype.to_json`), whatever file it was in."""
+    return SEARCHED_PREFIX + read_genotype(name).to_json() if is_searched(name) else name
+
+
 def build_model(
     name: str, in_channels: int, num_classes: int, mean: Sequence[float], std: Sequence[float]
 ) -> nn.Sequential:
     """A model named ``name`` whose first layer normalises its [0, 1] input."""
-    try:
-        body = MODEL_BUILDERS[name](in_channels, num_classes)
-    except KeyError:
-        raise ValueError(f"unknown model '{name}' (choose from {', '.join(MODEL_BUILDERS)})") from None
+    if is_searched(name):
+        body: nn.Module = SearchedNetwork(read_genotype(name), in_channels, num_classes)
+    else:
+        try:
+            body = MODEL_BUILDERS[name](in_channels, num_classes)
+        except KeyError:
+            raise ValueError(f"unknown model '{name}' (choose from {', '.join(MODEL_BUILDERS)}, "
+                             "or searched:PATH)") from None
     if len(mean) != in_channels or len(std) != in_channels:
         raise ValueError(f"normalisation has {len(mean)} channels, data has {in_channels}")
     return nn.Sequential(Normalize(mean, std), body)
+
+
+def count_parameters(name: str, data: str) -> int:
+    """Parameters of model ``name`` built for data set ``data``'s images (built on the CPU, never run)."""
+    channels, _, _, classes = DATA_SHAPES[data]
+    model = build_model(name, channels, classes, [0.0] * channels, [1.0] * channels)
+    return sum(p.numel() for p in model.parameters())
