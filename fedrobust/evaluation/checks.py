@@ -4,7 +4,8 @@
 with a one-line :class:`~fedrobust.config.ConfigError` naming the key. The
 attack losses (``attack.transfer_loss``, ``attack.whitebox_loss``) may be a
 built-in or registered name, or ``file:PATH``: the file is read and its
-expression checked here, so that a bad one is refused before anything runs.
+expression checked here, so that a bad one is refused before anything runs;
+so is a searched surrogate's genotype file (``attack.surrogates=[cnn,searched:PATH]``).
 The attack lists (``attack.transfer_attacks``, ``attack.query_attacks``,
 ``attack.whitebox``) may name any stage in the registry, plug-ins included.
 Importing this module (or the stage registry, which imports it) registers
@@ -18,7 +19,9 @@ from omegaconf import DictConfig
 
 from ..attacks.expression import LossExpressionError, load_loss_file
 from ..attacks.losses import FILE_PREFIX, LOSSES
-from ..config import ATTACK_LOSSES, MODELS, SPLITS, ConfigError, register_check
+from ..config import ATTACK_LOSSES, MODELS, SPLITS, ConfigError, is_searched, register_check
+from ..models import read_genotype
+from ..nas import GenotypeError
 from .stages import stage_names
 
 __all__ = ["INPUT_SIZES", "check_attack_loss", "check_attack_section", "validate_attack"]
@@ -64,7 +67,14 @@ def validate_attack(a: DictConfig, data_name: str = "digits") -> None:
         _check(len(a.surrogates) > 0, "attack.surrogates",
                "must name at least one model, or be null for the dataset's default zoo")
         for name in a.surrogates:
-            one_of("surrogates", name, MODELS)
+            if is_searched(name):  # the genotype file is read now, so that a bad one is refused before anything runs
+                try:
+                    read_genotype(name)
+                except GenotypeError as exc:
+                    raise ConfigError(f"attack.surrogates: {' '.join(str(exc).split())}") from None
+            else:
+                _check(name in MODELS, "attack.surrogates",
+                       f"unknown value '{name}' (choose from {', '.join(MODELS)}, or searched:PATH)")
     _check(a.surrogate_epochs >= 1, "attack.surrogate_epochs", f"must be >= 1, got {a.surrogate_epochs}")
     # the registered stages (plug-ins included) are what the lists may name
     for group, key in (("transfer", "transfer_attacks"), ("query", "query_attacks"), ("whitebox", "whitebox")):

@@ -16,6 +16,10 @@ network, LeNet-5, a ResNet-8 and the MLP, trained for 5 epochs
 (``attack=fashion_mnist``). The CIFAR zoo is the papers' (ResNet-18/34, VGG-16,
 MobileNetV2).
 
+A surrogate may be a searched architecture (``searched:PATH`` of a genotype
+file): the zoo's key holds the genotype itself, not its path, so an edited
+file is a new zoo and a moved one is the same.
+
 The zoo is cached by content (dataset fingerprint, architectures, settings,
 seeds), so a second evaluation on the same data trains nothing.
 """
@@ -36,12 +40,13 @@ from strategies import Plain
 from ..config import DataConfig, DeploymentConfig, OptimizerConfig, TrainConfig
 from ..data import ImageDataset
 from ..ensemble import LogitAverageEnsemble
-from ..models import build_model
+from ..config import is_searched
+from ..models import build_model, resolve_model
 from ..partition import node_shards
 from ..training import TrainSettings, member_seed, train_member
 from .cache import cache_root, content_key, load_tensors, save_tensors, tensor_fingerprint
 
-__all__ = ["DEFAULT_ZOOS", "default_surrogates", "load_or_train_zoo", "zoo_cache_path"]
+__all__ = ["DEFAULT_ZOOS", "default_surrogates", "load_or_train_zoo", "zoo_cache_path", "zoo_key"]
 
 log = logging.getLogger("fedrobust")
 
@@ -74,23 +79,37 @@ def zoo_cache_path(cfg: DictConfig, key: str) -> Path:
     return cache_root(cfg.attack.cache_dir) / "surrogates" / f"{key}.pt"
 
 
+def _slot(i: int, arch: str) -> str:
+    """Surrogate ``i``'s prefix in the cache file: a searched one's is the same whatever its file is called."""
+    return f"{i}.searched." if is_searched(arch) else f"{i}.{arch}."
+
+
+def zoo_key(cfg: DictConfig, data: ImageDataset, specs: list[str] | None = None) -> str:
+    """The zoo's content key: data, architectures (a searched one by its genotype), settings and seeds.
+    ``specs``: the surrogates as :func:`~fedrobust.models.resolve_model` gives them (read here if None)."""
+    if specs is None:
+        specs = [resolve_model(a) for a in default_surrogates(cfg)]
+    return content_key({
+        "kind": "surrogate-zoo", "data": data.name, "data_fp": tensor_fingerprint(data.x_train, data.y_train),
+        "archs": specs, "settings": dataclasses.asdict(_settings(cfg)), "seed": cfg.attack.surrogate_seed,
+        "split_seed": DeploymentConfig().partition_seed, "val_fraction": DataConfig().val_fraction,
+    })
+
+
 def load_or_train_zoo(cfg: DictConfig, data: ImageDataset, device: torch.device) -> tuple[LogitAverageEnsemble, str, bool]:
     """The surrogate ensemble, its cache key, and whether it came from the cache."""
     archs = default_surrogates(cfg)
+    specs = [resolve_model(a) for a in archs]  # a searched surrogate's genotype, read once
     settings = _settings(cfg)
     split_seed = DeploymentConfig().partition_seed
-    key = content_key({
-        "kind": "surrogate-zoo", "data": data.name, "data_fp": tensor_fingerprint(data.x_train, data.y_train),
-        "archs": archs, "settings": dataclasses.asdict(settings), "seed": cfg.attack.surrogate_seed,
-        "split_seed": split_seed, "val_fraction": DataConfig().val_fraction,
-    })
+    key = zoo_key(cfg, data, specs)
     path = zoo_cache_path(cfg, key)
     cached = load_tensors(path)
     models: list[nn.Module] = []
     if cached is not None:
-        for i, arch in enumerate(archs):
-            model = build_model(arch, data.in_channels, data.num_classes, data.mean, data.std)
-            prefix = f"{i}.{arch}."
+        for i, (arch, spec) in enumerate(zip(archs, specs)):
+            model = build_model(spec, data.in_channels, data.num_classes, data.mean, data.std)
+            prefix = _slot(i, arch)
             model.load_state_dict({k[len(prefix):]: v for k, v in cached.items() if k.startswith(prefix)})
             models.append(model)
         log.info("surrogates: reused cached zoo %s (%s)", key, ", ".join(archs))
@@ -101,16 +120,16 @@ def load_or_train_zoo(cfg: DictConfig, data: ImageDataset, device: torch.device)
     xv, yv = data.x_train[shard.val], data.y_train[shard.val]
     state: dict[str, torch.Tensor] = {}
     t0 = time.perf_counter()
-    for i, arch in enumerate(archs):
+    for i, (arch, spec) in enumerate(zip(archs, specs)):
         seed = member_seed(cfg.attack.surrogate_seed, i)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            model = build_model(arch, data.in_channels, data.num_classes, data.mean, data.std)
+            model = build_model(spec, data.in_channels, data.num_classes, data.mean, data.std)
         weights, _ = train_member(model, xt, yt, xv, yv, Plain(), settings, seed, device=device,
                                   progress=cfg.train.progress, desc=f"surrogate {i} {arch}")
         model.load_state_dict(weights)
         models.append(model)
-        state |= {f"{i}.{arch}.{k}": v for k, v in weights.items()}
+        state |= {f"{_slot(i, arch)}{k}": v for k, v in weights.items()}
     save_tensors(path, state, {"archs": archs, "settings": dataclasses.asdict(settings), "data": data.name})
     log.info("surrogates: trained zoo %s (%s) in %.1fs; cached at %s", key, ", ".join(archs), time.perf_counter() - t0, path)
     return LogitAverageEnsemble(models).to(device), key, False
