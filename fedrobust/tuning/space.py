@@ -4,18 +4,24 @@
 low: 1e-4, high: 0.4, log: true}}}``; any key of the composed config can be
 searched, strategy hyperparameters included
 (``+tune.space.strategy.alpha={type:float,low:0.1,high:10,log:true}``).
+
+``model.name`` may choose among hand-made and searched models
+(``'tune.space.model.name={type:categorical,choices:[cnn,"searched:PATH"]}'``):
+each genotype file is read once, when the space is built, and a trial is
+sent its genotype with the name (:meth:`SearchSpace.config_values`), so that
+it reads no file wherever it runs.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import optuna
 from omegaconf import DictConfig, OmegaConf
 
-from ..config import ConfigError
+from ..config import ConfigError, is_searched
 
 __all__ = ["SearchSpace", "SHORT_NAMES"]
 
@@ -58,9 +64,28 @@ def _distribution(path: str, spec: Mapping) -> optuna.distributions.BaseDistribu
     raise ConfigError(f"{key}: unknown type '{kind}' (choose from float, int, categorical)")
 
 
+def _genotypes(dists: dict[str, optuna.distributions.BaseDistribution]) -> dict[str, str]:
+    """Each searched ``model.name`` choice -> its genotype's canonical JSON, read now."""
+    d = dists.get("model.name")
+    names = [c for c in getattr(d, "choices", ()) if is_searched(c)]
+    if not names:
+        return {}
+    from ..models import read_genotype
+    from ..nas import GenotypeError
+
+    out = {}
+    for name in names:
+        try:
+            out[name] = read_genotype(name).to_json()
+        except GenotypeError as exc:
+            raise ConfigError(f"tune.space.model.name: {' '.join(str(exc).split())}") from None
+    return out
+
+
 @dataclass(frozen=True)
 class SearchSpace:
     distributions: dict[str, optuna.distributions.BaseDistribution]
+    genotypes: dict[str, str] = field(default_factory=dict)  # searched model.name choice -> its genotype's JSON
 
     @classmethod
     def from_config(cls, cfg: DictConfig) -> SearchSpace:
@@ -75,7 +100,17 @@ class SearchSpace:
             current = OmegaConf.select(cfg, path)
             if isinstance(current, (DictConfig, list)) or (current is not None and not isinstance(current, (int, float, str, bool))):
                 raise ConfigError(f"tune.space.{path}: '{path}' is not a single value")
-        return cls(dists)
+        if "model.genotype" in dists:
+            raise ConfigError("tune.space.model.genotype: searched through model.name (e.g. choices "
+                              "[cnn, \"searched:PATH\"]), whose genotype files are read for it")
+        return cls(dists, _genotypes(dists))
+
+    def config_values(self, values: dict[str, Any]) -> dict[str, Any]:
+        """A trial's config keys: ``values`` and, for a searched model, its genotype (``model.genotype``)."""
+        name = values.get("model.name")
+        if name in self.genotypes:
+            return {**values, "model.genotype": self.genotypes[name]}
+        return dict(values)
 
     @property
     def names(self) -> list[str]:

@@ -128,9 +128,11 @@ def _study_config(cfg: DictConfig) -> dict[str, Any]:
     return data
 
 
-def _check_same_study(study_dir: Path, cfg: DictConfig) -> None:
+def _check_same_study(study_dir: Path, cfg: DictConfig, genotypes: dict[str, str] | None = None) -> None:
     path = study_dir / "study_config.json"
     current = _study_config(cfg)
+    if genotypes:  # the searched models the space chooses from: an edited genotype file is another study
+        current["space_genotypes"] = dict(genotypes)
     if path.is_file():
         saved = json.loads(path.read_text())
         if saved != current:
@@ -323,10 +325,10 @@ def run_study(cfg: DictConfig) -> list[dict[str, Any]]:
     for path in space.names:  # every value of the space must give a valid config
         d = space.distributions[path]
         for v in (getattr(d, "choices", None) or (d.low, d.high)):
-            apply_values(cfg, {path: v})
+            apply_values(cfg, space.config_values({path: v}))
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     with study_lock(study_dir):
-        _check_same_study(study_dir, cfg)
+        _check_same_study(study_dir, cfg, space.genotypes)
         base = _base_cfg_for_trials(cfg)
         baseline = baseline_accuracy(base, study_dir)
         min_acc = baseline - cfg.tune.max_accuracy_drop
@@ -387,7 +389,8 @@ class _StudyTrials:
         name = f"trial_{trial.number:04d}"
         log.info("trial %d queued: %s", trial.number,
                  ", ".join(f"{SHORT_NAMES.get(k, k)}={outputs._value(v)}" for k, v in values.items()))
-        return Launch(trial.number, name, self.trials_dir / name, values, self.cfg_yaml, f"trial {trial.number}")
+        return Launch(trial.number, name, self.trials_dir / name, self.space.config_values(values), self.cfg_yaml,
+                      f"trial {trial.number}")
 
     def started(self, launch, where: dict[str, Any]) -> None:
         from .pool import short_node

@@ -27,12 +27,18 @@ log = logging.getLogger("fedrobust")
 
 
 def apply_values(cfg, values: dict[str, Any]):
-    """The config with ``values`` (config key -> value) set, validated."""
+    """The config with ``values`` (config key -> value) set, validated.
+
+    A searched ``model.name`` comes with its ``model.genotype`` (:meth:`.space.SearchSpace.config_values`),
+    so that a trial on another machine reads no file; without it, the file is read here."""
+    from ..config import resolve_genotype
     from ..validation import validate_all as validate  # every section, also in a fresh Ray worker
 
     cfg = OmegaConf.merge(cfg, {})  # a copy
     for key, value in values.items():
         OmegaConf.update(cfg, key, value, merge=False)
+    if "model.name" in values or "model.genotype" in values:
+        resolve_genotype(cfg, reread="model.name" in values and "model.genotype" not in values)
     validate(cfg)
     return cfg
 
