@@ -26,7 +26,7 @@ Hydra overrides, e.g.:
   fedrobust train engine=inline optimizer.lr=0.01 train.epochs=50 train.seed=3 run_dir=runs/lr001
 
 groups:   data={digits,fashion_mnist,mnist,cifar10,cifar100}
-          model={cnn,resnet18,resnet34,mobilenetv2,vgg16,resnet8,vgg7,mlp,lenet,convnet}
+          model={cnn,resnet18,resnet34,mobilenetv2,vgg16,resnet8,vgg7,mlp,lenet,convnet,searched:PATH}
           deployment={centralized,deep_ensemble,distributed_iid,distributed_dirichlet}
           strategy={plain,curvature,dispersion,edlcm,adversarial}  engine={simulation,inline}
 keys:     optimizer.{lr,momentum,weight_decay}  train.{epochs,rounds,batch_size,patience,seed,device,precision,progress}
@@ -222,6 +222,46 @@ def _search_loss(run_dir: str, overrides: list[str]) -> int:
     return 0 if code is None else code
 
 
+_MODELS_HELP = """\
+Parameter counts of the hand-made models at a data set's image shape, and of searched genotypes, e.g.:
+  fedrobust models data=fashion_mnist searches/fmnist/genotype.json searched:searches/darts/genotype.json
+(a genotype is its file's path, with or without searched:)
+"""
+
+
+def _models(args: list[str]) -> int:
+    from .config import DATASETS, MODELS, is_searched
+
+    data, names = "digits", list(MODELS)
+    for arg in args:
+        if arg.startswith("data="):
+            data = arg[len("data="):]
+            if data not in DATASETS:
+                _error(ConfigError(f"data: unknown dataset '{data}' (choose from {', '.join(DATASETS)})"))
+                return 2
+        elif arg.partition("=")[1] and not is_searched(arg):
+            _error(ConfigError(f"{arg}: models takes data=NAME and genotype files (searched:PATH)"))
+            return 2
+        else:
+            names.append(arg if is_searched(arg) else f"searched:{arg}")
+    from .models import DATA_SHAPES, count_parameters
+    from .nas import GenotypeError
+
+    rows = []
+    for name in names:
+        try:
+            rows.append((name, count_parameters(name, data)))
+        except GenotypeError as exc:
+            _error(exc)
+            return 2
+    c, h, w, k = DATA_SHAPES[data]
+    width = max(len(n) for n, _ in rows)
+    print(f"{data}: {c}x{h}x{w} images, {k} classes")
+    print(f"{'model':<{width}}  {'parameters':>12}")
+    print("\n".join(f"{n:<{width}}  {p:>12,}" for n, p in rows))
+    return 0
+
+
 _TUNE_HELP = """\
 Hydra overrides plus study_dir=PATH, e.g.:
   fedrobust tune study_dir=studies/dirichlet tune.n_trials=12 tune.population_size=4 tune.max_concurrent=2
@@ -333,7 +373,10 @@ def _deploy_run(args: argparse.Namespace) -> int:
 
     try:
         cfg = load_config(args.overrides)  # a bad override is answered here, before anything is submitted
-        run_id = deploy.submit_run(args.connection, args.overrides, cfg.run_dir, args.app)
+        from .config import inline_model_overrides
+
+        # a searched model's genotype travels as JSON: the ServerApp's machine need not have its file
+        run_id = deploy.submit_run(args.connection, inline_model_overrides(args.overrides, cfg), cfg.run_dir, args.app)
     except deploy.RunFailed as exc:
         _error(exc)
         return 1
@@ -380,6 +423,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     sl_.add_argument("run_dir", help="a run directory written by fedrobust train")
     sl_.add_argument("overrides", nargs="*", help="loss_search=PRESET and loss_search.KEY=VALUE")
+    mo_ = sub.add_parser("models", help="parameter counts of the hand-made models and of searched genotypes",
+                         epilog=_MODELS_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    mo_.add_argument("args", nargs="*", metavar="data=NAME | searched:PATH",
+                     help="the data set (default digits) and genotype files")
     rep = sub.add_parser("report", help="plots and a Markdown summary of a study or sweep directory")
     rep.add_argument("path", help="a study_dir written by fedrobust tune, or a sweep directory from simulations/")
     dep = sub.add_parser("deploy", help="credentials and launchers for a real deployment (TLS, SuperNode auth)",
@@ -428,6 +475,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     commands = {"deploy": lambda: _deploy(args), "tune": lambda: _tune(args.overrides),
                 "report": lambda: _report(args.path), "train": lambda: _train(args.overrides),
+                "models": lambda: _models(args.args),
                 "evaluate": lambda: _evaluate(args.run_dir, args.overrides),
                 "search-loss": lambda: _search_loss(args.run_dir, args.overrides)}
     # each command says what it kept when interrupted in its main work; before that, nothing was written
