@@ -222,6 +222,53 @@ def _search_loss(run_dir: str, overrides: list[str]) -> int:
     return 0 if code is None else code
 
 
+_ARCH_HELP = """\
+AdvRush (paper 003): a DARTS supernet searched on the training images, with the input-smoothness penalty
+after a warm-up (arch_search.gamma=0: plain DARTS). E.g.:
+  fedrobust search-arch searches/fmnist data=fashion_mnist arch_search=small
+  fedrobust search-arch searches/darts data=fashion_mnist arch_search=small arch_search.gamma=0
+  fedrobust train data=fashion_mnist model=searched:searches/fmnist/genotype.json
+Running the same command again resumes the search from its last finished epoch.
+keys: arch_search.{epochs,warmup,gamma,h,batch_size,w_lr,w_lr_min,w_momentum,w_weight_decay,grad_clip,alpha_lr,
+      alpha_betas,alpha_weight_decay,layers,channels,steps,stem_multiplier,net_layers,net_channels,images,
+      split_seed,seed,probe_images,power_iters,device,progress}   presets: arch_search={paper,small}
+      data=NAME data.{root,train_subset}
+"""
+
+
+def _search_arch(out_dir: str, overrides: list[str]) -> int:
+    from pathlib import Path
+
+    try:
+        data_overrides = [o for o in overrides if o.split("=", 1)[0] == "data" or o.startswith("data.")]
+        rest = [o for o in overrides if o not in data_overrides]
+        for item in rest:
+            key, sep, _ = item.partition("=")
+            if not sep or not (key == "arch_search" or (key.startswith("arch_search.") and len(key) > 12)):
+                raise ConfigError(f"{item}: search-arch takes data=NAME, data.KEY=VALUE, arch_search=PRESET "
+                                  "and arch_search.KEY=VALUE")
+        cfg = load_config(data_overrides)
+        from .nas.settings import load_settings
+
+        settings = load_settings(rest)
+        from .data import DataError, dataset_of
+
+        try:
+            data = dataset_of(cfg)
+        except DataError as exc:
+            raise ConfigError(f"data: {_one_line(exc)}") from None
+        from .nas.search import run_search
+        from .run import setup_logging
+    except ConfigError as exc:
+        _error(exc)
+        return 2
+    out = Path(out_dir)
+    setup_logging()
+    code = _guarded_step(lambda: run_search(out, data, settings, log_file=True), "architecture search",
+                         lambda: f"finished epochs are kept in {out}; run the same command to resume")
+    return 0 if code is None else code
+
+
 _MODELS_HELP = """\
 Parameter counts of the hand-made models at a data set's image shape, and of searched genotypes, e.g.:
   fedrobust models data=fashion_mnist searches/fmnist/genotype.json searched:searches/darts/genotype.json
@@ -423,6 +470,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     sl_.add_argument("run_dir", help="a run directory written by fedrobust train")
     sl_.add_argument("overrides", nargs="*", help="loss_search=PRESET and loss_search.KEY=VALUE")
+    sa_ = sub.add_parser(
+        "search-arch", help="search a member architecture with a smooth input loss landscape (AdvRush, resumable)",
+        epilog=_ARCH_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sa_.add_argument("out_dir", help="the search's folder (created; a rerun resumes it)")
+    sa_.add_argument("overrides", nargs="*", help="data=NAME, data.KEY=VALUE, arch_search=PRESET, arch_search.KEY=VALUE")
     mo_ = sub.add_parser("models", help="parameter counts of the hand-made models and of searched genotypes",
                          epilog=_MODELS_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     mo_.add_argument("args", nargs="*", metavar="data=NAME | searched:PATH",
@@ -464,7 +517,7 @@ def main(argv: list[str] | None = None) -> int:
     rn.add_argument("overrides", nargs="*", help="Hydra overrides as for fedrobust train, run_dir=PATH included")
     rn.add_argument("--app", default=".", help="the Flower app to submit: this repository (default: .)")
     args = parser.parse_args(argv)
-    if args.command in ("train", "evaluate", "tune", "search-loss") or getattr(args, "what", None) == "run":
+    if args.command in ("train", "evaluate", "tune", "search-loss", "search-arch") or getattr(args, "what", None) == "run":
         try:  # installed plug-ins' strategies and attacks, and every section's checks, before any config is read
             from . import validation  # noqa: F401
             from .plugins import load_plugins
@@ -477,7 +530,8 @@ def main(argv: list[str] | None = None) -> int:
                 "report": lambda: _report(args.path), "train": lambda: _train(args.overrides),
                 "models": lambda: _models(args.args),
                 "evaluate": lambda: _evaluate(args.run_dir, args.overrides),
-                "search-loss": lambda: _search_loss(args.run_dir, args.overrides)}
+                "search-loss": lambda: _search_loss(args.run_dir, args.overrides),
+                "search-arch": lambda: _search_arch(args.out_dir, args.overrides)}
     # each command says what it kept when interrupted in its main work; before that, nothing was written
     return guarded(commands[args.command], "nothing was written")
 
