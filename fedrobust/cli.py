@@ -230,7 +230,7 @@ after a warm-up (arch_search.gamma=0: plain DARTS). E.g.:
   fedrobust train data=fashion_mnist model=searched:searches/fmnist/genotype.json
 Running the same command again resumes the search from its last finished epoch.
 keys: arch_search.{epochs,warmup,gamma,h,batch_size,w_lr,w_lr_min,w_momentum,w_weight_decay,grad_clip,alpha_lr,
-      alpha_betas,alpha_weight_decay,layers,channels,steps,stem_multiplier,net_layers,net_channels,images,
+      alpha_betas,alpha_weight_decay,layers,channels,steps,stem_multiplier,stem_stride,net_layers,net_channels,images,
       split_seed,seed,probe_images,power_iters,device,progress}   presets: arch_search={paper,small}
       data=NAME data.{root,train_subset}
 """

@@ -41,6 +41,9 @@ def test_every_operation_maps_odd_and_even_sizes_alike_and_the_networks_run_on_8
         x = torch.rand(2, channels, size, size)
         assert net(x).shape == (2, 10)
         assert SearchedNetwork(net.genotype(), channels, 10)(x).shape == (2, 10)
+    halved = Supernet(1, 10, layers=3, channels=4, steps=2, stem_stride=2)  # 28 -> 14 in the stem
+    assert halved(torch.rand(2, 1, 28, 28)).shape == (2, 10) and halved.genotype().stem_stride == 2
+    assert parse_genotype(halved.genotype().to_json()).stem_stride == 2
 
 
 def _reference_parse(alpha: torch.Tensor, steps: int) -> list[tuple[str, int]]:
@@ -214,12 +217,14 @@ def test_the_command_writes_a_genotype_the_penalty_runs_after_the_warm_up_and_a_
     ("arch_search.gamma=-1", "arch_search.gamma"), ("arch_search.h=0", "arch_search.h"),
     ("arch_search.alpha_betas=[0.5]", "arch_search.alpha_betas"), ("arch_search=huge", "arch_search"),
     ("arch_search.nope=1", "arch_search.nope"), ("model=cnn", "model=cnn"), ("data=imagenet", "data"),
+    ("arch_search.channels=2", "arch_search.channels"), ("arch_search.stem_stride=3", "arch_search.stem_stride"),
 ])
-def test_bad_settings_exit_2_in_one_line_and_write_nothing(tmp_path, override, key):
+def test_bad_settings_exit_2_in_one_line_and_write_nothing(tmp_path, capsys, override, key):
+    from fedrobust.cli import main
+
     out = tmp_path / "s"
-    proc = subprocess.run([sys.executable, "-m", "fedrobust.cli", "search-arch", str(out), *TINY,
-                           "arch_search.epochs=2", "arch_search.warmup=1", override],
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2, proc.stderr
-    assert proc.stderr.startswith("fedrobust: error: ") and proc.stderr.count("\n") == 1 and key in proc.stderr
+    code = main(["search-arch", str(out), *TINY, "arch_search.epochs=2", "arch_search.warmup=1", override])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.startswith("fedrobust: error: ") and err.count("\n") == 1 and key in err
     assert not out.exists()

@@ -34,7 +34,7 @@ MAX_STEPS, MAX_LAYERS, MAX_CHANNELS, MAX_STEM = 8, 64, 512, 8
 # corruption ("corrupted double-linked list") at 1 thread, measured with 2 and 3 channels; the culprit
 # kernel was not isolated, so such widths are refused rather than allowed to crash.
 MIN_CHANNELS = 4
-_KEYS = {"format", "normal", "reduce", "layers", "channels", "stem_multiplier", "search"}
+_KEYS = {"format", "normal", "reduce", "layers", "channels", "stem_multiplier", "stem_stride", "search"}
 
 
 class GenotypeError(ValueError):
@@ -51,6 +51,7 @@ class Genotype:
     layers: int = 5
     channels: int = 8
     stem_multiplier: int = 3
+    stem_stride: int = 1  # 2 halves 28x28 inputs in the stem: a quarter of the cells' cost
 
     @property
     def steps(self) -> int:
@@ -59,7 +60,8 @@ class Genotype:
     def to_dict(self, search: dict[str, Any] | None = None) -> dict[str, Any]:
         out: dict[str, Any] = {"format": FORMAT, "normal": [list(g) for g in self.normal],
                                "reduce": [list(g) for g in self.reduce], "layers": self.layers,
-                               "channels": self.channels, "stem_multiplier": self.stem_multiplier}
+                               "channels": self.channels, "stem_multiplier": self.stem_multiplier,
+                               "stem_stride": self.stem_stride}
         if search is not None:
             out["search"] = search
         return out
@@ -70,7 +72,7 @@ class Genotype:
 
 
 def discretise(alpha_normal: torch.Tensor, alpha_reduce: torch.Tensor, steps: int, *, layers: int,
-               channels: int, stem_multiplier: int = 3) -> Genotype:
+               channels: int, stem_multiplier: int = 3, stem_stride: int = 1) -> Genotype:
     """DARTS' rule on the (edges, operations) architecture parameters of the normal and reduction cells."""
 
     def cell(alpha: torch.Tensor) -> Gene:
@@ -94,7 +96,7 @@ def discretise(alpha_normal: torch.Tensor, alpha_reduce: torch.Tensor, steps: in
     for name, a in (("normal", alpha_normal), ("reduce", alpha_reduce)):
         if tuple(a.shape) != (expected, len(PRIMITIVES)):
             raise ValueError(f"alpha_{name} has shape {tuple(a.shape)}, expected ({expected}, {len(PRIMITIVES)})")
-    return Genotype(cell(alpha_normal), cell(alpha_reduce), layers, channels, stem_multiplier)
+    return Genotype(cell(alpha_normal), cell(alpha_reduce), layers, channels, stem_multiplier, stem_stride)
 
 
 def _int(value: Any, key: str, low: int, high: int) -> int:
@@ -136,7 +138,8 @@ def genotype_from_dict(raw: Any) -> Genotype:
         raise GenotypeError(f"'normal' and 'reduce' must have as many nodes, got {len(normal) // 2} and {len(reduce) // 2}")
     return Genotype(normal, reduce, _int(raw["layers"], "layers", 1, MAX_LAYERS),
                     _int(raw["channels"], "channels", MIN_CHANNELS, MAX_CHANNELS),
-                    _int(raw.get("stem_multiplier", 3), "stem_multiplier", 1, MAX_STEM))
+                    _int(raw.get("stem_multiplier", 3), "stem_multiplier", 1, MAX_STEM),
+                    _int(raw.get("stem_stride", 1), "stem_stride", 1, 2))
 
 
 def parse_genotype(text: str | bytes) -> Genotype:

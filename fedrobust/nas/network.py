@@ -1,6 +1,6 @@
 """The DARTS macro-architecture, and the discrete network a genotype builds.
 
-``stem (3x3 conv, BN) -> layers cells -> global average pool -> linear``.
+``stem (3x3 conv of stride 1, or 2 for large inputs; BN) -> layers cells -> global average pool -> linear``.
 Cells at ``layers // 3`` and ``2 * layers // 3`` are reduction cells: they
 halve the resolution and double the channels. Each cell reads the two
 previous cells' outputs (a 1x1 ReLU-conv-BN brings them to the cell's
@@ -39,10 +39,11 @@ class CellStack(nn.Module):
     """Stem, cells built by ``make_cell(c_pp, c_p, c, reduction, reduction_prev)``, pooled linear head."""
 
     def __init__(self, in_channels: int, num_classes: int, layers: int, channels: int, steps: int,
-                 stem_multiplier: int, make_cell: Callable[[int, int, int, bool, bool], nn.Module]) -> None:
+                 stem_multiplier: int, make_cell: Callable[[int, int, int, bool, bool], nn.Module],
+                 stem_stride: int = 1) -> None:
         super().__init__()
         c_stem = stem_multiplier * channels
-        self.stem = nn.Sequential(nn.Conv2d(in_channels, c_stem, 3, padding=1, bias=False), nn.BatchNorm2d(c_stem))
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, c_stem, 3, stem_stride, padding=1, bias=False), nn.BatchNorm2d(c_stem))
         c_pp, c_p, c = c_stem, c_stem, channels
         cells, reduction_prev = [], False
         for i in range(layers):
@@ -85,7 +86,8 @@ class SearchedNetwork(CellStack):
         g = genotype
         super().__init__(in_channels, num_classes, g.layers, g.channels, g.steps, g.stem_multiplier,
                          lambda c_pp, c_p, c, red, red_prev: SearchedCell(g.reduce if red else g.normal,
-                                                                          c_pp, c_p, c, red, red_prev))
+                                                                          c_pp, c_p, c, red, red_prev),
+                         g.stem_stride)
         self.genotype = genotype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -117,7 +117,7 @@ def _build(search: _Search) -> nn.Sequential:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(s.seed)
         net = Supernet(d.in_channels, d.num_classes, s.layers, s.channels, s.steps, s.stem_multiplier,
-                       generator=_generator(s.seed, 1))
+                       generator=_generator(s.seed, 1), stem_stride=s.stem_stride)
     return nn.Sequential(Normalize(d.mean, d.std), net).to(search.device)
 
 

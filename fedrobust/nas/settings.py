@@ -42,6 +42,7 @@ class ArchSearchConfig:
     channels: int = 16  # the supernet's first cells' width
     steps: int = 4  # intermediate nodes per cell
     stem_multiplier: int = 3
+    stem_stride: int = 1  # 2: the stem halves the images (28x28 -> 14x14), for the supernet and the genotype
     net_layers: int | None = None  # the genotype's network; null: as the supernet
     net_channels: int | None = None
     images: int | None = None  # training images used (both halves together, stratified); null: all
@@ -79,6 +80,7 @@ def validate_arch_search(s: DictConfig) -> None:
                            ("stem_multiplier", 1, MAX_STEM)):
         if s[key] is not None:
             _check(low <= s[key] <= high, key, f"must be in [{low}, {high}], got {s[key]}")
+    _check(s.stem_stride in (1, 2), "stem_stride", f"must be 1 or 2, got {s.stem_stride}")
     if s.images is not None:
         _check(s.images >= 4, "images", f"must be >= 4 or null, got {s.images}")
     _check(s.device in ("auto", "cpu", "cuda") or str(s.device).startswith("cuda:"), "device",

@@ -74,10 +74,11 @@ class Supernet(CellStack):
     """
 
     def __init__(self, in_channels: int, num_classes: int, layers: int = 3, channels: int = 8, steps: int = 4,
-                 stem_multiplier: int = 3, generator: torch.Generator | None = None) -> None:
+                 stem_multiplier: int = 3, generator: torch.Generator | None = None, stem_stride: int = 1) -> None:
         super().__init__(in_channels, num_classes, layers, channels, steps, stem_multiplier,
-                         lambda c_pp, c_p, c, red, red_prev: SearchCell(steps, c_pp, c_p, c, red, red_prev))
+                         lambda c_pp, c_p, c, red, red_prev: SearchCell(steps, c_pp, c_p, c, red, red_prev), stem_stride)
         self.steps, self.layers, self.channels, self.stem_multiplier = steps, layers, channels, stem_multiplier
+        self.stem_stride = stem_stride
         shape = (edge_count(steps), len(PRIMITIVES))
         self.alpha_normal = nn.Parameter(1e-3 * torch.randn(shape, generator=generator))
         self.alpha_reduce = nn.Parameter(1e-3 * torch.randn(shape, generator=generator))
@@ -97,7 +98,8 @@ class Supernet(CellStack):
     def genotype(self, layers: int | None = None, channels: int | None = None) -> Genotype:
         """The discrete architecture (DARTS' rule), for a network of ``layers`` cells and ``channels`` channels."""
         return discretise(self.alpha_normal, self.alpha_reduce, self.steps, layers=layers or self.layers,
-                          channels=channels or self.channels, stem_multiplier=self.stem_multiplier)
+                          channels=channels or self.channels, stem_multiplier=self.stem_multiplier,
+                          stem_stride=self.stem_stride)
 
     def alpha_entropy(self) -> dict[str, torch.Tensor]:
         """Each edge's softmax entropy (nats; ln 8 = 2.08 is uniform), per cell type."""
