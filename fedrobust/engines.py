@@ -152,12 +152,25 @@ def _wind_down(done: threading.Event, stop: threading.Event, private: bool) -> N
     for name in ("flwr", "ray"):
         logging.getLogger(name).setLevel(logging.CRITICAL + 1)
     logging.getLogger("flwr").disabled = True
+    # Flower's cleanup calls ray.shutdown() while its other threads may still be inside Ray, and a call
+    # into Ray's core worker after shutdown makes Ray's C++ end the process at once with exit code 1
+    # ("The core worker has already been shutdown ... The process will exit"), before ours. So nobody
+    # shuts Ray down while Flower's threads run: ray.shutdown is a no-op until Flower has returned,
+    # then it runs here, in this thread; if Flower never returns, the caller's exit_now kills the
+    # private instance's processes by id.
+    real_shutdown = ray.shutdown
+    ray.shutdown = lambda *args, **kwargs: None
     stop.set()
     deadline = time.monotonic() + _WIND_DOWN_S
-    while not done.is_set() and time.monotonic() < deadline and (descendants() if private else ray.is_initialized()):
+    while not done.is_set() and time.monotonic() < deadline:
         if ray.is_initialized():
             _kill_actors()  # again each time: Flower may have been creating its actors
         done.wait(0.5)
+    if done.is_set():
+        ray.shutdown = real_shutdown
+        with contextlib.suppress(Exception):
+            if ray.is_initialized():
+                real_shutdown()
 
 
 # An interrupted simulation waits this long for Flower to shut its Ray instance down (measured: about
