@@ -142,7 +142,8 @@ def plot(out: Path, rows: list[dict], groups: dict[str, list[str]]) -> Path:
     ax.set_ylabel("accuracy (mean ± sd over runs)")
     ax.legend(fontsize=7)
     ax2.set_xticks(range(len(groups)), list(groups), rotation=20, fontsize=7)
-    ax2.set_ylabel("input-Hessian lambda_max (lower: smoother)")
+    ax2.set_ylabel("input-Hessian lambda_max")
+    ax2.set_title("lower: smoother", fontsize=8)
     fig.suptitle("Fashion-MNIST, plain training: searched genotypes against a hand-made CNN")
     fig.tight_layout()
     path = out / "summary.png"
