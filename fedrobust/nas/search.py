@@ -146,9 +146,7 @@ def _epoch(model: nn.Sequential, search: _Search, epoch: int, w_opt, a_opt, bar)
         xw, yw, xa, ya = search.xw[iw], search.yw[iw], search.xa[ia], search.ya[ia]
         logits = model(xw)  # w: plain cross-entropy on the w half
         loss = F.cross_entropy(logits, yw)
-        # backward(inputs=...), not autograd.grad: AccumulateGrad gives each .grad its own dense storage,
-        # which the in-place clipping and the optimisers' foreach kernels need (autograd.grad may return
-        # broadcast views, and scaling one in place corrupts memory)
+        # backward(inputs=...): gradients for w only, accumulated into .grad as the optimiser expects
         w_opt.zero_grad(set_to_none=True)
         loss.backward(inputs=w_params)
         nn.utils.clip_grad_norm_(w_params, s.grad_clip)
