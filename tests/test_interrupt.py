@@ -188,8 +188,9 @@ def test_tune_interrupted_keeps_the_study_in_one_line(tmp_path):
     proc = _start(["tune", f"study_dir={study}", "tune.n_trials=8", "tune.population_size=2", "tune.max_concurrent=1",
                    "tune.baseline_accuracy=0.5", *tiny], tmp_path, log)
     _wait_for(study / "trials.csv", "COMPLETE", proc)  # one trial done, the next one running
-    out = _finish(proc, signal.SIGINT, log)  # the tuner's main process only, as `kill -INT PID` does
-    _assert_one_line(out, signal.SIGINT, proc.returncode, "run the same command to resume")
+    # SIGTERM here; tests/test_trial_stops.py sends SIGINT to a study whose trial trains in a simulation child
+    out = _finish(proc, signal.SIGTERM, log)  # the tuner's main process only, as `kill -TERM PID` does
+    _assert_one_line(out, signal.SIGTERM, proc.returncode, "run the same command to resume")
     rows = read_trials_csv(study / "trials.csv")
     assert 1 <= sum(r["state"] == "COMPLETE" for r in rows) < 8
     assert not list(study.rglob(".*.tmp"))

@@ -40,11 +40,11 @@ from omegaconf import DictConfig
 from ..atomic import save_figure, write_json
 from ..attacks.expression import HAND_MADE as HAND_MADE_TREES
 from ..attacks.expression import LOSS_FILE_FORMAT, infix, parse, size, to_text
-from ..config import ConfigError
 from ..data import dataset_of, to_float
 from ..evaluation.cache import content_key
 from ..evaluation.evaluate import Images, evaluation_sample, held_out_images
 from ..progress import progress
+from ..searchdir import claim_folder
 from ..run import load_ensemble, member_files
 from ..training import resolve_device
 from .fitness import WORST, FitnessCache, Problem, canonical
@@ -102,24 +102,9 @@ class _Search:
     # ------------------------------------------------------------------ files
     def claim(self) -> bool:
         """Create the folder or check that it holds this search; True when a checkpoint is there to resume."""
-        path = self.out / "search.json"
-        if path.is_file():
-            try:
-                saved = json.loads(path.read_text())
-            except ValueError:
-                raise ConfigError(f"loss_search.out_dir: {path} is damaged; remove {self.out} to start over") from None
-            if saved.get("key") != self.key:
-                had = saved.get("settings", {}) if isinstance(saved.get("settings"), dict) else {}
-                differ = [k for k, v in self.description["settings"].items() if k in had and had[k] != v]
-                what = f" (differing: {', '.join(differ)})" if differ else " (other members, images or eps)"
-                raise ConfigError(f"loss_search.out_dir: {self.out} holds a search with other settings{what}; "
-                                  f"give another loss_search.out_dir, or remove it to start over")
-            return (self.out / "checkpoint.json").is_file()
-        if self.out.exists() and any(self.out.iterdir()):
-            raise ConfigError(f"loss_search.out_dir: {self.out} exists and is not a loss search folder")
-        self.out.mkdir(parents=True, exist_ok=True)
-        write_json(path, self.description)
-        return False
+        return claim_folder(self.out, self.description, "checkpoint.json", kind="loss search",
+                            label="loss_search.out_dir: ", elsewhere="give another loss_search.out_dir",
+                            other="other members, images or eps")
 
 
 def _measure_here(problem: Problem):

@@ -8,12 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pathlib import Path
-
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf import DictConfig
 
 from ..config import ConfigError
+from ..searchdir import load_group
 
 __all__ = ["PRESETS", "LossSearchConfig", "load_settings", "validate_loss_search"]
 
@@ -91,37 +89,11 @@ def validate_loss_search(s: DictConfig, num_members: int) -> None:
 PRESETS = ("paper", "small")  # paper: the defaults above; small: conf/loss_search/small.yaml
 
 
-def _preset(name: str) -> DictConfig:
-    if name not in PRESETS:
-        raise ConfigError(f"loss_search: unknown preset '{name}' (choose from {', '.join(PRESETS)})")
-    if name == "paper":
-        return OmegaConf.create({})
-    import conf
-
-    return OmegaConf.load(Path(conf.__file__).parent / "loss_search" / f"{name}.yaml")
-
-
 def load_settings(overrides: list[str], num_members: int) -> DictConfig:
     """``loss_search`` settings: the defaults, a preset (``loss_search=small``), then ``loss_search.KEY=VALUE``;
     checked (``loss_search.target`` against the run's ``num_members``)."""
-    s = OmegaConf.structured(LossSearchConfig)
-    dotlist = []
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ConfigError(f"{item}: expected loss_search=PRESET or loss_search.KEY=VALUE")
-        if key == "loss_search":
-            s = OmegaConf.merge(s, _preset(value))
-        elif key.startswith("loss_search.") and len(key) > len("loss_search."):
-            dotlist.append(f"{key[len('loss_search.'):]}={value}")
-        else:
-            raise ConfigError(f"{key}: search-loss takes loss_search=PRESET and loss_search.KEY=VALUE overrides only "
-                              "(the run's own settings are the ones it was trained and evaluated with)")
-    for item in dotlist:
-        try:
-            s = OmegaConf.merge(s, OmegaConf.from_dotlist([item]))
-        except OmegaConfBaseException as exc:
-            msg = " ".join(str(exc).splitlines()[0].split())
-            raise ConfigError(f"loss_search.{item.split('=', 1)[0]}: {msg}") from None
+    s = load_group(LossSearchConfig, "loss_search", PRESETS, overrides,
+                   usage="search-loss takes loss_search=PRESET and loss_search.KEY=VALUE overrides only "
+                         "(the run's own settings are the ones it was trained and evaluated with)")
     validate_loss_search(s, num_members)
     return s

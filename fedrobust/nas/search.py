@@ -47,6 +47,7 @@ from ..data import ImageDataset, to_float
 from ..evaluation.cache import content_key, tensor_fingerprint
 from ..models import Normalize
 from ..progress import progress
+from ..searchdir import claim_folder
 from ..training import resolve_device
 from .ops import PRIMITIVES
 from .penalty import smoothness_penalty
@@ -92,24 +93,7 @@ class _Search:
 
     def claim(self) -> bool:
         """Create the folder or check that it holds this search; True when a checkpoint is there to resume."""
-        path = self.out / "search.json"
-        if path.is_file():
-            try:
-                saved = json.loads(path.read_text())
-            except ValueError:
-                raise ConfigError(f"{path} is damaged; remove {self.out} to start over") from None
-            if not isinstance(saved, dict) or saved.get("key") != self.key:
-                had = saved.get("settings") if isinstance(saved, dict) and isinstance(saved.get("settings"), dict) else {}
-                differ = [k for k, v in self.description["settings"].items() if k in had and had[k] != v]
-                what = f" (differing: {', '.join(differ)})" if differ else " (other data)"
-                raise ConfigError(f"{self.out} holds a search with other settings{what}; "
-                                  "give another folder, or remove it to start over")
-            return (self.out / "checkpoint.pt").is_file()
-        if self.out.exists() and (not self.out.is_dir() or any(self.out.iterdir())):
-            raise ConfigError(f"{self.out} exists and is not an architecture search folder")
-        self.out.mkdir(parents=True, exist_ok=True)
-        write_json(path, self.description)
-        return False
+        return claim_folder(self.out, self.description, "checkpoint.pt", kind="architecture search")
 
 
 def _build(search: _Search) -> nn.Sequential:

@@ -12,12 +12,11 @@ is a search that fits a 2-core machine on 28x28 images.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf import DictConfig
 
 from ..config import ConfigError
+from ..searchdir import load_group
 from .genotype import MAX_CHANNELS, MAX_LAYERS, MAX_STEM, MAX_STEPS, MIN_CHANNELS
 
 __all__ = ["PRESETS", "ArchSearchConfig", "load_settings", "validate_arch_search"]
@@ -90,31 +89,9 @@ def validate_arch_search(s: DictConfig) -> None:
 PRESETS = ("paper", "small")
 
 
-def _preset(name: str) -> DictConfig:
-    if name not in PRESETS:
-        raise ConfigError(f"arch_search: unknown preset '{name}' (choose from {', '.join(PRESETS)})")
-    if name == "paper":
-        return OmegaConf.create({})
-    import conf
-
-    return OmegaConf.load(Path(conf.__file__).parent / "arch_search" / f"{name}.yaml")
-
-
 def load_settings(overrides: list[str]) -> DictConfig:
     """Defaults, then a preset (``arch_search=small``), then ``arch_search.KEY=VALUE``; checked."""
-    s = OmegaConf.structured(ArchSearchConfig)
-    dotlist = []
-    for item in overrides:
-        key, _, value = item.partition("=")
-        if key == "arch_search":
-            s = OmegaConf.merge(s, _preset(value))
-        else:
-            dotlist.append((key[len("arch_search."):], value))
-    for key, value in dotlist:
-        try:
-            s = OmegaConf.merge(s, OmegaConf.from_dotlist([f"{key}={value}"]))
-        except OmegaConfBaseException as exc:
-            msg = " ".join(str(exc).splitlines()[0].split())
-            raise ConfigError(f"arch_search.{key}: {msg}") from None
+    s = load_group(ArchSearchConfig, "arch_search", PRESETS, overrides,
+                   usage="expected arch_search=PRESET or arch_search.KEY=VALUE")
     validate_arch_search(s)
     return s
