@@ -101,7 +101,10 @@ def backend_config(cfg: DictConfig, num_cpus: int | None = None) -> dict:
     else:
         usable = math.ceil(num_nodes(cfg.deployment.name, cfg.deployment.num_nodes) * cfg.engine.num_cpus)
         cpus = min(num_cpus or os.cpu_count() or 1, max(1, usable))
-        init_args |= {"address": "local", "num_cpus": cpus, "include_dashboard": False}
+        # no idle workers at start: Flower's actors carry a runtime env (PYTHONPATH), so Ray starts
+        # workers of their own for them and the prestarted ones would only import Ray and wait
+        init_args |= {"address": "local", "num_cpus": cpus, "include_dashboard": False,
+                      "_system_config": {"prestart_worker_first_driver": False}}
         if cfg.engine.num_gpus > 0:
             init_args["num_gpus"] = torch.cuda.device_count()
     return {"client_resources": {"num_cpus": cfg.engine.num_cpus, "num_gpus": cfg.engine.num_gpus},

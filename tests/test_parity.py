@@ -401,7 +401,7 @@ class PointLog(nn.Module):
 
 
 WORST_CASE_EPS = (8 / 255, 0.1, 0.2)
-WORST_CASE_IMAGES = 64
+WORST_CASE_IMAGES = 32
 
 
 def _worst_case_attacks(model: nn.Module, eps: float, loss: str) -> dict[str, Callable]:
