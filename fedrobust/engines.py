@@ -144,12 +144,11 @@ def _kill_actors() -> None:
                 ray.kill(obj, no_restart=True)
 
 
-def _wind_down(done: threading.Event, stop: threading.Event, private: bool) -> None:
+def _wind_down(done: threading.Event, stop: threading.Event) -> None:
     """After an interruption: stop the ServerApp and kill the client actors, so that Flower's workers
-    return and Flower shuts Ray down. Flower and Ray log nothing from here on (a killed actor is no
-    error now). Waits at most ``_WIND_DOWN_S`` until the private instance's processes are gone (on a
-    cluster: until Flower has disconnected from it); the caller ends the process after that
-    (:func:`fedrobust.interrupt.exit_now`)."""
+    return. Flower and Ray log nothing from here on (a killed actor is no error now). Waits at most
+    ``_WIND_DOWN_S`` for Flower to return, then shuts Ray down here (a private instance stops, a
+    cluster is left); the caller ends the process after that (:func:`fedrobust.interrupt.exit_now`)."""
     import ray
 
     for name in ("flwr", "ray"):
@@ -252,7 +251,7 @@ def run_simulation(cfg: DictConfig, run_dir: Path, *, num_cpus: int | None = Non
             raise SimulationError(f"simulation runtime failed: {_root_cause(failed[0])}") from None
     except BaseException as exc:
         if as_interrupt(exc) is not None and sim.ident is not None:  # else Ray was starting: nothing to wind down
-            _wind_down(done, stop, private=not cfg.engine.ray_address)
+            _wind_down(done, stop)
         raise
     finally:
         stop.set()  # the ServerApp thread gives up waiting for replies
