@@ -26,7 +26,7 @@ import torch
 from omegaconf import DictConfig
 
 from .federation import collect_members, peers_of
-from .interrupt import as_interrupt, descendants, keep_handlers
+from .interrupt import as_interrupt, keep_handlers
 from .node import MemberUpdate, train_node_round
 from .partition import num_nodes
 from .task import node_task
@@ -175,8 +175,8 @@ def _wind_down(done: threading.Event, stop: threading.Event) -> None:
                 real_shutdown()
 
 
-# An interrupted simulation waits this long for Flower to shut its Ray instance down (measured: about
-# 1-2 s once the actors are killed); then the process ends regardless.
+# An interrupted simulation waits this long for Flower's threads to return (measured: about 1-2 s once
+# the actors are killed); then the process ends regardless.
 _WIND_DOWN_S = 5.0
 
 

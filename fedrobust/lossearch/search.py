@@ -44,8 +44,8 @@ from ..data import dataset_of, to_float
 from ..evaluation.cache import content_key
 from ..evaluation.evaluate import Images, evaluation_sample, held_out_images
 from ..progress import progress
-from ..searchdir import claim_folder
 from ..run import load_ensemble, member_files
+from ..searchdir import claim_folder
 from ..training import resolve_device
 from .fitness import WORST, FitnessCache, Problem, canonical
 from .gp import Breeder
