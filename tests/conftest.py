@@ -1,6 +1,9 @@
 import os
 import pickle
+import resource
 import signal
+import subprocess
+import sys
 import tarfile
 import time
 from pathlib import Path
@@ -70,9 +73,43 @@ def pytest_collection_modifyitems(session, config, items):
     items.sort(key=cheap)
 
 
+_START = pytest.StashKey[tuple]()  # (monotonic time, busy CPU-s of the machine) when the session started
+
+
+def _busy_cpu_s() -> float | None:
+    """CPU-seconds the whole machine has spent busy since boot (Linux's /proc/stat; None elsewhere)."""
+    try:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle, iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
 def pytest_sessionstart(session):
     if _is_controller(session.config):
         session.config.stash[_BEFORE] = set(_ray_processes())
+        session.config.stash[_START] = (time.monotonic(), _busy_cpu_s())
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """A line to read the suite's time against. The suite is CPU-bound and starts a few hundred fresh
+    processes that import torch (commands, Ray workers, Flower's actors), so the same commit takes minutes
+    more or less as the machine is faster or slower: say how fast (a fresh ``import torch``, in CPU-s) and
+    how busy the machine was over the run (busy well under 100 % with pytest-xdist: waits, not CPU)."""
+    if not _is_controller(config) or _START not in config.stash:
+        return
+    start, busy_at_start = config.stash[_START]
+    wall = time.monotonic() - start
+    busy_now = _busy_cpu_s()
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    subprocess.run([sys.executable, "-c", "import torch"], check=False)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    torch_s = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    cpus = os.cpu_count() or 1
+    busy = (f"the machine's {cpus} CPU(s) {(busy_now - busy_at_start) / (wall * cpus):.0%} busy over the run"
+            if busy_now is not None and busy_at_start is not None and wall > 0 else f"{cpus} CPU(s)")
+    terminalreporter.write_line(f"machine: {busy}; a fresh `import torch` took {torch_s:.2f} CPU-s")
 
 
 def pytest_sessionfinish(session, exitstatus):
