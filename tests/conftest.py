@@ -1,6 +1,5 @@
 import os
 import pickle
-import resource
 import signal
 import subprocess
 import sys
@@ -98,6 +97,10 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     more or less as the machine is faster or slower: say how fast (a fresh ``import torch``, in CPU-s) and
     how busy the machine was over the run (busy well under 100 % with pytest-xdist: waits, not CPU)."""
     if not _is_controller(config) or _START not in config.stash:
+        return
+    try:
+        import resource  # Unix only
+    except ImportError:
         return
     start, busy_at_start = config.stash[_START]
     wall = time.monotonic() - start
