@@ -81,8 +81,9 @@ def _busy_cpu_s() -> float | None:
         fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
     except (OSError, ValueError):
         return None
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle, iowait
-    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+    # user, nice, system, irq, softirq: not idle, iowait, nor steal (time the hypervisor gave to others)
+    busy = sum(fields[:3]) + sum(fields[5:7])
+    return busy / os.sysconf("SC_CLK_TCK")
 
 
 def pytest_sessionstart(session):
@@ -92,7 +93,7 @@ def pytest_sessionstart(session):
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
-    """A line to read the suite's time against. The suite is CPU-bound and starts a few hundred fresh
+    """A line to read the suite's time against. The suite is CPU-bound and starts many fresh
     processes that import torch (commands, Ray workers, Flower's actors), so the same commit takes minutes
     more or less as the machine is faster or slower: say how fast (a fresh ``import torch``, in CPU-s) and
     how busy the machine was over the run (busy well under 100 % with pytest-xdist: waits, not CPU)."""
