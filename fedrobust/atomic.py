@@ -26,8 +26,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["atomic_open", "dumps_json", "finite_or_null", "save_figure", "save_torch", "write_bytes", "write_json",
-           "write_text"]
+__all__ = ["atomic_open", "dumps_json", "finite_or_null", "remove_leftovers", "save_figure", "save_torch", "write_bytes",
+           "write_json", "write_text"]
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -51,6 +51,17 @@ def atomic_open(path: str | Path, mode: str = "w", **kwargs: Any) -> Iterator[IO
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def remove_leftovers(folder: str | Path) -> list[Path]:
+    """Remove the temporary files that writers killed outright left under ``folder`` (only once no
+    writer can be running there: a killed process's); the paths removed."""
+    folder = Path(folder)
+    found = [p for p in folder.rglob(".*.tmp") if p.is_file()] if folder.is_dir() else []
+    for path in found:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+    return found
 
 
 def write_text(path: str | Path, text: str) -> None:

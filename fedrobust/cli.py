@@ -13,7 +13,9 @@ import sys
 import time
 from collections.abc import Callable
 
-from .config import ConfigError, load_config
+# Nothing heavy at module level: main() installs the signal handlers before it imports the config,
+# torch, Flower or Ray, so that a signal from the first moment ends the command in one line.
+from .errors import ConfigError, one_line
 from .interrupt import Interrupted, as_interrupt, guarded
 
 __all__ = ["main"]
@@ -46,7 +48,7 @@ keys: attack.{eps,eps_l2,num_samples,sample_seed,split,surrogates,surrogate_epoc
 
 
 def _error(exc: BaseException) -> None:
-    print(f"fedrobust: error: {_one_line(exc)}", file=sys.stderr)
+    print(f"fedrobust: error: {one_line(exc)}", file=sys.stderr)
 
 
 def _interrupted(intr: Interrupted, kept: str) -> int:
@@ -57,6 +59,8 @@ def _interrupted(intr: Interrupted, kept: str) -> int:
 
 def _train(overrides: list[str]) -> int:
     try:
+        from .config import load_config
+
         cfg = load_config(overrides)  # before torch is imported: a bad override is answered at once
         from .run import INCOMPLETE, check_run_dir, preflight, prepare_run_dir
 
@@ -87,10 +91,6 @@ def _train(overrides: list[str]) -> int:
 
     code = _guarded_step(train, "training", kept)
     if code is not None:
-        if code > 128 and cfg.engine.name == "simulation":
-            from .interrupt import exit_now
-
-            exit_now(code)  # Flower's threads may still be blocked in Ray: nothing may join them at exit
         return code
     log.info("done in %.1fs; results in %s", time.perf_counter() - t0, run_dir / "results.json")
     if cfg.evaluate:
@@ -112,14 +112,10 @@ def _guarded_step(fn: Callable[[], object], what: str, kept: Callable[[], str]) 
             return _interrupted(intr, kept())
         if not isinstance(exc, Exception):
             raise
-        log.error("%s failed: %s", what, _one_line(exc))
+        log.error("%s failed: %s", what, one_line(exc))
         _error(exc)
         return 1
     return None
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def _run_evaluation(run_dir, cfg, train_seconds: float | None = None) -> int:
@@ -162,7 +158,7 @@ def _load_run(path, overrides: list[str]):
             saved.attack.surrogates = None
         cfg = OmegaConf.merge(structured_base(saved.get("strategy", {}).get("name", "plain")), saved)
     except (OmegaConfBaseException, ValueError, AttributeError) as exc:
-        raise ConfigError(f"run_dir: {path / 'config.yaml'} is not a valid run config ({_one_line(exc)})") from None
+        raise ConfigError(f"run_dir: {path / 'config.yaml'} is not a valid run config ({one_line(exc)})") from None
     cfg = apply_overrides(cfg, overrides)
     preflight(cfg)
     load_ensemble(path, "cpu", cfg)  # every checkpoint is checked before anything is written
@@ -247,6 +243,8 @@ def _search_arch(out_dir: str, overrides: list[str]) -> int:
             if not sep or not (key == "arch_search" or (key.startswith("arch_search.") and len(key) > 12)):
                 raise ConfigError(f"{item}: search-arch takes data=NAME, data.KEY=VALUE, arch_search=PRESET "
                                   "and arch_search.KEY=VALUE")
+        from .config import load_config
+
         cfg = load_config(data_overrides)
         from .nas.settings import load_settings
 
@@ -256,7 +254,7 @@ def _search_arch(out_dir: str, overrides: list[str]) -> int:
         try:
             data = dataset_of(cfg)
         except DataError as exc:
-            raise ConfigError(f"data: {_one_line(exc)}") from None
+            raise ConfigError(f"data: {one_line(exc)}") from None
         from .nas.search import run_search
         from .run import setup_logging
     except ConfigError as exc:
@@ -331,6 +329,8 @@ def _tune(overrides: list[str]) -> int:
         # simulation engine, without starting a private Ray instance per trial.
         if not any(_names_engine(o) for o in overrides):
             overrides = ["engine=inline", *overrides]
+        from .config import load_config
+
         cfg = load_config(overrides)  # before torch is imported
         if not cfg.study_dir:
             raise ConfigError("study_dir: required, e.g. fedrobust tune study_dir=studies/demo")
@@ -419,6 +419,8 @@ def _deploy_run(args: argparse.Namespace) -> int:
     from . import deploy
 
     try:
+        from .config import load_config
+
         cfg = load_config(args.overrides)  # a bad override is answered here, before anything is submitted
         from .config import inline_model_overrides
 
@@ -446,6 +448,16 @@ def _deploy_run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command line: ``fedrobust COMMAND ...``; the exit code.
+
+    The SIGINT and SIGTERM handlers come first, before any import that takes time: a signal at any
+    moment ends the command in one line (see :mod:`fedrobust.interrupt`).
+    """
+    # each command says what it kept when interrupted in its main work; before that, nothing was written
+    return guarded(lambda: _main(argv), "nothing was written")
+
+
+def _main(argv: list[str] | None) -> int:
     parser = argparse.ArgumentParser(prog="fedrobust", description="Robust federated ensembles.")
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser(
@@ -532,8 +544,7 @@ def main(argv: list[str] | None = None) -> int:
                 "evaluate": lambda: _evaluate(args.run_dir, args.overrides),
                 "search-loss": lambda: _search_loss(args.run_dir, args.overrides),
                 "search-arch": lambda: _search_arch(args.out_dir, args.overrides)}
-    # each command says what it kept when interrupted in its main work; before that, nothing was written
-    return guarded(commands[args.command], "nothing was written")
+    return commands[args.command]()
 
 if __name__ == "__main__":
     sys.exit(main())

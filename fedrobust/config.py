@@ -39,6 +39,8 @@ from hydra.errors import HydraException, MissingConfigException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from .errors import ConfigError
+
 __all__ = [
     "Config",
     "ConfigError",
@@ -66,10 +68,6 @@ SEARCHED_PREFIX = "searched:"
 DEPLOYMENTS = ("centralized", "deep_ensemble", "distributed_iid", "distributed_dirichlet")
 STRATEGIES = ("plain", "curvature", "dispersion", "edlcm", "adversarial")  # built in; plug-ins: strategy_names()
 ENGINES = ("simulation", "inline")
-
-
-class ConfigError(ValueError):
-    """A configuration that cannot run. The message is one line naming the key."""
 
 
 @dataclass

@@ -2,7 +2,10 @@
 
 * ``simulation``: Flower's simulation engine on Ray, one virtual SuperNode
   per node, ``engine.num_cpus``/``engine.num_gpus`` per client, torch threads
-  set to match in the ClientApp.
+  set to match in the ClientApp. It runs in a child process of its own
+  session (:func:`run_simulation`), so that the caller never has Ray or
+  Flower's threads in its own process: a signal, a failure or a cancel ends
+  the child and everything it started with one ``killpg``.
 * ``inline``: the same :func:`fedrobust.node.train_node_round` called in this
   process, node after node, with the same thread count.
 
@@ -12,13 +15,17 @@ on CPU they produce the same member weights.
 
 from __future__ import annotations
 
+import codecs
 import contextlib
+import json
 import logging
 import math
 import os
+import select
+import shutil
+import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,12 +33,13 @@ import torch
 from omegaconf import DictConfig
 
 from .federation import collect_members, peers_of
-from .interrupt import as_interrupt, keep_handlers
+from .errors import ConfigError
+from .interrupt import as_interrupt, deferred, hold
 from .node import MemberUpdate, train_node_round
 from .partition import num_nodes
 from .task import node_task
 
-__all__ = ["SimulationError", "backend_config", "run_inline", "run_simulation", "torch_threads"]
+__all__ = ["SimulationError", "backend_config", "run_inline", "run_simulation", "simulate_in_process", "torch_threads"]
 
 log = logging.getLogger("fedrobust")
 
@@ -73,7 +81,7 @@ class _DropRunSimulationNotice(logging.Filter):
 
 
 class SimulationError(RuntimeError):
-    """Flower's simulation runtime (or the Ray instance under it) failed; the message is one line."""
+    """The simulation failed (its runtime, or the run itself); the message is one line."""
 
 
 def _root_cause(exc: BaseException) -> str:
@@ -111,91 +119,136 @@ def backend_config(cfg: DictConfig, num_cpus: int | None = None) -> dict:
             "init_args": init_args}
 
 
-def _start_ray(init_args: dict) -> bool:
-    """Start (or join) Ray as Flower's RayBackend would, but here, in the calling thread, keeping our
-    SIGINT/SIGTERM handlers (``ray.init`` replaces SIGTERM's); True if this call started it. Flower
-    then finds Ray initialised and uses it. In the main thread, the kernel kills the private
-    instance's services when this process ends (Ray ties them to the thread that started them)."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    # the client actors import clients.client_app, fedrobust and plug-ins: this process's path, once each
-    # (a second simulation in the same process must not grow it)
+def _pythonpath() -> str:
+    """This process's import path, once each entry: a child and Ray's workers import what it imports."""
     entries = [*sys.path, *os.environ.get("PYTHONPATH", "").split(os.pathsep)]
-    pythonpath = os.pathsep.join(dict.fromkeys(e for e in entries if e))
-    os.environ["PYTHONPATH"] = pythonpath
-    with keep_handlers():
-        ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, **({"include_dashboard": False} | init_args))
-    return True
+    return os.pathsep.join(dict.fromkeys(e for e in entries if e))
 
 
-def _kill_actors() -> None:
-    """Kill the Ray actors this process holds handles to: Flower's client actors, the only ones it
-    creates. ``ray.kill`` ends them as asked for (a killed worker would be reported by Ray's error
-    printer, and killing a worker process by id would reach Ray's agents, named ``ray::...`` too)."""
-    import gc
-
-    import ray
-
-    for obj in gc.get_objects():
-        if issubclass(type(obj), ray.actor.ActorHandle):  # not isinstance: it asks lazy modules for __class__
-            with contextlib.suppress(Exception):
-                ray.kill(obj, no_restart=True)
-
-
-def _wind_down(done: threading.Event, stop: threading.Event) -> None:
-    """After an interruption: stop the ServerApp and kill the client actors, so that Flower's workers
-    return. Flower and Ray log nothing from here on (a killed actor is no error now). Waits at most
-    ``_WIND_DOWN_S`` for Flower to return, then shuts Ray down here (a private instance stops, a
-    cluster is left); the caller ends the process after that (:func:`fedrobust.interrupt.exit_now`)."""
-    import ray
-
-    for name in ("flwr", "ray"):
-        logging.getLogger(name).setLevel(logging.CRITICAL + 1)
-    logging.getLogger("flwr").disabled = True
-    # Flower's cleanup calls ray.shutdown() while its other threads may still be inside Ray, and a call
-    # into Ray's core worker after shutdown makes Ray's C++ end the process at once with exit code 1
-    # ("The core worker has already been shutdown ... The process will exit"), before ours. So nobody
-    # shuts Ray down while Flower's threads run: ray.shutdown is a no-op until Flower has returned,
-    # then it runs here, in this thread; if Flower never returns, the caller's exit_now kills the
-    # private instance's processes by id.
-    real_shutdown = ray.shutdown
-    ray.shutdown = lambda *args, **kwargs: None
-    stop.set()
-    deadline = time.monotonic() + _WIND_DOWN_S
-    while not done.is_set() and time.monotonic() < deadline:
-        if ray.is_initialized():
-            _kill_actors()  # again each time: Flower may have been creating its actors
-        done.wait(0.5)
-    if done.is_set():
-        ray.shutdown = real_shutdown
-        with contextlib.suppress(Exception):
-            if ray.is_initialized():
-                real_shutdown()
-
-
-# An interrupted simulation waits this long for Flower's threads to return (measured: about 1-2 s once
-# the actors are killed); then the process ends regardless.
-_WIND_DOWN_S = 5.0
-
-
-def run_simulation(cfg: DictConfig, run_dir: Path, *, num_cpus: int | None = None) -> None:
+def run_simulation(cfg: DictConfig, run_dir: Path, *, num_cpus: int | None = None,
+                   pid_file: Path | None = None) -> None:
     """Run the federation on Flower's simulation engine; the ServerApp writes ``run_dir``.
 
     ``num_cpus`` caps the CPUs of the private Ray instance (default: all of
-    this machine's). A failure of the runtime raises :class:`SimulationError`
-    and stops the ServerApp, so the process never waits on a dead runtime.
+    this machine's). The simulation runs in ``python -m fedrobust.simprocess``,
+    a child process in a session of its own (:mod:`fedrobust.sessions`); its
+    output is copied to this process's stderr, and ``pid_file`` (if given)
+    holds its pid and its Ray folder while it runs, for a cleanup from
+    outside. It takes no signal: this process's main thread waits on it in
+    Python, and whatever ends the wait (a signal's
+    :class:`~fedrobust.interrupt.Interrupted`, a Ray task's cancel, an error)
+    kills the child's process group at once, removes the private Ray folder
+    and any half-written file, and goes on. No Flower or Ray thread is left in
+    this process to race with, and nothing the child printed after the kill
+    can reach the terminal. A failed simulation raises
+    :class:`SimulationError` (or :class:`~fedrobust.errors.ConfigError`) with
+    the child's one-line message.
+    """
+    from .config import config_to_json
+    from .progress import interactive
+    from .rayinit import private_temp_dir
+    from .sessions import end_group, spawn
 
-    Ray is started here, in the calling thread, and Flower runs in a thread of
-    its own, so that SIGINT and SIGTERM reach this thread in Python code (never
-    inside Ray) and raise :class:`~fedrobust.interrupt.Interrupted`. It is
-    raised after :func:`_wind_down`; Flower's threads may still be blocked in
-    Ray then, so a command ends its process with
-    :func:`fedrobust.interrupt.exit_now` once it has said what it kept.
+    n = num_nodes(cfg.deployment.name, cfg.deployment.num_nodes)
+    backend = backend_config(cfg, num_cpus)
+    where = (f"the Ray cluster at {cfg.engine.ray_address}" if cfg.engine.ray_address
+             else f"a private local Ray instance of {backend['init_args']['num_cpus']} CPU(s)")
+    log.info("simulation engine: %d virtual SuperNode(s), %s CPU / %s GPU per client, on %s", n, cfg.engine.num_cpus,
+             cfg.engine.num_gpus, where)
+    env = dict(os.environ, PYTHONPATH=_pythonpath())
+    if not cfg.engine.ray_address:  # a private instance: never a cluster named in the environment
+        env = {k: v for k, v in env.items() if not k.startswith("RAY_ADDRESS")}
+    if interactive():
+        env["FEDROBUST_TTY"] = "1"  # its stderr is a pipe to ours, which is a terminal
+    temp_dir = None if cfg.engine.ray_address else private_temp_dir()
+    result_r, result_w = os.pipe()
+    cmd = [sys.executable, "-m", "fedrobust.simprocess", str(run_dir), str(num_cpus or 0), temp_dir or "",
+           str(result_w)]
+    proc = None
+    try:
+        try:
+            proc = spawn(cmd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                         pass_fds=(result_w,))
+        finally:
+            os.close(result_w)
+        if pid_file is not None:
+            pid_file.write_text(f"{proc.pid}\n{temp_dir or ''}\n")
+        with contextlib.suppress(BrokenPipeError):  # a child that died at once says why in its output
+            proc.stdin.write(config_to_json(cfg).encode())
+            proc.stdin.close()
+        _copy_output_until_it_ends(proc)
+    except BaseException as exc:
+        # Kill it all before anything else; a signal now is the stop that is already under way (or,
+        # after an error, is taken once the wind-down is done).
+        with deferred(deliver=as_interrupt(exc) is None):
+            if proc is not None:
+                end_group(proc)
+                hold("wind-down")
+            _clean_up(run_dir, temp_dir, pid_file, result_r)
+        raise
+    code = end_group(proc)  # what the child left in its group goes with it
+    with os.fdopen(result_r, "rb") as f:
+        said = f.read()
+    _clean_up(run_dir, temp_dir, pid_file, None)
+    if code != 0:
+        reason = json.loads(said) if said else {
+            "message": f"simulation runtime failed: its process ended with exit code {code} and no error line "
+                       f"(see {run_dir / 'train.log'})", "config_error": False}
+        raise (ConfigError if reason["config_error"] else SimulationError)(reason["message"])
+
+
+def _copy_output_until_it_ends(proc: subprocess.Popen) -> None:
+    """Copy the child's output to stderr until the child has ended (left unreaped)."""
+    from .sessions import ended
+
+    fd = proc.stdout.fileno()
+    text = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    open_ = True
+    while not ended(proc):
+        if not open_:  # its output is closed, it is still ending
+            select.select([], [], [], 0.1)
+            continue
+        if select.select([fd], [], [], 0.2)[0]:
+            data = os.read(fd, 65536)
+            if not data:
+                open_ = False
+                continue
+            with contextlib.suppress(OSError, ValueError):  # a closed or broken stderr loses the copy only
+                sys.stderr.write(text.decode(data))
+                sys.stderr.flush()
+    os.set_blocking(fd, False)
+    with contextlib.suppress(OSError, ValueError):
+        while data := os.read(fd, 65536):
+            sys.stderr.write(text.decode(data))
+        sys.stderr.flush()
+
+
+def _clean_up(run_dir: Path, temp_dir: str | None, pid_file: Path | None, fd: int | None) -> None:
+    """After the child's group is gone: its Ray folder, a half-written file it left, the pid file."""
+    from .atomic import remove_leftovers
+
+    if fd is not None:
+        os.close(fd)
+    if temp_dir:
+        shutil.rmtree(temp_dir, ignore_errors=True)
+    remove_leftovers(Path(run_dir))
+    if pid_file is not None:
+        pid_file.unlink(missing_ok=True)
+
+
+def simulate_in_process(cfg: DictConfig, run_dir: Path, *, num_cpus: int | None = None,
+                        temp_dir: str | None = None) -> None:
+    """The simulation in this process: Ray started (or joined) here, Flower's run in this thread.
+
+    What :func:`run_simulation`'s child runs. It handles no signal, and leaves
+    Flower's threads as they are on an error: its process is meant to be
+    ended by its parent. A failure of the runtime raises
+    :class:`SimulationError` and stops the ServerApp, so the process never
+    waits on a dead runtime.
     """
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    import ray
     from flwr.simulation import run_simulation as flwr_run_simulation
 
     from clients.client_app import app as client_app
@@ -207,53 +260,35 @@ def run_simulation(cfg: DictConfig, run_dir: Path, *, num_cpus: int | None = Non
     flwr_log = logging.getLogger("flwr")
     if not any(isinstance(f, _DropRunSimulationNotice) for f in flwr_log.filters):
         flwr_log.addFilter(_DropRunSimulationNotice())
-    errors: list[BaseException] = []
-    failed: list[BaseException] = []
-    stop = threading.Event()
-    n = num_nodes(cfg.deployment.name, cfg.deployment.num_nodes)
     backend = backend_config(cfg, num_cpus)
-    where = (f"the Ray cluster at {cfg.engine.ray_address}" if cfg.engine.ray_address
-             else f"a private local Ray instance of {backend['init_args']['num_cpus']} CPU(s)")
-    log.info("simulation engine: %d virtual SuperNode(s), %s CPU / %s GPU per client, on %s", n, cfg.engine.num_cpus,
-             cfg.engine.num_gpus, where)
-
-    def simulate() -> None:
-        try:
-            flwr_run_simulation(
-                server_app=make_server_app(cfg, run_dir, errors, stop),
-                client_app=client_app,
-                num_supernodes=n,
-                backend_config=backend,
-            )
-        except BaseException as exc:  # flwr exits through sys.exit for some failures
-            failed.append(exc)
-        finally:
-            done.set()
-
-    done = threading.Event()  # waited on, not sim.join(): a join that a signal interrupts marks the thread
-    #                           ended while it runs (CPython 3.11's Thread._wait_for_tstate_lock)
-    sim = threading.Thread(target=simulate, name="flwr-simulation", daemon=True)
+    init_args = backend["init_args"]
+    if temp_dir and init_args.get("address") == "local":
+        init_args["_temp_dir"] = temp_dir
+    errors: list[BaseException] = []
+    stop = threading.Event()
+    hold("ray-starting")
+    started = not ray.is_initialized()
+    try:
+        if started:
+            # Flower would start Ray the same way (its RayBackend) but write the path into this
+            # process's environment; the workers get it through their runtime env only
+            ray.init(runtime_env={"env_vars": {"PYTHONPATH": _pythonpath()}}, **({"include_dashboard": False} | init_args))
+    except Exception as exc:  # no Ray to run on (a cluster that cannot be reached, ...)
+        raise SimulationError(f"simulation runtime failed: {_root_cause(exc)}") from None
     try:
         try:
-            started = _start_ray(backend["init_args"])
-        except Exception as exc:  # no Ray to run on (a cluster that cannot be reached, ...)
-            raise SimulationError(f"simulation runtime failed: {_root_cause(exc)}") from None
-        sim.start()
-        while not done.wait(0.2):
-            pass
-        import ray
-
-        if started and ray.is_initialized():
-            ray.shutdown()  # Flower shuts Ray down, unless it failed before it built its backend
-        if failed:  # read before the ServerApp is stopped, which would add an error of its own
-            if errors:
+            flwr_run_simulation(server_app=make_server_app(cfg, run_dir, errors, stop), client_app=client_app,
+                                num_supernodes=num_nodes(cfg.deployment.name, cfg.deployment.num_nodes),
+                                backend_config=backend)
+        except BaseException as exc:  # flwr exits through sys.exit for some failures
+            if errors:  # read before the ServerApp is stopped, which would add an error of its own
                 raise errors[0] from None
-            raise SimulationError(f"simulation runtime failed: {_root_cause(failed[0])}") from None
-    except BaseException as exc:
-        if as_interrupt(exc) is not None and sim.ident is not None:  # else Ray was starting: nothing to wind down
-            _wind_down(done, stop)
-        raise
+            raise SimulationError(f"simulation runtime failed: {_root_cause(exc)}") from None
+        if errors:
+            raise errors[0]
     finally:
         stop.set()  # the ServerApp thread gives up waiting for replies
-    if errors:
-        raise errors[0]
+    # Flower shut Ray down as it returned. After a failure Ray is left as it is: Flower's threads may
+    # still be inside it, and the parent ends the whole process group.
+    if started and ray.is_initialized():
+        ray.shutdown()

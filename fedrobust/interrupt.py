@@ -1,26 +1,54 @@
-"""SIGINT and SIGTERM end a command with one line and the shell's exit code.
+"""SIGINT and SIGTERM end a command with one line and the shell's exit code, at any moment.
 
-The command line installs :func:`install`, which turns both signals into an
+The command line installs :func:`install` as the first thing it does (before
+it imports the config, torch, Flower or Ray), which turns both signals into an
 :class:`Interrupted` exception in the main thread. Each command catches it,
 says what it kept, and exits with ``128 + signum`` (130 for SIGINT, 143 for
 SIGTERM). Files are written atomically (:mod:`fedrobust.atomic`), so an
 interruption leaves every file whole.
 
-``ray.init`` replaces the SIGTERM handler with ``sys.exit(15)``; a
-``SystemExit(15)`` is therefore read as SIGTERM too (:func:`as_interrupt`),
-and code that starts Ray in the main thread keeps our handlers (:func:`keep_handlers`).
+Why a stop is correct by construction, window by window:
 
-A command whose runtime cannot be wound down in time (threads blocked in
-Ray, Flower's simulation threads) ends with :func:`exit_now` once it has
-said what it kept: logs flushed, the processes it started killed, then
-``os._exit``, so no interpreter shutdown joins a blocked thread or tears down
-Ray's C++ core under it.
+* **Start-up.** The handlers are installed within milliseconds of the
+  interpreter's start, whatever the signals' inherited disposition (a
+  background job of a script starts with SIGINT ignored; it is honoured here
+  from the first moment, not only once the command is running). Before that,
+  Python itself is starting: SIGTERM ends the process by its default action,
+  and so does SIGINT until Python's own handler is in place; nothing has been
+  written or started then.
+* **Ray never runs in the process that takes the signals.** Ray replaces the
+  SIGTERM handler inside ``ray.init``, starts its services from at-fork hooks
+  where an exception is swallowed, and ends the process from C++ when it is
+  called after ``ray.shutdown``. So the simulation engine runs Flower and Ray in
+  a child process of its own session (:func:`fedrobust.engines.run_simulation`)
+  that takes no signal: the command's main thread waits on it in plain Python,
+  and on a signal kills the child's whole process group in one ``killpg``,
+  so no thread of Flower or Ray is left to race with. Where this process does
+  start Ray itself (the tuner's trial pool, the loss search's fitness), it
+  does so in a thread of its own (:mod:`fedrobust.rayinit`): Ray installs no
+  handler there, and no at-fork hook runs in the main thread.
+* **Swallowed interruptions are delivered again.** A Python signal handler
+  runs between two bytecodes of the main thread, which can be inside a
+  finaliser or an at-fork hook, where an exception cannot propagate and is
+  only reported as "unraisable". :func:`install` also installs an unraisable
+  hook that delivers such an interruption again (``_thread.interrupt_main``)
+  instead of printing it, so the first signal is never lost.
+* **Critical sections.** :func:`deferred` holds a signal that arrives while a
+  child process is being started, or while a stop is being wound down, and
+  delivers it when the block ends: a child's handle is never lost, and a
+  wind-down is never cut in half.
+
+A second signal, once the first is being handled, ends the process at once by
+its default action, as it would without us (files stay whole).
+
+:func:`hold` is a test hook: it pauses a command at a named point while
+``FEDROBUST_HOLD`` names it, so that a test signals it at exactly that moment.
 """
 
 from __future__ import annotations
 
+import _thread
 import contextlib
-import logging
 import os
 import signal
 import sys
@@ -28,10 +56,13 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import NoReturn
 
-__all__ = ["Interrupted", "OneLineFailure", "as_interrupt", "descendants", "exit_now", "guarded", "install",
-           "keep_handlers", "kill_processes"]
+from .errors import ConfigError, OneLineFailure, one_line
+
+__all__ = ["HOLD_DIR_ENV", "HOLD_ENV", "Interrupted", "OneLineFailure", "as_interrupt", "deferred", "guarded",
+           "hold", "install"]
+
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 class Interrupted(BaseException):
@@ -50,40 +81,81 @@ class Interrupted(BaseException):
         return 128 + self.signum
 
 
-def _raise(signum, frame) -> None:
-    # a second signal ends the process at once, as it would without us (files stay whole: atomic writes)
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    raise Interrupted(signum)
+# The first signal this process took since install(), and whether it is being delivered again.
+_first: int | None = None
+_again = False
+
+
+def _on_signal(signum: int, frame) -> None:
+    global _first, _again
+    if _first is None or _again:
+        _first = signum if _first is None else _first
+        _again = False
+        raise Interrupted(_first)
+    # a second signal: the default action, at once (nothing is half-written: atomic writes)
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
+
+
+def _on_unraisable(unraisable) -> None:
+    """An interruption raised where it cannot propagate (a finaliser, an at-fork hook) is delivered
+    again, at the main thread's next bytecode, instead of being printed and lost."""
+    global _again
+    intr = as_interrupt(unraisable.exc_value)
+    if intr is not None and threading.current_thread() is threading.main_thread():
+        _again = intr.signum == _first
+        _thread.interrupt_main(intr.signum)
+        return
+    sys.__unraisablehook__(unraisable)
 
 
 def install() -> None:
-    """Raise :class:`Interrupted` on SIGINT and SIGTERM (main thread only; elsewhere a no-op)."""
+    """Raise :class:`Interrupted` on SIGINT and SIGTERM, and deliver again an interruption that
+    was swallowed (main thread only; elsewhere a no-op)."""
+    global _first, _again
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGINT, _raise)
-        signal.signal(signal.SIGTERM, _raise)
+        _first, _again = None, False
+        for signum in SIGNALS:
+            signal.signal(signum, _on_signal)
+        sys.unraisablehook = _on_unraisable
 
 
 @contextlib.contextmanager
-def keep_handlers() -> Iterator[None]:
-    """Restore the SIGINT and SIGTERM handlers after the block (around ``ray.init``, which replaces them)."""
-    main = threading.current_thread() is threading.main_thread()
-    saved = (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) if main else None
+def deferred(deliver: bool = True) -> Iterator[None]:
+    """Hold SIGINT and SIGTERM while the block runs, and deliver the first of them when it ends
+    (or drop it, with ``deliver=False``: for a stop's wind-down, when the stop is already under way).
+
+    Only handlers written in Python are held (ours, or Python's own KeyboardInterrupt); a signal
+    left to its default action keeps it. In another thread than the main one the block runs as it is.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    saved = {signum: signal.getsignal(signum) for signum in SIGNALS}
+    got: list[int] = []
+
+    def remember(signum: int, frame) -> None:
+        got.append(signum)
+
+    held = [signum for signum, handler in saved.items() if callable(handler)]
+    for signum in held:
+        signal.signal(signum, remember)
     try:
         yield
     finally:
-        if saved is not None:
-            signal.signal(signal.SIGINT, saved[0])
-            signal.signal(signal.SIGTERM, saved[1])
+        for signum in held:
+            signal.signal(signum, saved[signum])
+        if got and deliver:
+            saved[got[0]](got[0], None)  # raises now (Interrupted, or KeyboardInterrupt)
 
 
 def as_interrupt(exc: BaseException | None) -> Interrupted | None:
     """``exc`` as an :class:`Interrupted`, if it is one in disguise.
 
-    KeyboardInterrupt, Ray's SystemExit(15), and any error whose cause or
-    context is one of these: a signal that lands inside a C extension (Ray's
-    ``CoreWorker.wait``) comes out as ``SystemError: ... returned a result
-    with an exception set``, with the interruption as its cause.
+    KeyboardInterrupt, Ray's SystemExit(15) (a Ray worker's or a library caller's ``ray.init``
+    installs it), and any error whose cause or context is one of these: a signal that lands inside
+    a C extension comes out as ``SystemError: ... returned a result with an exception set``, with
+    the interruption as its cause.
     """
     seen: set[int] = set()
     while exc is not None and id(exc) not in seen:
@@ -98,22 +170,17 @@ def as_interrupt(exc: BaseException | None) -> Interrupted | None:
     return None
 
 
-class OneLineFailure(RuntimeError):
-    """A failure whose message is one line that says it all: :func:`guarded` prints it and exits 1."""
-
-
 def guarded(fn: Callable[[], int], kept: str, prog: str = "fedrobust") -> int:
     """Run a command with the handlers installed (and restored after): a :class:`ConfigError` exits 2,
     a :class:`OneLineFailure` 1, and an interruption ``128 + signum``, each with one line on stderr
     (for an interruption, saying what was kept)."""
-    from .config import ConfigError
-
-    saved = (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM))
+    main = threading.current_thread() is threading.main_thread()
+    saved = ({signum: signal.getsignal(signum) for signum in SIGNALS}, sys.unraisablehook) if main else None
     install()
     try:
         return fn()
     except (ConfigError, OneLineFailure) as exc:
-        print(f"{prog}: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        print(f"{prog}: error: {one_line(exc)}", file=sys.stderr)
         return 2 if isinstance(exc, ConfigError) else 1
     except BaseException as exc:
         intr = as_interrupt(exc)
@@ -122,69 +189,30 @@ def guarded(fn: Callable[[], int], kept: str, prog: str = "fedrobust") -> int:
         print(f"{prog}: interrupted ({intr.name}); {kept}", file=sys.stderr)
         return intr.exit_code
     finally:
-        if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGINT, saved[0])
-            signal.signal(signal.SIGTERM, saved[1])
+        if saved is not None:
+            for signum, handler in saved[0].items():
+                signal.signal(signum, handler)
+            sys.unraisablehook = saved[1]
 
 
-def _stat(pid: int) -> tuple[str, int]:
-    """A process's state letter and parent id (``("", 0)`` when it is gone)."""
-    try:  # the command may contain ")" or spaces: the fields after the last ")" are fixed
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return fields[0], int(fields[1])
-    except (OSError, ValueError, IndexError):
-        return "", 0
+HOLD_ENV = "FEDROBUST_HOLD"  # comma-separated names of the points to pause at
+HOLD_DIR_ENV = "FEDROBUST_HOLD_DIR"  # where a paused process says so, and is told to go on
+HOLD_MAX_S = 120.0
 
 
-def descendants(pid: int | None = None) -> list[int]:
-    """Live processes (not zombies) whose parent chain leads to ``pid`` (default: this process), read
-    from ``/proc``; empty where there is no ``/proc``."""
-    pid = os.getpid() if pid is None else pid
-    try:
-        entries = [int(e) for e in os.listdir("/proc") if e.isdigit()]
-    except OSError:
-        return []
-    children: dict[int, list[int]] = {}
-    for p in entries:
-        state, ppid = _stat(p)
-        if ppid and state != "Z":  # a zombie's children have a new parent already
-            children.setdefault(ppid, []).append(p)
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
+def hold(point: str) -> None:
+    """Test hook: pause here while ``FEDROBUST_HOLD`` names ``point``.
 
-
-def kill_processes(pids: list[int], wait_s: float = 2.0) -> None:
-    """SIGKILL each of ``pids`` (by id; gone ones are skipped), and reap those that are this process's
-    children, waiting at most ``wait_s``."""
-    for pid in pids:
-        with contextlib.suppress(OSError):
-            os.kill(pid, signal.SIGKILL)
-    mine = [pid for pid in pids if _stat(pid)[1] == os.getpid()]
-    deadline = time.monotonic() + wait_s
-    while mine and time.monotonic() < deadline:
-        for pid in list(mine):
-            try:
-                if os.waitpid(pid, os.WNOHANG)[0] == 0:
-                    continue
-            except OSError:  # reaped elsewhere
-                pass
-            mine.remove(pid)
-        if mine:
-            time.sleep(0.02)
-
-
-def exit_now(code: int) -> NoReturn:
-    """End the process with ``code`` at once: flush the logs and standard streams, kill every process
-    it started (by id), then ``os._exit``: no atexit hook runs and no thread is joined."""
-    with contextlib.suppress(Exception):
-        logging.shutdown()
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(Exception):
-            stream.flush()
-    with contextlib.suppress(Exception):
-        kill_processes(descendants())
-    os._exit(code)
+    The process writes its pid to ``$FEDROBUST_HOLD_DIR/<point>``, then waits (in Python, in short
+    sleeps, so that a signal is taken at once) until ``<point>.go`` appears there, or for at most
+    two minutes. Without the variable this is one dictionary lookup.
+    """
+    points = os.environ.get(HOLD_ENV)
+    if not points or point not in points.split(","):
+        return
+    folder = Path(os.environ.get(HOLD_DIR_ENV, "."))
+    (folder / f".{point}.{os.getpid()}").write_text(str(os.getpid()))
+    os.replace(folder / f".{point}.{os.getpid()}", folder / point)  # whole when it appears
+    deadline = time.monotonic() + HOLD_MAX_S
+    while not (folder / f"{point}.go").exists() and time.monotonic() < deadline:
+        time.sleep(0.02)

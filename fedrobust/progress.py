@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 from tqdm.auto import tqdm
@@ -10,7 +11,8 @@ __all__ = ["interactive", "progress"]
 
 
 def interactive() -> bool:
-    return sys.stderr.isatty()
+    """Whether stderr is a terminal (or, in the simulation engine's child, its parent's stderr is)."""
+    return sys.stderr.isatty() or os.environ.get("FEDROBUST_TTY") == "1"
 
 
 def progress(iterable=None, *, total: int | None = None, desc: str = "", enabled: bool = True, leave: bool = True,

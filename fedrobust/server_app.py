@@ -21,6 +21,7 @@ from omegaconf import DictConfig
 
 from .ensemble import InvalidUpdateError
 from .federation import collect_members, peers_of
+from .interrupt import hold
 from .node import MemberUpdate
 from .partition import num_nodes
 from .protocol import decode_reply, encode_task
@@ -99,6 +100,7 @@ class FlowerRounds:
                 replies.append((node_of[mid], reply))
                 log.info("round %d: reply %d/%d, from flower node %s, after %.1fs%s", round_idx + 1, len(replies),
                          len(messages), node_of[mid], time.monotonic() - start, " (an error)" if reply.has_error() else "")
+                hold(f"reply-{round_idx + 1}-{len(replies)}")  # test hook: a moment between replies
             if waiting:
                 time.sleep(poll_s)
         return replies
@@ -130,10 +132,10 @@ class FlowerRounds:
                     raise InvalidUpdateError(f"node {u.node}: claimed by flower nodes {claimed[u.node]} and {nid}")
                 self.partition_of[nid] = u.node
                 updates.append(u)
-        if failed and not tolerate:
-            lost = sorted(set(range(num_nodes(self.cfg.deployment.name, self.cfg.deployment.num_nodes)))
-                          - {u.node for u in updates})
-            raise RuntimeError(f"round {round_idx + 1}: node(s) {lost} lost ({next(iter(failed.values()))[:300]}); "
+        if failed and not tolerate:  # its ClientApp raised (or its actor died): failed, not silent
+            without = sorted(set(range(num_nodes(self.cfg.deployment.name, self.cfg.deployment.num_nodes)))
+                             - {u.node for u in updates})
+            raise RuntimeError(f"round {round_idx + 1}: node(s) {without} failed ({next(iter(failed.values()))[:300]}); "
                                "set engine.on_missing=min_members to finish without them")
         silent = [nid for nid in self.node_ids if nid not in replied and nid not in failed]
         if tolerate and (failed or silent):  # collect_members decides whether the run can go on without them

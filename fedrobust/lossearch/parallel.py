@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import copy
 import os
-import warnings
 from dataclasses import replace
 
-from ..interrupt import keep_handlers
+from ..rayinit import start_ray
 from .fitness import Problem
 
 __all__ = ["RayFitness"]
@@ -32,16 +31,12 @@ class RayFitness:
         import ray
 
         self._ray = ray
-        self._owned = not ray.is_initialized()
-        if self._owned:
-            kwargs = {"log_to_driver": False, "configure_logging": False}
-            if address == "local":
-                kwargs |= {"address": "local", "include_dashboard": False, "num_cpus": os.cpu_count() or 1}
-            else:
-                kwargs["address"] = address
-            warnings.filterwarnings("ignore", message=".*RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO.*", category=FutureWarning)
-            with keep_handlers():
-                ray.init(**kwargs)
+        kwargs = {"log_to_driver": False, "configure_logging": False}
+        if address == "local":
+            kwargs |= {"address": "local", "include_dashboard": False, "num_cpus": os.cpu_count() or 1}
+        else:
+            kwargs["address"] = address
+        self._session = start_ray(**kwargs)  # in a thread of its own: the search's signals stay ours
         cpu = replace(problem, model=copy.deepcopy(problem.model).cpu(), x=problem.x.cpu(), y=problem.y.cpu())
         self._problem = ray.put(cpu)
         self._task = ray.remote(_measure_chunk).options(num_cpus=1, max_retries=2)
@@ -58,5 +53,4 @@ class RayFitness:
                 on_done(len(chunk))
 
     def close(self) -> None:
-        if self._owned:
-            self._ray.shutdown()
+        self._session.close()

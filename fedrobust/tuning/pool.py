@@ -13,14 +13,13 @@ import logging
 import os
 import socket
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..atomic import dumps_json
-from ..interrupt import keep_handlers
+from ..rayinit import start_ray
 from .remote import receive_dir
 
 __all__ = ["TrialPool", "Finished", "EventLog", "short_node"]
@@ -82,18 +81,15 @@ class TrialPool:
         import ray
 
         self._ray = ray
-        self._owned = not ray.is_initialized()
-        if self._owned:
-            kwargs: dict[str, Any] = {"log_to_driver": False, "configure_logging": False}
-            if address:  # a cluster decides its own resources
-                kwargs["address"] = address
-            else:  # a new local instance, even if another one runs on this machine
-                kwargs |= {"address": "local", "include_dashboard": False,
-                           "num_cpus": max(os.cpu_count() or 1, int(cpus * max_concurrent + 0.999)),
-                           "num_gpus": int(gpus * max_concurrent + 0.999) if gpus else None}
-            warnings.filterwarnings("ignore", message=".*RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO.*", category=FutureWarning)
-            with keep_handlers():  # Ctrl-C and SIGTERM keep ending the tuner with one line
-                ray.init(**{k: v for k, v in kwargs.items() if v is not None})
+        kwargs: dict[str, Any] = {"log_to_driver": False, "configure_logging": False}
+        if address:  # a cluster decides its own resources
+            kwargs["address"] = address
+        else:  # a new local instance, even if another one runs on this machine
+            kwargs |= {"address": "local", "include_dashboard": False,
+                       "num_cpus": max(os.cpu_count() or 1, int(cpus * max_concurrent + 0.999)),
+                       "num_gpus": int(gpus * max_concurrent + 0.999) if gpus else None}
+        # in a thread of its own, so that Ctrl-C and SIGTERM keep ending the tuner with one line
+        self._session = start_ray(**{k: v for k, v in kwargs.items() if v is not None})
         # Streaming generator; backpressure keeps at most two unread chunks of a run directory in flight.
         self._remote = ray.remote(fn).options(num_cpus=cpus, num_gpus=gpus, max_retries=0,
                                               _generator_backpressure_num_objects=2)
@@ -178,8 +174,7 @@ class TrialPool:
                 pass
             self._local_cleanup(state.where)
         self.running.clear()
-        if self._owned:
-            self._ray.shutdown()
+        self._session.close()  # a private instance stops (its folder removed), a cluster is left
         return cancelled
 
     def _drained(self, gen: Any) -> bool:

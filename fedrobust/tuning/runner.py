@@ -20,8 +20,9 @@ More than ``max_failures`` lost or failed trials stop the run with
 :class:`TooManyFailures`, one line that names the last of them. However the
 run ends (its last trial, that error, Ctrl-C, SIGTERM), the trials still
 running are cancelled: each kills its child's process group and removes
-its scratch folder (:mod:`.child`), and the log records them as
-``cancelled``.
+its scratch folder (:mod:`.child`), the log records them as ``cancelled``,
+and the source hears of each at once (a study marks it failed, of kind
+``cancelled``, and queues its parameters again).
 """
 
 from __future__ import annotations
@@ -79,6 +80,9 @@ class TrialSource(Protocol):
     def retry(self, launch: Launch) -> None:
         """Queue ``launch`` again (it was lost with its worker)."""
 
+    def cancelled(self, launch: Launch) -> None:
+        """``launch`` was stopped before it ended (the run is ending); the source records it."""
+
 
 class TrialRunner:
     """Runs a source's trials on a pool under the policy above; the pool is closed when :meth:`run` returns."""
@@ -112,6 +116,7 @@ class TrialRunner:
                 launch = self.launches.pop(key, None)
                 self.events.write("cancelled", key)
                 if launch is not None:
+                    self.source.cancelled(launch)
                     log.info("%s cancelled: its processes were stopped and its scratch folder removed", launch.label)
 
     @property

@@ -435,6 +435,22 @@ class _StudyTrials:
         self.study.enqueue_trial(self.lost.pop(launch.key), user_attrs={"requeued_from": launch.key},
                                  skip_if_exists=False)
 
+    def cancelled(self, launch) -> None:
+        """A trial stopped as the tuner stops: failed now (kind ``cancelled``), its parameters queued again."""
+        trial, _ = self.handles.pop(launch.key)
+        self._cancel(trial)
+
+    def cancel_pending(self) -> None:
+        """The trials asked but not launched yet, as :meth:`cancelled` (the tuner is stopping)."""
+        while self.pending:
+            self._cancel(self.pending.pop()[0])
+
+    def _cancel(self, trial: optuna.Trial) -> None:
+        trial.set_user_attr("failure", "cancelled")
+        trial.set_user_attr("error", "cancelled: the tuner stopped before it ended")
+        self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        self.study.enqueue_trial(trial.params, user_attrs={"requeued_from": trial.number}, skip_if_exists=False)
+
 
 def _loop(cfg, base, study, space, study_dir, trials_dir, baseline, min_acc) -> list[dict[str, Any]]:
     from .pool import EventLog, TrialPool
@@ -458,6 +474,13 @@ def _loop(cfg, base, study, space, study_dir, trials_dir, baseline, min_acc) -> 
                                  artefacts=artefacts)
             source.runner = runner
             runner.run()
+    except BaseException:
+        # stopping (a signal, an error): what was asked but never ran is cancelled too, and trials.csv
+        # says so now, not at the next run
+        source.cancel_pending()
+        with contextlib.suppress(Exception):
+            write_outputs(study_dir, cfg, study, space, baseline, final=False)
+        raise
     finally:
         bar.close()
     rows = write_outputs(study_dir, cfg, study, space, baseline, final=True)

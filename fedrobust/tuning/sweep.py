@@ -113,6 +113,9 @@ class _Cells:
     def retry(self, launch) -> None:
         self.queue.append(launch.key)
 
+    def cancelled(self, launch) -> None:
+        """Nothing to record: a cell not done is run by the next run of the sweep."""
+
 
 def run_sweep(name: str, cells: list[Cell], sweep_dir: str | Path, *, max_concurrent: int = 2, cpus_per_cell: float = 1.0,
               gpus_per_cell: float = 0.0, address: str | None = None, progress: bool = True, max_failures: int = 3,

@@ -87,33 +87,20 @@ def _val_accuracy(cfg, run_dir: Path, data, results: dict[str, Any]) -> tuple[fl
 
 
 def _simulate_in_child(cfg, run_path: Path, threads: int) -> None:
-    """Flower's simulation engine in a child process with its own local Ray instance.
+    """Flower's simulation engine with a private Ray instance of this trial's CPUs, never the tuner's.
 
     Inside a Ray task the simulation would ask the tuner's cluster for its
     clients' CPUs, which the running trials hold; a private instance sized to
-    this trial's CPUs avoids that deadlock. The child runs in a session of its
-    own (:mod:`.child`): a cancelled or failed trial stops it and its Ray with
-    one ``killpg``, and its pid is kept in the trial's scratch folder meanwhile.
+    this trial's CPUs avoids that deadlock. It runs in a child process of its
+    own session (:func:`fedrobust.engines.run_simulation`): a cancelled or
+    failed trial stops it and its Ray with one ``killpg``, and its pid is kept
+    beside the trial's scratch folder meanwhile (:mod:`.child`).
     """
-    import sys
+    from ..engines import run_simulation
+    from .child import PID_FILE
 
-    from ..config import config_to_json
-    from .child import PID_FILE, run_in_session
-
-    cfg = OmegaConf.merge(cfg, {"engine": {"ray_address": None}})  # never the tuner's cluster (see above)
-    spec = run_path / "trial_config.json"
-    write_text(spec, config_to_json(cfg))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
-    cmd = [sys.executable, "-m", "fedrobust.tuning.simulate", str(spec), str(run_path), str(max(1, int(threads)))]
-    log_path = run_path.parent / "child.log"  # beside the run directory: scratch, not sent back
-    code = run_in_session(cmd, env=env, log_path=log_path, pid_path=run_path.parent / PID_FILE)
-    if code != 0:
-        from .simulate import ERROR_PREFIX
-
-        lines = log_path.read_text(errors="replace").strip().splitlines()
-        said = [line[len(ERROR_PREFIX):] for line in lines if line.startswith(ERROR_PREFIX)]
-        reason = said[-1] if said else " ".join(lines[-3:])
-        raise RuntimeError(f"simulation engine failed (exit {code}): {reason}")
+    cfg = OmegaConf.merge(cfg, {"engine": {"ray_address": None}})
+    run_simulation(cfg, run_path, num_cpus=max(1, int(threads)), pid_file=run_path.parent / PID_FILE)
 
 
 def execute(cfg_yaml: str, values: dict[str, Any], run_dir: str, threads: int = 1,

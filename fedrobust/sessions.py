@@ -1,0 +1,90 @@
+"""Child processes in a session of their own, ended with everything they started.
+
+A child started with :func:`spawn` leads a new session and process group;
+whatever it starts joins that group unless it leaves it (Ray's services and
+workers do not), so one ``killpg`` ends them all at once, and none of them is
+left running to react to the others' death. The group is killed while the
+child is still unreaped (:func:`ended` looks without reaping), so that its id
+cannot have been given to another process meanwhile.
+
+The child asks the kernel for SIGKILL when the thread that started it ends
+(:func:`die_with_parent`), so that it never outlives a parent that was killed
+outright.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+
+from .interrupt import deferred
+
+__all__ = ["PARENT_ENV", "die_with_parent", "end_group", "ended", "spawn", "stop_group"]
+
+PARENT_ENV = "FEDROBUST_PARENT"
+
+
+def spawn(cmd: Sequence[str], *, env: dict[str, str], **popen: object) -> subprocess.Popen:
+    """Start ``cmd`` in a new session; a signal that comes meanwhile is taken once the handle exists."""
+    env = {**env, PARENT_ENV: str(os.getpid())}
+    with deferred():
+        return subprocess.Popen(list(cmd), env=env, start_new_session=True, **popen)
+
+
+def die_with_parent(sig: int = signal.SIGKILL) -> None:
+    """In the child: ``sig`` when the parent's thread that started it ends; exit now if it already has."""
+    parent = os.environ.get(PARENT_ENV)
+    if not parent or not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(sig), 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != int(parent):  # the parent died before the request above was made
+        os._exit(128 + sig)
+
+
+def ended(proc: subprocess.Popen) -> bool:
+    """Whether ``proc`` has ended, without reaping it (its id stays reserved until :func:`end_group`)."""
+    if proc.returncode is not None:
+        return True
+    try:
+        return os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:
+        return True
+
+
+def end_group(proc: subprocess.Popen) -> int:
+    """SIGKILL to ``proc``'s whole process group (it leads it), then reap it; its exit code."""
+    if proc.returncode is None:  # unreaped: the group id is still ours
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    return proc.wait()
+
+
+def stop_group(pgid: int, grace_s: float = 5.0) -> None:
+    """SIGTERM to the process group ``pgid`` (not this process's child), then SIGKILL to what is left
+    after ``grace_s``: for a group known only by the id its leader recorded."""
+    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 2.0)):
+        try:
+            os.killpg(pgid, sig)
+        except (ProcessLookupError, PermissionError):  # gone, or the id now belongs to someone else
+            return
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            try:  # reap the leader if it is our child, so that it does not linger as a zombie
+                os.waitpid(pgid, os.WNOHANG)
+            except ChildProcessError:
+                pass
+            try:
+                os.killpg(pgid, 0)
+            except (ProcessLookupError, PermissionError):
+                return
+            time.sleep(0.05)
