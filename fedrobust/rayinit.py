@@ -3,9 +3,13 @@
 ``ray.init`` in the main thread replaces the SIGTERM handler with its own
 (``sys.exit``), and starts Ray's services through ``preexec_fn``, whose at-fork
 hooks run Python code where a signal handler's exception is swallowed. Here
-``ray.init`` runs in an owner thread: Ray installs no signal handler outside
-the main thread, and nothing it forks runs hooks in the main thread, which
-only waits on an event, in Python, where a signal is taken at once. If a signal
+``ray.init`` runs in an owner thread: Ray installs no Python signal handler
+outside the main thread, and nothing it forks runs hooks in the main thread,
+which only waits on an event, in Python, where a signal is taken at once.
+Ray's C++ core would also install a failure handler for SIGTERM in this
+process (it prints a stack and aborts); Ray's own switch for it
+(``RAY_DISABLE_FAILURE_SIGNAL_HANDLER``) is turned on for this call only, so
+that SIGTERM stays ours (Ray's worker processes keep theirs). If a signal
 comes while Ray starts, the start is let finish (Ray must not be shut down
 while another thread is inside it), Ray is shut down, and the interruption
 goes on.
@@ -84,13 +88,18 @@ def start_ray(**init_args: Any) -> RaySession:
     failure: list[BaseException] = []
 
     def own() -> None:
+        from ray._private import ray_constants
+
         notice = _NotMainThreadNotice()
         logging.getLogger("ray._private.worker").addFilter(notice)
+        handler_was = ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER
+        ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER = True  # read while the core worker starts
         try:
             ray.init(**init_args)
         except BaseException as exc:
             failure.append(exc)
         finally:
+            ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER = handler_was
             logging.getLogger("ray._private.worker").removeFilter(notice)
             started.set()
         release.wait()

@@ -271,9 +271,9 @@ def test_with_min_members_a_simulation_finishes_without_a_member_that_diverged_i
         return original(self, message, context)
 
     monkeypatch.setattr(raybackend.RayBackend, "process_message", infinite_lr_for_node_2)
-    run = tmp_path / "run"
-    assert main(["train", "engine=simulation", *FAST, "train.rounds=2", "engine.on_missing=min_members",
-                 f"run_dir={run}"]) == 0
+    from in_process import simulate_here  # where the patch reaches the simulation
+
+    run = simulate_here([*FAST, "train.rounds=2", "engine.on_missing=min_members"], tmp_path / "run")
     assert_strict_json(run)
     results = json.loads((run / "results.json").read_text())
     assert [m["member"] for m in results["members"]] == [0, 1]

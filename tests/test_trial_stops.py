@@ -198,7 +198,7 @@ def test_a_stopped_study_leaves_nothing_running_and_resumes(tmp_path):
         assert done.returncode == 0, done.stderr[-2000:]
         rows = read_trials_csv(study / "trials.csv")
         assert [r["state"] for r in rows] == ["FAIL", "FAIL", "COMPLETE"]
-        assert [r["failure"] for r in rows[:2]] == [None, "error"]  # cancelled (re-queued), then raised
+        assert [r["failure"] for r in rows[:2]] == ["cancelled", "error"]  # cancelled (re-queued), then raised
         assert marked(mark) == [] and list(scratch.iterdir()) == []
     finally:
         kill_marked(mark)
@@ -249,36 +249,51 @@ def _group_alive(pgid: int) -> bool:
     return False
 
 
-def test_an_interrupted_wait_stops_the_childs_whole_process_group(tmp_path):
+@pytest.mark.slow
+def test_an_interrupted_wait_stops_the_simulation_childs_whole_process_group(tmp_path, monkeypatch):
+    """What a non-forced Ray cancel does to a trial whose simulation child runs: the wait ends in a
+    KeyboardInterrupt, and the child's whole group, its pid file and its Ray folder are gone at once."""
     import _thread
     import threading
 
-    from fedrobust.tuning.child import run_in_session
+    from fedrobust.config import load_config
+    from fedrobust.engines import run_simulation
+    from fedrobust.run import prepare_run_dir
+    from fedrobust.tuning.child import PID_FILE
 
-    pid_file = tmp_path / "child.pid"
-    # the child starts a grandchild in the background, as a trial's child starts its Ray
-    cmd = ["sh", "-c", "sleep 61 & sleep 61"]
-    # What a non-forced Ray cancel does to a task. A pytest-xdist worker ignores SIGINT, which would
-    # make interrupt_main a no-op: Python's own handler is installed for the test.
+    holds = tmp_path / "holds"
+    holds.mkdir()
+    monkeypatch.setenv("FEDROBUST_HOLD", "ray-starting")  # the child pauses before it starts Ray
+    monkeypatch.setenv("FEDROBUST_HOLD_DIR", str(holds))
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path / "ray"))
+    cfg = load_config(["engine=simulation", "train.progress=false", f"run_dir={tmp_path / 'run'}"])
+    run_dir = prepare_run_dir(cfg, cfg.run_dir)
+    pid_file = tmp_path / PID_FILE
+    # A pytest-xdist worker ignores SIGINT, which would make interrupt_main a no-op: Python's own handler
+    # is installed for the test.
     saved = signal.signal(signal.SIGINT, signal.default_int_handler)
-    timer = threading.Timer(1.0, _thread.interrupt_main)
+    seen: dict[str, str] = {}
+
+    def cancel_once_paused():
+        deadline = time.monotonic() + 120
+        while not (holds / "ray-starting").exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        seen["pid_file"] = pid_file.read_text() if pid_file.exists() else ""
+        _thread.interrupt_main()
+
+    timer = threading.Thread(target=cancel_once_paused, daemon=True)
     timer.start()
     try:
         with pytest.raises(KeyboardInterrupt):
-            run_in_session(cmd, env=dict(os.environ), log_path=tmp_path / "child.log", pid_path=pid_file)
+            run_simulation(cfg, run_dir, num_cpus=1, pid_file=pid_file)
     finally:
-        timer.cancel()
+        (holds / "ray-starting.go").touch()
+        timer.join(timeout=130)
         signal.signal(signal.SIGINT, saved)
-    pgid = None
-    for entry in Path("/proc").iterdir():  # whatever is left of the group would still name the command
-        if entry.name.isdigit():
-            try:
-                if b"sleep\x0061" in (entry / "cmdline").read_bytes():
-                    pgid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[2])
-            except OSError:
-                continue
-    assert pgid is None or not _group_alive(pgid)
-    assert not pid_file.exists()
+    pid, temp_dir = seen["pid_file"].split()
+    assert not _group_alive(int(pid))
+    assert not pid_file.exists() and not Path(temp_dir).exists()
+    assert (run_dir / "INCOMPLETE").is_file() and not list(run_dir.rglob(".*.tmp"))
 
 
 def test_cleanup_stops_the_recorded_child_and_removes_only_a_scratch_folder(tmp_path, monkeypatch):

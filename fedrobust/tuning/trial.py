@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 import uuid
 from collections.abc import Iterator
@@ -19,7 +18,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from ..atomic import write_json, write_text
+from ..atomic import write_json
 
 __all__ = ["execute", "trial_task", "load_scores", "apply_values"]
 
