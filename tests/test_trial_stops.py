@@ -152,8 +152,7 @@ def stop_once(cmd: list[str], env: dict[str, str], tmp: Path, mark: str, how) ->
             last = text.strip().splitlines()[-1]
             assert last.startswith("fedrobust: error: 1 trial(s) failed or were lost (tune.max_failures=0); "
                                    "the last, trial ") and "RuntimeError: boom: the flag file exists" in last, last
-        else:
-            time.sleep(1.0)
+        else:  # the moment is reached: the child's nodes train (12 epochs to come)
             sent = time.monotonic()
             proc.send_signal(how)  # the tuner alone, as `kill -INT PID` does
             try:
