@@ -447,14 +447,20 @@ def _deploy_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, process: bool = False) -> int:
     """The command line: ``fedrobust COMMAND ...``; the exit code.
 
     The SIGINT and SIGTERM handlers come first, before any import that takes time: a signal at any
-    moment ends the command in one line (see :mod:`fedrobust.interrupt`).
+    moment ends the command in one line (see :mod:`fedrobust.interrupt`). ``process``: this is the
+    command's own process, which exits with the code (:func:`entry`).
     """
     # each command says what it kept when interrupted in its main work; before that, nothing was written
-    return guarded(lambda: _main(argv), "nothing was written")
+    return guarded(lambda: _main(argv), "nothing was written", then_ignore=process)
+
+
+def entry() -> None:
+    """The ``fedrobust`` console script: run the command, exit with its code."""
+    sys.exit(main(process=True))
 
 
 def _main(argv: list[str] | None) -> int:
@@ -547,4 +553,4 @@ def _main(argv: list[str] | None) -> int:
     return commands[args.command]()
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -170,10 +170,14 @@ def as_interrupt(exc: BaseException | None) -> Interrupted | None:
     return None
 
 
-def guarded(fn: Callable[[], int], kept: str, prog: str = "fedrobust") -> int:
+def guarded(fn: Callable[[], int], kept: str, prog: str = "fedrobust", *, then_ignore: bool = False) -> int:
     """Run a command with the handlers installed (and restored after): a :class:`ConfigError` exits 2,
     a :class:`OneLineFailure` 1, and an interruption ``128 + signum``, each with one line on stderr
-    (for an interruption, saying what was kept)."""
+    (for an interruption, saying what was kept).
+
+    ``then_ignore``: the process ends with this code (a command line's own process): signals that
+    come after the command has finished are ignored while the interpreter shuts down, so that the exit
+    code says what the command did, not that a signal cut the shutdown short."""
     main = threading.current_thread() is threading.main_thread()
     saved = ({signum: signal.getsignal(signum) for signum in SIGNALS}, sys.unraisablehook) if main else None
     install()
@@ -191,7 +195,7 @@ def guarded(fn: Callable[[], int], kept: str, prog: str = "fedrobust") -> int:
     finally:
         if saved is not None:
             for signum, handler in saved[0].items():
-                signal.signal(signum, handler)
+                signal.signal(signum, signal.SIG_IGN if then_ignore else handler)
             sys.unraisablehook = saved[1]
 
 
