@@ -167,8 +167,9 @@ def run_simulation(cfg: DictConfig, run_dir: Path, *, num_cpus: int | None = Non
     proc = None
     try:
         try:
-            proc = spawn(cmd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                         pass_fds=(result_w,))
+            with deferred():  # a signal meanwhile is taken once the handle is bound
+                proc = spawn(cmd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             pass_fds=(result_w,))
         finally:
             os.close(result_w)
         if pid_file is not None:

@@ -14,6 +14,7 @@ outright.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import signal
@@ -22,18 +23,15 @@ import sys
 import time
 from collections.abc import Sequence
 
-from .interrupt import deferred
-
 __all__ = ["PARENT_ENV", "die_with_parent", "end_group", "ended", "spawn", "stop_group"]
 
 PARENT_ENV = "FEDROBUST_PARENT"
 
 
 def spawn(cmd: Sequence[str], *, env: dict[str, str], **popen: object) -> subprocess.Popen:
-    """Start ``cmd`` in a new session; a signal that comes meanwhile is taken once the handle exists."""
-    env = {**env, PARENT_ENV: str(os.getpid())}
-    with deferred():
-        return subprocess.Popen(list(cmd), env=env, start_new_session=True, **popen)
+    """Start ``cmd`` in a new session. Call it inside :func:`fedrobust.interrupt.deferred`, binding the
+    handle there, so that a signal meanwhile is taken only once the caller holds it."""
+    return subprocess.Popen(list(cmd), env={**env, PARENT_ENV: str(os.getpid())}, start_new_session=True, **popen)
 
 
 def die_with_parent(sig: int = signal.SIGKILL) -> None:
@@ -60,13 +58,19 @@ def ended(proc: subprocess.Popen) -> bool:
 
 
 def end_group(proc: subprocess.Popen) -> int:
-    """SIGKILL to ``proc``'s whole process group (it leads it), then reap it; its exit code."""
+    """SIGKILL to ``proc``'s whole process group (it leads it), then reap it and close its pipes; its
+    exit code."""
     if proc.returncode is None:  # unreaped: the group id is still ours
         try:
             os.killpg(proc.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
-    return proc.wait()
+    code = proc.wait()
+    for pipe in (proc.stdin, proc.stdout, proc.stderr):
+        if pipe is not None:
+            with contextlib.suppress(OSError):
+                pipe.close()
+    return code
 
 
 def stop_group(pgid: int, grace_s: float = 5.0) -> None:
