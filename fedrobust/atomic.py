@@ -26,6 +26,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
+from .interrupt import deferred
+
 __all__ = ["atomic_open", "dumps_json", "finite_or_null", "remove_leftovers", "save_figure", "save_torch", "write_bytes",
            "write_json", "write_text"]
 
@@ -39,17 +41,23 @@ def atomic_open(path: str | Path, mode: str = "w", **kwargs: Any) -> Iterator[IO
     if mode not in ("w", "wb"):
         raise ValueError(f"atomic_open writes whole files (mode 'w' or 'wb'), not {mode!r}")
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = f = None
     try:
-        with os.fdopen(fd, mode, **kwargs) as f:
+        with deferred():  # the temporary file is named (and closed on any exit) before a signal is taken
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            f = os.fdopen(fd, mode, **kwargs)
+        with f:
             yield f
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp's 0600 would hide results from the user's group
         os.replace(tmp, path)
     except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+        if f is not None:
+            f.close()
+        if tmp is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
         raise
 
 
