@@ -419,10 +419,9 @@ def _deploy_run(args: argparse.Namespace) -> int:
     from . import deploy
 
     try:
-        from .config import load_config
+        from .config import inline_model_overrides, load_config
 
         cfg = load_config(args.overrides)  # a bad override is answered here, before anything is submitted
-        from .config import inline_model_overrides
 
         # a searched model's genotype travels as JSON: the ServerApp's machine need not have its file
         run_id = deploy.submit_run(args.connection, inline_model_overrides(args.overrides, cfg), cfg.run_dir, args.app)
