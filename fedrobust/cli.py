@@ -16,7 +16,7 @@ from collections.abc import Callable
 # Nothing heavy at module level: main() installs the signal handlers before it imports the config,
 # torch, Flower or Ray, so that a signal from the first moment ends the command in one line.
 from .errors import ConfigError, one_line
-from .interrupt import Interrupted, as_interrupt, guarded
+from .interrupt import Interrupted, as_interrupt, deferred, guarded
 
 __all__ = ["main"]
 
@@ -66,13 +66,16 @@ def _train(overrides: list[str]) -> int:
 
         check_run_dir(cfg.run_dir)
         preflight(cfg)
-        run_dir = prepare_run_dir(cfg, cfg.run_dir)
     except ConfigError as exc:
         _error(exc)
         return 2
     t0 = time.perf_counter()
+    run_dir = None
 
     def train() -> None:
+        nonlocal run_dir
+        with deferred():  # the run directory is whole (its config, marked INCOMPLETE) before a signal is taken
+            run_dir = prepare_run_dir(cfg, cfg.run_dir)
         if cfg.engine.name == "inline":
             from .engines import run_inline
             from .run import finalize_run
@@ -85,6 +88,8 @@ def _train(overrides: list[str]) -> int:
             run_simulation(cfg, run_dir)
 
     def kept() -> str:
+        if run_dir is None:
+            return "nothing was written"
         if (run_dir / INCOMPLETE).is_file():
             return f"training stopped; {run_dir} is marked {INCOMPLETE}: evaluate and train refuse it"
         return f"training had finished; results in {run_dir}"  # the signal came as the simulation shut down

@@ -160,18 +160,17 @@ def run_simulation(cfg: DictConfig, run_dir: Path, *, num_cpus: int | None = Non
         env = {k: v for k, v in env.items() if not k.startswith("RAY_ADDRESS")}
     if interactive():
         env["FEDROBUST_TTY"] = "1"  # its stderr is a pipe to ours, which is a terminal
-    temp_dir = None if cfg.engine.ray_address else private_temp_dir()
-    result_r, result_w = os.pipe()
-    cmd = [sys.executable, "-m", "fedrobust.simprocess", str(run_dir), str(num_cpus or 0), temp_dir or "",
-           str(result_w)]
-    proc = None
+    temp_dir = proc = result_r = None
     try:
-        try:
-            with deferred():  # a signal meanwhile is taken once the handle is bound
-                proc = spawn(cmd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                             pass_fds=(result_w,))
-        finally:
-            os.close(result_w)
+        with deferred():  # a signal meanwhile is taken once the folder, the pipe and the child are held
+            temp_dir = None if cfg.engine.ray_address else private_temp_dir()
+            result_r, result_w = os.pipe()
+            try:
+                proc = spawn([sys.executable, "-m", "fedrobust.simprocess", str(run_dir), str(num_cpus or 0),
+                              temp_dir or "", str(result_w)], env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, pass_fds=(result_w,))
+            finally:
+                os.close(result_w)
         if pid_file is not None:
             pid_file.write_text(f"{proc.pid}\n{temp_dir or ''}\n")
         with contextlib.suppress(BrokenPipeError):  # a child that died at once says why in its output
@@ -187,10 +186,11 @@ def run_simulation(cfg: DictConfig, run_dir: Path, *, num_cpus: int | None = Non
                 hold("wind-down")
             _clean_up(run_dir, temp_dir, pid_file, result_r)
         raise
-    code = end_group(proc)  # what the child left in its group goes with it
-    with os.fdopen(result_r, "rb") as f:
-        said = f.read()
-    _clean_up(run_dir, temp_dir, pid_file, None)
+    with deferred():  # the child has ended: what it leaves is cleared whole before a signal is taken
+        code = end_group(proc)  # what the child left in its group goes with it
+        with os.fdopen(result_r, "rb") as f:
+            said = f.read()
+        _clean_up(run_dir, temp_dir, pid_file, None)
     if code != 0:
         reason = json.loads(said) if said else {
             "message": f"simulation runtime failed: its process ended with exit code {code} and no error line "

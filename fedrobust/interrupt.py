@@ -59,7 +59,7 @@ from pathlib import Path
 
 from .errors import ConfigError, OneLineFailure, one_line
 
-__all__ = ["HOLD_DIR_ENV", "HOLD_ENV", "Interrupted", "OneLineFailure", "as_interrupt", "deferred", "guarded",
+__all__ = ["HOLD_DIR_ENV", "HOLD_ENV", "Held", "Interrupted", "OneLineFailure", "as_interrupt", "deferred", "guarded",
            "hold", "install"]
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -120,33 +120,49 @@ def install() -> None:
         sys.unraisablehook = _on_unraisable
 
 
+class Held:
+    """The signals a :func:`deferred` block holds (``pending``: one came), so that a long wait inside the
+    block can end early and let it be taken."""
+
+    def __init__(self) -> None:
+        self.signals: list[int] = []
+
+    @property
+    def pending(self) -> bool:
+        return bool(self.signals)
+
+
 @contextlib.contextmanager
-def deferred(deliver: bool = True) -> Iterator[None]:
+def deferred(deliver: bool = True) -> Iterator[Held]:
     """Hold SIGINT and SIGTERM while the block runs, and deliver the first of them when it ends
     (or drop it, with ``deliver=False``: for a stop's wind-down, when the stop is already under way).
 
     Only handlers written in Python are held (ours, or Python's own KeyboardInterrupt); a signal
-    left to its default action keeps it. In another thread than the main one the block runs as it is.
+    left to its default action keeps it. A second signal while one is held ends the process at once,
+    as a second signal does anyway. In another thread than the main one the block runs as it is.
     """
+    held = Held()
     if threading.current_thread() is not threading.main_thread():
-        yield
+        yield held
         return
     saved = {signum: signal.getsignal(signum) for signum in SIGNALS}
-    got: list[int] = []
 
     def remember(signum: int, frame) -> None:
-        got.append(signum)
+        if held.signals:  # a second one: the default action, at once
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+        held.signals.append(signum)
 
-    held = [signum for signum, handler in saved.items() if callable(handler)]
-    for signum in held:
+    caught = [signum for signum, handler in saved.items() if callable(handler)]
+    for signum in caught:
         signal.signal(signum, remember)
     try:
-        yield
+        yield held
     finally:
-        for signum in held:
+        for signum in caught:
             signal.signal(signum, saved[signum])
-        if got and deliver:
-            saved[got[0]](got[0], None)  # raises now (Interrupted, or KeyboardInterrupt)
+        if held.signals and deliver:
+            saved[held.signals[0]](held.signals[0], None)  # raises now (Interrupted, or KeyboardInterrupt)
 
 
 def as_interrupt(exc: BaseException | None) -> Interrupted | None:

@@ -35,6 +35,8 @@ import threading
 import warnings
 from typing import Any
 
+from .interrupt import deferred
+
 __all__ = ["RaySession", "private_temp_dir", "start_ray"]
 
 
@@ -61,28 +63,29 @@ class RaySession:
     def close(self) -> None:
         import ray
 
-        try:
-            if self.started and ray.is_initialized():
-                ray.shutdown()
-        finally:
-            self._release.set()
-            if self._owner is not None:
-                self._owner.join(timeout=5.0)
-            if self.temp_dir:
-                shutil.rmtree(self.temp_dir, ignore_errors=True)
+        with deferred():  # Ray is shut down and its folder removed whole before a signal is taken
+            try:
+                if self.started and ray.is_initialized():
+                    ray.shutdown()
+            finally:
+                self._release.set()
+                if self._owner is not None and self._owner.ident is not None:
+                    self._owner.join(timeout=5.0)
+                if self.temp_dir:
+                    shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
 def start_ray(**init_args: Any) -> RaySession:
     """``ray.init(**init_args)`` in an owner thread (see the module docstring); a no-op session if Ray is
-    already initialised in this process. ``address="local"`` without ``_temp_dir`` gets a private folder."""
+    already initialised in this process. ``address="local"`` without ``_temp_dir`` gets a private folder.
+
+    Call it as ``with deferred(): session = start_ray(...)``, so that a signal during the start (a few
+    seconds for a local instance) is taken once the session is held, and nothing is left to chance."""
     import ray
 
     release = threading.Event()
     if ray.is_initialized():
         return RaySession(None, release, None, started=False)
-    temp_dir = None
-    if init_args.get("address") == "local" and "_temp_dir" not in init_args:
-        temp_dir = init_args["_temp_dir"] = private_temp_dir()
     warnings.filterwarnings("ignore", message=".*RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO.*", category=FutureWarning)
     started = threading.Event()
     failure: list[BaseException] = []
@@ -105,14 +108,17 @@ def start_ray(**init_args: Any) -> RaySession:
         release.wait()
 
     owner = threading.Thread(target=own, name="ray-owner", daemon=True)
-    session = RaySession(owner, release, temp_dir, started=True)
+    session = RaySession(owner, release, None, started=True)
     try:
-        owner.start()
+        with deferred():  # the folder is held by the session before a signal is taken
+            if init_args.get("address") == "local" and "_temp_dir" not in init_args:
+                session.temp_dir = init_args["_temp_dir"] = private_temp_dir()
+            owner.start()
         while not started.wait(0.1):
             pass
     except BaseException:
         # interrupted while Ray starts: let the start finish (a second signal ends the process at once)
-        while not started.is_set():
+        while owner.is_alive() and not started.is_set():
             with contextlib.suppress(BaseException):
                 started.wait(0.1)
         session.close()

@@ -363,7 +363,7 @@ class _FakePool:
     def submit(self, key, dest, *args):
         self.running[key] = dest
 
-    def wait(self, timeout=None):
+    def wait(self, timeout=None, held=None):
         from fedrobust.tuning.pool import Finished
 
         key = min(self.running)
@@ -410,7 +410,7 @@ def test_a_diverged_trial_is_failed_with_its_reason_not_requeued_and_not_counted
 class _LosingPool(_FakePool):
     """Trial 0's worker dies under it (lost); every other trial finishes."""
 
-    def wait(self, timeout=None):
+    def wait(self, timeout=None, held=None):
         from fedrobust.tuning.pool import Finished
 
         key = min(self.running)

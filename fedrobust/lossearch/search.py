@@ -260,9 +260,15 @@ class _Evaluator:
 
     def __enter__(self):
         if self.s.ray_address:
+            from ..interrupt import deferred
             from .parallel import RayFitness
 
-            self.pool = RayFitness(self.problem, self.s.ray_address)
+            try:
+                with deferred():  # a signal while Ray starts is taken once the pool is held
+                    self.pool = RayFitness(self.problem, self.s.ray_address)
+            except BaseException:  # __exit__ is not called when __enter__ raises
+                self.__exit__()
+                raise
         return self
 
     def __exit__(self, *exc) -> None:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ..atomic import dumps_json
+from ..interrupt import Held
 from ..rayinit import start_ray
 from .remote import receive_dir
 
@@ -88,7 +89,8 @@ class TrialPool:
             kwargs |= {"address": "local", "include_dashboard": False,
                        "num_cpus": max(os.cpu_count() or 1, int(cpus * max_concurrent + 0.999)),
                        "num_gpus": int(gpus * max_concurrent + 0.999) if gpus else None}
-        # in a thread of its own, so that Ctrl-C and SIGTERM keep ending the tuner with one line
+        # in a thread of its own, so that Ctrl-C and SIGTERM keep ending the tuner with one line (the caller
+        # builds the pool inside interrupt.deferred(), so that a signal meanwhile is taken once it holds it)
         self._session = start_ray(**{k: v for k, v in kwargs.items() if v is not None})
         # Streaming generator; backpressure keeps at most two unread chunks of a run directory in flight.
         self._remote = ray.remote(fn).options(num_cpus=cpus, num_gpus=gpus, max_retries=0,
@@ -109,17 +111,20 @@ class TrialPool:
         """Start a task; its run directory will be written to ``dest``."""
         self.running[self._remote.remote(*args, **kwargs)] = _Running(key, Path(dest))
 
-    def wait(self, timeout: float | None = None) -> list[Finished]:
-        """Advance the tasks that have something to report; return the ones that ended."""
+    def wait(self, timeout: float | None = None, held: Held | None = None) -> list[Finished]:
+        """Advance the tasks that have something to report; return the ones that ended.
+
+        Called inside :func:`~fedrobust.interrupt.deferred` (``held``), so that what it takes from Ray
+        reaches the caller's books before a signal is taken; it returns early once a signal is held."""
         if not self.running:
             return []
-        # In slices: a signal's handler runs only once Ray's wait returns to Python, so an unbounded
-        # wait would hold Ctrl-C or SIGTERM until a trial reports something (minutes, or hours).
+        # In slices: a signal is held (or its handler runs) only once Ray's wait returns to Python, so an
+        # unbounded wait would hold Ctrl-C or SIGTERM until a trial reports something (minutes, or hours).
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             left = WAIT_SLICE_S if deadline is None else min(WAIT_SLICE_S, max(0.0, deadline - time.monotonic()))
             ready, _ = self._ray.wait(list(self.running), num_returns=1, timeout=left)
-            if ready or (deadline is not None and time.monotonic() >= deadline):
+            if ready or (deadline is not None and time.monotonic() >= deadline) or (held is not None and held.pending):
                 break
         out = []
         for gen in ready:
@@ -154,6 +159,8 @@ class TrialPool:
         ``grace_s`` what still runs is force-cancelled (its worker killed), and the tuner removes what a
         task on this machine left: its child's process group and its scratch folder.
         """
+        if self._session is None:  # closed already
+            return []
         cancelled = [state.key for state in self.running.values()]
         for gen in list(self.running):
             try:
@@ -175,6 +182,7 @@ class TrialPool:
             self._local_cleanup(state.where)
         self.running.clear()
         self._session.close()  # a private instance stops (its folder removed), a cluster is left
+        self._session = None
         return cancelled
 
     def _drained(self, gen: Any) -> bool:

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from ..interrupt import OneLineFailure
+from ..interrupt import OneLineFailure, deferred
 from .pool import EventLog, Finished, TrialPool, short_node
 
 __all__ = ["Launch", "TooManyFailures", "TrialRunner", "TrialSource", "is_divergence"]
@@ -99,18 +99,23 @@ class TrialRunner:
 
     def run(self) -> None:
         try:
+            # Each step that changes the books (a trial asked and launched, an ended one received and
+            # recorded) is done whole before a signal is taken, so that the stop finds every trial
+            # either running (and cancels it) or recorded.
             while self.pool.running or not self.source.finished():
                 while self.pool.free > 0:
-                    launch = self.source.next(len(self.pool.running))
-                    if launch is None:
-                        break
-                    self.launches[launch.key] = launch
-                    self.pool.submit(launch.key, launch.dest, launch.cfg_yaml, launch.values, launch.name,
-                                     self.threads, self.artefacts)
+                    with deferred():
+                        launch = self.source.next(len(self.pool.running))
+                        if launch is None:
+                            break
+                        self.launches[launch.key] = launch
+                        self.pool.submit(launch.key, launch.dest, launch.cfg_yaml, launch.values, launch.name,
+                                         self.threads, self.artefacts)
                 if not self.pool.running:
                     raise RuntimeError("the trial source has work left but launched none")
-                for done in self.pool.wait():
-                    self._ended(done)
+                with deferred() as held:
+                    for done in self.pool.wait(held=held):
+                        self._ended(done)
         finally:
             for key in self.pool.close():
                 launch = self.launches.pop(key, None)

@@ -53,6 +53,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..atomic import write_json, write_text
 from ..config import ConfigError
+from ..interrupt import deferred
 from ..progress import progress as progress_bar
 from ..redact import redacted, redacted_container
 from . import holdout, outputs
@@ -227,20 +228,21 @@ def _requeue_stale(study: optuna.Study, trials_dir: Path, min_acc: float, object
     """
     n = 0
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        run_dir = trials_dir / f"trial_{t.number:04d}"
-        handle = optuna.Trial(study, t._trial_id)
-        scores = load_scores(run_dir)
-        if scores is not None:
-            log.info("trial %d had finished before the tuner stopped: recorded", t.number)
-            _tell_complete(study, handle, scores, min_acc, objectives)
-            continue
-        if names is not None and not set(names) <= set(t.params):
-            handle.set_user_attr("error", "the tuner stopped while this trial's parameters were suggested")
+        with deferred():  # told and queued again together, before a signal is taken
+            run_dir = trials_dir / f"trial_{t.number:04d}"
+            handle = optuna.Trial(study, t._trial_id)
+            scores = load_scores(run_dir)
+            if scores is not None:
+                log.info("trial %d had finished before the tuner stopped: recorded", t.number)
+                _tell_complete(study, handle, scores, min_acc, objectives)
+                continue
+            if names is not None and not set(names) <= set(t.params):
+                handle.set_user_attr("error", "the tuner stopped while this trial's parameters were suggested")
+                study.tell(handle, state=optuna.trial.TrialState.FAIL)
+                continue
             study.tell(handle, state=optuna.trial.TrialState.FAIL)
-            continue
-        study.tell(handle, state=optuna.trial.TrialState.FAIL)
-        study.enqueue_trial(t.params, user_attrs={"requeued_from": t.number}, skip_if_exists=False)
-        n += 1
+            study.enqueue_trial(t.params, user_attrs={"requeued_from": t.number}, skip_if_exists=False)
+            n += 1
     if n:
         log.info("re-queued %d trial(s) that were running when the tuner stopped", n)
     return n
@@ -462,18 +464,18 @@ def _loop(cfg, base, study, space, study_dir, trials_dir, baseline, min_acc) -> 
     source = _StudyTrials(cfg, base, study, space, study_dir, trials_dir, baseline, min_acc, bar)
     try:
         if not source.finished():
-            pool = TrialPool(trial_task, address=cfg.ray.address, cpus=t.cpus_per_trial, gpus=t.gpus_per_trial,
-                             max_concurrent=t.max_concurrent)
+            with deferred():  # a signal while Ray starts is taken once the pool is held, and closed below
+                pool = TrialPool(trial_task, address=cfg.ray.address, cpus=t.cpus_per_trial, gpus=t.gpus_per_trial,
+                                 max_concurrent=t.max_concurrent)
             try:
                 artefacts = share_artefacts(pool, base)
-            except BaseException:
-                pool.close()
-                raise
-            runner = TrialRunner(pool, source, EventLog(study_dir / "executions.jsonl"), max_failures=t.max_failures,
-                                 failures_key="tune.max_failures", threads=max(1, int(t.cpus_per_trial)),
-                                 artefacts=artefacts)
-            source.runner = runner
-            runner.run()
+                runner = TrialRunner(pool, source, EventLog(study_dir / "executions.jsonl"), max_failures=t.max_failures,
+                                     failures_key="tune.max_failures", threads=max(1, int(t.cpus_per_trial)),
+                                     artefacts=artefacts)
+                source.runner = runner
+                runner.run()  # it closes the pool however it ends, and marks what it cancelled
+            finally:
+                pool.close()  # a no-op once closed
     except BaseException:
         # stopping (a signal, an error): what was asked but never ran is cancelled too, and trials.csv
         # says so now, not at the next run
