@@ -149,7 +149,8 @@ def test_flower_reply_with_nan_is_rejected_naming_the_node(task_identity):
 
 
 def test_a_lost_node_fails_the_round_naming_it_or_is_dropped_with_min_members(task_identity):
-    with pytest.raises(RuntimeError, match=r"^round 1: node\(s\) \[2\] lost \(.*ActorDiedError.*\); set engine.on_missing"):
+    # its reply is an error (its actor died): the node failed, in those words
+    with pytest.raises(RuntimeError, match=r"^round 1: node\(s\) \[2\] failed \(.*ActorDiedError.*\); set engine.on_missing"):
         collect_members(CFG, FlowerRounds(_LoopbackGrid(3, lose=2), CFG, node_wait_s=1))
     cfg = load_config(["train.progress=false", "train.epochs=1", "engine.on_missing=min_members", "engine.min_members=2"])
     missing: dict = {}
