@@ -34,12 +34,19 @@ Why a stop is correct by construction, window by window:
   hook that delivers such an interruption again (``_thread.interrupt_main``)
   instead of printing it, so the first signal is never lost.
 * **Critical sections.** :func:`deferred` holds a signal that arrives while a
-  child process is being started, or while a stop is being wound down, and
-  delivers it when the block ends: a child's handle is never lost, and a
-  wind-down is never cut in half.
+  step must be done whole, and delivers it when the step ends: a temporary
+  file named (:mod:`fedrobust.atomic`), a run directory created and marked
+  INCOMPLETE, a child process started and its handle bound, Ray started or
+  shut down with its folder, a study's books changed (a trial asked,
+  launched, received, told). A stop therefore finds every resource held by
+  someone who cleans it up. A simulation's wind-down (killing the child's
+  group, removing its Ray folder) is not cut short by a second signal.
+* **After the command.** The command line's own process ignores signals once
+  the command has returned, while the interpreter shuts down, so that its
+  exit code says what the command did.
 
-A second signal, once the first is being handled, ends the process at once by
-its default action, as it would without us (files stay whole).
+Otherwise a second signal, once the first is being handled, ends the process
+at once by its default action, as it would without us (files stay whole).
 
 :func:`hold` is a test hook: it pauses a command at a named point while
 ``FEDROBUST_HOLD`` names it, so that a test signals it at exactly that moment.
