@@ -140,14 +140,17 @@ class TrialPool:
                     raise RuntimeError(f"unexpected item from a trial: {str(item)[:200]}")
                 # The rest of the stream is the run directory, read one chunk at a time.
                 receive_dir((self._ray.get(ref) for ref in gen), state.dest)
-                out.append(Finished(state.key, scores=item["scores"], where=state.where))
+                done = Finished(state.key, scores=item["scores"], where=state.where)
             except StopIteration:
-                out.append(Finished(state.key, error=RuntimeError("the trial ended without a result"), lost=True,
-                                    where=state.where))
+                done = Finished(state.key, error=RuntimeError("the trial ended without a result"), lost=True,
+                                where=state.where)
             except Exception as exc:
                 task_error = isinstance(exc, self._ray.exceptions.RayTaskError)
                 cause = (getattr(exc, "cause", None) or exc) if task_error else exc
-                out.append(Finished(state.key, error=cause, lost=not task_error, where=state.where))
+                done = Finished(state.key, error=cause, lost=not task_error, where=state.where)
+            if done.lost:  # its worker died: what it left on this machine (its child, Ray folder, scratch) goes
+                self._local_cleanup(state.where)
+            out.append(done)
             del self.running[gen]
         return out
 
