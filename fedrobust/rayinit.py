@@ -63,7 +63,12 @@ class RaySession:
     def close(self) -> None:
         import ray
 
+        from .sessions import descendants, end_processes
+
         with deferred():  # Ray is shut down and its folder removed whole before a signal is taken
+            # Ray's processes, named now: its agents outlive the raylet that started them for a moment,
+            # writing to the folder, and are no one's descendants once it has gone
+            ours = descendants() if self.temp_dir else []
             try:
                 if self.started and ray.is_initialized():
                     ray.shutdown()
@@ -72,6 +77,7 @@ class RaySession:
                 if self._owner is not None and self._owner.ident is not None:
                     self._owner.join(timeout=5.0)
                 if self.temp_dir:
+                    end_processes(ours, wait_s=0.5)  # Ray has asked them to stop: what is left is killed
                     shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 

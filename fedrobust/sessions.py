@@ -23,7 +23,8 @@ import sys
 import time
 from collections.abc import Sequence
 
-__all__ = ["PARENT_ENV", "die_with_parent", "end_group", "ended", "spawn", "stop_group"]
+__all__ = ["PARENT_ENV", "descendants", "die_with_parent", "end_group", "ended", "end_processes", "spawn",
+           "stop_group"]
 
 PARENT_ENV = "FEDROBUST_PARENT"
 
@@ -92,3 +93,48 @@ def stop_group(pgid: int, grace_s: float = 5.0) -> None:
             except (ProcessLookupError, PermissionError):
                 return
             time.sleep(0.05)
+
+
+def _parents() -> dict[int, int]:
+    """Every live (not zombie) process's parent, read from ``/proc`` (empty where there is none)."""
+    found = {}
+    try:
+        entries = [int(e) for e in os.listdir("/proc") if e.isdigit()]
+    except OSError:
+        return found
+    for pid in entries:
+        try:  # the command may hold ")" or spaces: the fields after the last ")" are fixed
+            fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if fields[0] != "Z":
+            found[pid] = int(fields[1])
+    return found
+
+
+def descendants(pid: int | None = None) -> list[int]:
+    """The live processes whose parent chain leads to ``pid`` (default: this process)."""
+    pid = os.getpid() if pid is None else pid
+    children: dict[int, list[int]] = {}
+    for child, parent in _parents().items():
+        children.setdefault(parent, []).append(child)
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def end_processes(pids: list[int], wait_s: float = 5.0) -> None:
+    """Wait up to ``wait_s`` for ``pids`` to end (a process whose parent died is no one's descendant any
+    more, so they are named beforehand), then SIGKILL what is left, and reap those that are ours."""
+    deadline = time.monotonic() + wait_s
+    while (alive := [p for p in pids if p in _parents()]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    for pid in alive:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            os.waitpid(pid, os.WNOHANG)

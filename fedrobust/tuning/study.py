@@ -464,10 +464,11 @@ def _loop(cfg, base, study, space, study_dir, trials_dir, baseline, min_acc) -> 
     source = _StudyTrials(cfg, base, study, space, study_dir, trials_dir, baseline, min_acc, bar)
     try:
         if not source.finished():
-            with deferred():  # a signal while Ray starts is taken once the pool is held, and closed below
-                pool = TrialPool(trial_task, address=cfg.ray.address, cpus=t.cpus_per_trial, gpus=t.gpus_per_trial,
-                                 max_concurrent=t.max_concurrent)
+            pool = None
             try:
+                with deferred():  # a signal while Ray starts is taken once the pool is held, and closed below
+                    pool = TrialPool(trial_task, address=cfg.ray.address, cpus=t.cpus_per_trial, gpus=t.gpus_per_trial,
+                                     max_concurrent=t.max_concurrent)
                 artefacts = share_artefacts(pool, base)
                 runner = TrialRunner(pool, source, EventLog(study_dir / "executions.jsonl"), max_failures=t.max_failures,
                                      failures_key="tune.max_failures", threads=max(1, int(t.cpus_per_trial)),
@@ -475,7 +476,8 @@ def _loop(cfg, base, study, space, study_dir, trials_dir, baseline, min_acc) -> 
                 source.runner = runner
                 runner.run()  # it closes the pool however it ends, and marks what it cancelled
             finally:
-                pool.close()  # a no-op once closed
+                if pool is not None:
+                    pool.close()  # a no-op once closed
     except BaseException:
         # stopping (a signal, an error): what was asked but never ran is cancelled too, and trials.csv
         # says so now, not at the next run

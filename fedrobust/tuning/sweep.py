@@ -152,10 +152,11 @@ def run_sweep(name: str, cells: list[Cell], sweep_dir: str | Path, *, max_concur
             bar = progress_bar(total=len(cells), initial=len(cells) - len(todo), desc=name, enabled=progress)
             source = _Cells(cells, configs, todo, sweep_dir, scores, bar)
             try:
-                with deferred():  # a signal while Ray starts is taken once the pool is held, and closed below
-                    pool = TrialPool(task, address=address, cpus=cpus_per_cell, gpus=gpus_per_cell,
-                                     max_concurrent=max_concurrent)
+                pool = None
                 try:
+                    with deferred():  # a signal while Ray starts is taken once the pool is held, and closed below
+                        pool = TrialPool(task, address=address, cpus=cpus_per_cell, gpus=gpus_per_cell,
+                                         max_concurrent=max_concurrent)
                     artefacts = share_artefacts(pool, configs[todo[0]])
                     runner = TrialRunner(pool, source, EventLog(sweep_dir / "executions.jsonl"), max_failures=max_failures,
                                          failures_key="max_failures", threads=max(1, int(cpus_per_cell)),
@@ -163,7 +164,8 @@ def run_sweep(name: str, cells: list[Cell], sweep_dir: str | Path, *, max_concur
                     source.runner = runner
                     runner.run()  # it closes the pool however it ends
                 finally:
-                    pool.close()  # a no-op once closed
+                    if pool is not None:
+                        pool.close()  # a no-op once closed
             finally:
                 bar.close()
                 _write(sweep_dir, [_row(c, cfg, scores[c.name]) for c, cfg in zip(cells, configs)])
