@@ -225,14 +225,17 @@ def _copy_output_until_it_ends(proc: subprocess.Popen) -> None:
 
 
 def _clean_up(run_dir: Path, temp_dir: str | None, pid_file: Path | None, fd: int | None) -> None:
-    """After the child's group is gone: its Ray folder, a half-written file it left, the pid file."""
+    """After the child's group is gone: its Ray folder, a half-written file it left, the INCOMPLETE mark
+    of a run it had finished, the pid file."""
     from .atomic import remove_leftovers
+    from .run import settle_run_dir
 
     if fd is not None:
         os.close(fd)
     if temp_dir:
         shutil.rmtree(temp_dir, ignore_errors=True)
     remove_leftovers(Path(run_dir))
+    settle_run_dir(Path(run_dir))
     if pid_file is not None:
         pid_file.unlink(missing_ok=True)
 

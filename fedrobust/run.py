@@ -32,13 +32,15 @@ from .config import ConfigError, default_config
 from .atomic import atomic_open, save_torch, write_json, write_text
 from .data import ImageDataset, dataset_of
 from .ensemble import LogitAverageEnsemble
+from .interrupt import deferred
 from .node import MemberUpdate, build_member
 from .partition import class_counts_table
 from .redact import redact, redacted
 from .training import DivergedError, evaluate_model, resolve_device
 from .views import add_figure, class_mix_figure, run_hparams, write_hparams
 
-__all__ = ["CheckpointError", "finalize_run", "load_ensemble", "load_member", "prepare_run_dir", "setup_logging"]
+__all__ = ["CheckpointError", "finalize_run", "load_ensemble", "load_member", "prepare_run_dir", "settle_run_dir",
+           "setup_logging"]
 
 log = logging.getLogger("fedrobust")
 
@@ -163,6 +165,13 @@ def prepare_run_dir(cfg: DictConfig, run_dir: str | None) -> Path:
     setup_logging(path)
     log.info("run directory: %s", path)
     return path
+
+
+def settle_run_dir(run_dir: Path) -> None:
+    """After the process that trained ``run_dir`` was killed: ``results.json`` is written last, so a run
+    that has it is whole, and the INCOMPLETE a killed writer left beside it goes."""
+    if (run_dir / "results.json").is_file():
+        (run_dir / INCOMPLETE).unlink(missing_ok=True)
 
 
 class CheckpointError(ConfigError):
@@ -320,9 +329,10 @@ def finalize_run(cfg: DictConfig, run_dir: Path, members: list[MemberUpdate], *,
         nodes = f" of node(s) {missing['nodes']}" if missing.get("nodes") else ""
         results["warnings"] = [f"the ensemble lacks member(s) {missing['members']}{nodes}: " + "; ".join(missing["events"])]
         log.warning("%s", results["warnings"][0])
-    write_json(run_dir / "results.json", results)
     _write_tensorboard(run_dir, cfg, members, results, table)
-    (run_dir / INCOMPLETE).unlink(missing_ok=True)  # the run is whole from here on
+    with deferred():  # results.json comes last, and the run is whole the moment it exists (see settle_run_dir)
+        write_json(run_dir / "results.json", results)
+        (run_dir / INCOMPLETE).unlink(missing_ok=True)
     log.info("ensemble of %d member(s): clean accuracy %.4f (finalised in %.1fs)", len(models), ens_acc, time.perf_counter() - t0)
     log.info("\n%s", _summary(results))
     return results
