@@ -9,6 +9,7 @@ written to another machine's disk.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -154,13 +155,15 @@ class TrialPool:
             del self.running[gen]
         return out
 
-    def close(self, grace_s: float = 8.0) -> list[Any]:
+    def close(self, grace_s: float = 4.0) -> list[Any]:
         """Cancel the running tasks, end Ray, and return the keys of the tasks that were cancelled.
 
         Each task is first asked to stop (``KeyboardInterrupt`` in its worker), so that it kills its
         child's process group and removes its scratch folder itself (:func:`.trial.trial_task`); after
         ``grace_s`` what still runs is force-cancelled (its worker killed), and the tuner removes what a
-        task on this machine left: its child's process group and its scratch folder.
+        task on this machine left: its child's process group and its scratch folder. The wait is for
+        the tasks' ends, never for a stream's next item (a cancelled stream may stop mid-way, or wait
+        on its back-pressure, and a read of it would never return).
         """
         if self._session is None:  # closed already
             return []
@@ -170,35 +173,36 @@ class TrialPool:
                 self._ray.cancel(gen, force=False)
             except Exception:  # already gone with its node
                 pass
-        deadline = time.monotonic() + grace_s
-        while self.running and time.monotonic() < deadline:
-            ready, _ = self._ray.wait(list(self.running), num_returns=len(self.running),
-                                      timeout=max(0.0, deadline - time.monotonic()), fetch_local=False)
-            for gen in ready:
-                if self._drained(gen):
-                    self._local_cleanup(self.running.pop(gen).where)
-        for gen, state in list(self.running.items()):
-            try:
-                self._ray.cancel(gen, force=True)
-            except Exception:
-                pass
+        ends = {gen.completed(): gen for gen in self.running}
+        ended: list[Any] = []
+        if ends:
+            with contextlib.suppress(Exception):
+                ended, _ = self._ray.wait(list(ends), num_returns=len(ends), timeout=grace_s, fetch_local=False)
+        for end, gen in ends.items():
+            state = self.running[gen]
+            self._learn_where(gen, state)
+            if end not in ended:
+                with contextlib.suppress(Exception):
+                    self._ray.cancel(gen, force=True)
             self._local_cleanup(state.where)
         self.running.clear()
         self._session.close()  # a private instance stops (its folder removed), a cluster is left
         self._session = None
         return cancelled
 
-    def _drained(self, gen: Any) -> bool:
-        """Read a cancelled task's next item: True once it has ended (its stream is closed or failed)."""
-        try:
-            item = self._ray.get(next(gen))
+    def _learn_where(self, gen: Any, state: _Running, most: int = 8) -> None:
+        """Where a cancelled task started, from a start event not read yet (reading only what is ready)."""
+        for _ in range(most):
+            if state.where:
+                return
+            try:
+                if not gen.next_ready():
+                    return
+                item = self._ray.get(next(gen), timeout=1.0)
+            except Exception:  # its stream has ended or failed
+                return
             if isinstance(item, dict) and item.get("event") == "start":
-                self.running[gen].where = {k: v for k, v in item.items() if k != "event"}
-            return False
-        except StopIteration:
-            return True
-        except Exception:  # TaskCancelledError, or the task's own error on its way out
-            return True
+                state.where = {k: v for k, v in item.items() if k != "event"}
 
     @staticmethod
     def _local_cleanup(where: dict[str, Any]) -> None:
