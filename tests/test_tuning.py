@@ -5,22 +5,24 @@ from __future__ import annotations
 import collections
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import optuna
 import pytest
+from strict_json import assert_strict_json
 
 from fedrobust.cli import main as cli
 from fedrobust.config import ConfigError, load_config
 from fedrobust.tuning import SearchSpace, pareto_front
 from fedrobust.tuning.outputs import read_trials_csv
 from fedrobust.tuning.report import report
-from strict_json import assert_strict_json
 
 # A digits study small enough for the suite: a few epochs, one small surrogate, few queries.
 TINY = [
@@ -235,7 +237,10 @@ def test_sigkill_mid_study_then_resume_runs_no_completed_trial_twice(tmp_path):
     def ends() -> int:
         return events.read_text().count('"end"') if events.is_file() else 0
 
-    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # a SIGKILL leaves the killed trials' scratch folders and the tuner's Ray folder: the test's own
+    ray_tmp = tempfile.mkdtemp(prefix="frk-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
+    env = dict(os.environ, FEDROBUST_SCRATCH=str(tmp_path / "scratch"), RAY_TMPDIR=ray_tmp)
+    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     try:
         deadline = time.time() + 240
         while ends() < 2 and time.time() < deadline and proc.poll() is None:
@@ -244,10 +249,17 @@ def test_sigkill_mid_study_then_resume_runs_no_completed_trial_twice(tmp_path):
         time.sleep(0.5)
     finally:
         _kill_group(proc)  # the tuner and its Ray workers, all at once
+    try:
+        _resume_after_sigkill(cmd, env, study, events)
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def _resume_after_sigkill(cmd: list[str], env: dict[str, str], study: Path, events: Path) -> None:
     killed_at = read_trials_csv(study / "trials.csv")
     assert sum(r["state"] == "COMPLETE" for r in killed_at) < 4
 
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
     rows = read_trials_csv(study / "trials.csv")
     complete = [r for r in rows if r["state"] == "COMPLETE"]
