@@ -99,7 +99,11 @@ def _on_signal(signum: int, frame) -> None:
         _first = signum if _first is None else _first
         _again = False
         raise Interrupted(_first)
-    # a second signal: the default action, at once (nothing is half-written: atomic writes)
+    _end_at_once(signum)
+
+
+def _end_at_once(signum: int) -> None:
+    """A second signal: its default action, at once (nothing is half-written: atomic writes)."""
     signal.signal(signum, signal.SIG_DFL)
     os.kill(os.getpid(), signum)
 
@@ -155,9 +159,8 @@ def deferred(deliver: bool = True) -> Iterator[Held]:
     saved = {signum: signal.getsignal(signum) for signum in SIGNALS}
 
     def remember(signum: int, frame) -> None:
-        if held.signals:  # a second one: the default action, at once
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
+        if held.signals:
+            _end_at_once(signum)
         held.signals.append(signum)
 
     caught = [signum for signum, handler in saved.items() if callable(handler)]
