@@ -213,6 +213,9 @@ class AttackConfig:
     square_loss: str = "margin"  # margin | ce
     whitebox: list[str] = field(default_factory=lambda: list(WHITEBOX_ATTACKS))
     whitebox_loss: str = "ce"  # ce | margin | dlr | file:PATH | a registered name
+    # where a white-box loss's value or gradient is NaN/inf on an image: error (stop, one line) | ce (cross-entropy
+    # stands in on those images, their number recorded)
+    nonfinite: str = "error"
     whitebox_steps: int = 10
     apgd_steps: int = 100
     per_member: bool = True  # per-member RA (transfer replay and the primary query attack)

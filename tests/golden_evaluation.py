@@ -37,10 +37,13 @@ def figures(results: dict) -> dict:
     return {
         "clean_accuracy_sample": ens["clean_accuracy_sample"],
         "robust_accuracy": ens["robust_accuracy"],
+        "intervals": ens["intervals"],
+        "unions": ens["unions"],
         "attacks": attacks,
         "tsr": ens["tsr"],
         "smoothness": ens["smoothness"],
         "members": [m["robust_accuracy"] for m in results["members"]],
+        "member_unions": [m["unions"] for m in results["members"]],
         "surrogate_clean_accuracy": results["evaluation"]["surrogate_clean_accuracy"],
     }
 

@@ -12,7 +12,6 @@ import json
 import logging
 import math
 import re
-from pathlib import Path
 
 import pytest
 import torch

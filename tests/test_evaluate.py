@@ -1,7 +1,6 @@
 """fedrobust evaluate: bad arguments and the fixed sample (a whole evaluation and its cache:
 tests/test_evaluation_stages.py)."""
 
-import json
 import shutil
 
 import numpy as np

@@ -12,10 +12,13 @@ around ``x`` and inside [0, 1], and never mutates its inputs. Randomness
 comes from an explicit seed, never from the global RNG.
 
 The worst case, always (:mod:`.worst_case`): an attack that queries the
-model it attacks (the white-box attacks and Square) returns, per image, the
-first point it evaluated that the model misclassified, and falls back to
-its best-loss or last point only where there was none; ``attack.run(x, y)``
-also says which images it saw misclassified. Pass ``worst_case=False`` to a
+model it attacks (the white-box attacks and Square) classifies the clean
+images first, then returns, per image, the first point it evaluated that
+the model misclassified, and falls back to its best-loss or last point only
+where there was none; ``attack.run(x, y)`` also says which images it saw
+misclassified. ``robust_images(target, attack, x, y, batch_size)`` says,
+per image, whether it withstood the attack (clean, answer and every point
+seen); ``worst_case_accuracy`` is its share. Pass ``worst_case=False`` to a
 gradient attack for its plain last iterate (transfer from surrogates,
 adversarial training).
 
@@ -52,17 +55,18 @@ Example::
     print(accuracy(ensemble, x_adv, y), accuracy(ensemble, result.x_adv, y), result.queries.float().mean())
 """
 
-from .gradient import APGD, BIM, CWA, FGSM, MIFGSM, PGD, build_gradient_attack
+from .gradient import APGD, BIM, CWA, FGSM, MIFGSM, NONFINITE, PGD, NonFiniteLoss, build_gradient_attack
 from .expression import LossExpressionError, SearchedLoss, load_loss_file
 from .losses import LOSSES, attack_loss, loss_identity, margin, register_loss
 from .metrics import accuracy, predict, transferability
 from .smoothness import fd_hvp, gradient_cosine, hessian_lambda_max, hvp, input_gradient
 from .square import SquareAttack, SquareResult
-from .worst_case import AttackResult, WorstCase
+from .worst_case import AttackResult, Robust, WorstCase, robust_images, worst_case_accuracy
 
 __all__ = [
-    "APGD", "AttackResult", "BIM", "CWA", "FGSM", "LOSSES", "LossExpressionError", "MIFGSM", "PGD", "SearchedLoss",
-    "SquareAttack", "SquareResult", "WorstCase", "accuracy",
+    "APGD", "AttackResult", "BIM", "CWA", "FGSM", "LOSSES", "LossExpressionError", "MIFGSM", "NONFINITE", "NonFiniteLoss",
+    "PGD", "Robust", "SearchedLoss", "SquareAttack", "SquareResult", "WorstCase", "accuracy", "robust_images",
+    "worst_case_accuracy",
     "attack_loss", "build_gradient_attack", "load_loss_file", "loss_identity", "register_loss", "fd_hvp", "gradient_cosine", "hessian_lambda_max", "hvp",
     "input_gradient", "margin", "predict", "transferability",
 ]

@@ -16,6 +16,19 @@ iterate). ``run`` also returns which images the attack saw misclassified.
 ``worst_case=False`` gives the plain last iterate, which is what a transfer
 attack on surrogates and adversarial training want.
 
+The clean point first: with the worst case on, ``run`` classifies the clean
+images before the attack's first step, so that an image the model gets
+wrong at ``x`` itself counts as broken even when the attack starts from a
+random point (PGD, APGD) and never comes back to ``x``.
+
+Non-finite losses (``nonfinite``): a loss whose value or input gradient is
+NaN or infinite on an image would stop the attack there silently
+(``sign(NaN)`` is 0), and the image would count as robust. By default
+(``"error"``) the attack raises :class:`NonFiniteLoss`, naming the attack,
+the loss and how many images; with ``"ce"`` it takes cross-entropy's value
+and gradient for those images at those steps instead, and ``run`` says
+which images needed it (``AttackResult.fallback``).
+
 CWA (MI-Common-Weakness, Chen et al., ICLR 2024) per outer iteration t:
 
 1. reverse step (the SAM-like inner max of the *training* view):
@@ -45,10 +58,17 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from .losses import attack_loss
+from ..errors import OneLineFailure
+from .losses import LOSSES, attack_loss
 from .worst_case import AttackResult, WorstCase
 
-__all__ = ["APGD", "BIM", "CWA", "FGSM", "MIFGSM", "PGD", "build_gradient_attack"]
+__all__ = ["APGD", "BIM", "CWA", "FGSM", "MIFGSM", "NONFINITE", "NonFiniteLoss", "PGD", "build_gradient_attack"]
+
+NONFINITE = ("error", "ce")  # what an attack does where its loss or gradient is not finite
+
+
+class NonFiniteLoss(OneLineFailure):
+    """An attack's loss value or input gradient was NaN or infinite on some images."""
 
 Model = Callable[[torch.Tensor], torch.Tensor]
 
@@ -81,29 +101,62 @@ def _grad(
 class _GradientAttack:
     """A white-box attack on one model; subclasses define :meth:`attack` (the answer without the worst case)."""
 
-    def __init__(self, model: Model | nn.Module, eps: float = 8 / 255, loss: str = "ce", worst_case: bool = True) -> None:
+    def __init__(self, model: Model | nn.Module, eps: float = 8 / 255, loss: str = "ce", worst_case: bool = True,
+                 nonfinite: str = "error") -> None:
         if eps < 0:
             raise ValueError(f"eps must be >= 0, got {eps}")
+        if nonfinite not in NONFINITE:
+            raise ValueError(f"nonfinite must be one of {', '.join(NONFINITE)}, got '{nonfinite}'")
         self.model = model
         self.eps = float(eps)
         self.loss_name = loss
         self.loss_fn = attack_loss(loss)
         self.worst_case = bool(worst_case)
+        self.nonfinite = nonfinite
+        self._fallback: torch.Tensor | None = None  # per image of the running batch: cross-entropy stood in
+
+    @property
+    def label(self) -> str:
+        return type(self).__name__
 
     def grad(self, x: torch.Tensor, y: torch.Tensor, seen: WorstCase | None) -> tuple[torch.Tensor, torch.Tensor]:
-        return _grad(self.model, self.loss_fn, x, y, seen)
+        g, loss = _grad(self.model, self.loss_fn, x, y, seen)
+        bad = ~(torch.isfinite(loss) & torch.isfinite(g.flatten(1)).all(1))
+        if not bool(bad.any()):
+            return g, loss
+        name = self.loss_name if isinstance(self.loss_name, str) else getattr(self.loss_name, "__name__", "callable")
+        if self.nonfinite == "error":
+            raise NonFiniteLoss(
+                f"{self.label}: loss '{name}' gave a non-finite value or gradient on {int(bad.sum())} of {len(bad)} "
+                "image(s) of a batch; such images would count as robust. Fix the loss, or set attack.nonfinite=ce "
+                "to use cross-entropy on those images (their number is recorded)")
+        rows = bad.nonzero().squeeze(1)
+        g_ce, loss_ce = _grad(self.model, LOSSES["ce"], x[rows], y[rows])
+        g, loss = g.clone(), loss.clone()
+        g[rows], loss[rows] = g_ce, loss_ce
+        if self._fallback is not None:
+            self._fallback[rows] = True
+        return g, loss
 
     def attack(self, x: torch.Tensor, y: torch.Tensor, seen: WorstCase | None) -> torch.Tensor:
         raise NotImplementedError
 
     def run(self, x: torch.Tensor, y: torch.Tensor) -> AttackResult:
-        """The answer per image and whether the attack saw it misclassified (never, with ``worst_case=False``)."""
+        """The answer per image, whether the attack saw it misclassified (never, with ``worst_case=False``),
+        and where cross-entropy stood in for a non-finite loss."""
         x = x.detach()
+        self._fallback = torch.zeros(len(x), dtype=torch.bool, device=x.device)
         seen = WorstCase(x, y, self.eps) if self.worst_case else None
+        if seen is not None:  # the clean point first: an image wrong at x is broken, wherever the attack starts
+            with torch.no_grad():
+                seen.observe(x, self.model(x))
         x_adv = self.attack(x, y, seen).detach()
+        fallback, self._fallback = self._fallback, None
         if seen is None:
-            return AttackResult(x_adv, torch.zeros(len(x), dtype=torch.bool, device=x.device))
-        return seen.result(x_adv)
+            return AttackResult(x_adv, torch.zeros(len(x), dtype=torch.bool, device=x.device), fallback)
+        result = seen.result(x_adv)
+        result.fallback = fallback
+        return result
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return self.run(x, y).x_adv
@@ -120,8 +173,8 @@ class FGSM(_GradientAttack):
 class BIM(_GradientAttack):
     """Iterative FGSM from the clean point (Kurakin et al. 2017), step alpha (default 2.5*eps/steps)."""
 
-    def __init__(self, model, eps=8 / 255, steps=10, alpha=None, loss="ce", worst_case=True):
-        super().__init__(model, eps, loss, worst_case)
+    def __init__(self, model, eps=8 / 255, steps=10, alpha=None, loss="ce", worst_case=True, nonfinite="error"):
+        super().__init__(model, eps, loss, worst_case, nonfinite)
         self.steps = int(steps)
         self.alpha = alpha if alpha is not None else 2.5 * self.eps / max(self.steps, 1)
         self.random_start = False
@@ -141,8 +194,9 @@ class BIM(_GradientAttack):
 class PGD(BIM):
     """BIM from a uniform random start in the eps-ball (Madry et al. 2018)."""
 
-    def __init__(self, model, eps=8 / 255, steps=10, alpha=None, loss="ce", seed=0, worst_case=True):
-        super().__init__(model, eps, steps, alpha, loss, worst_case)
+    def __init__(self, model, eps=8 / 255, steps=10, alpha=None, loss="ce", seed=0, worst_case=True,
+                 nonfinite="error"):
+        super().__init__(model, eps, steps, alpha, loss, worst_case, nonfinite)
         self.random_start = True
         self.generator = torch.Generator().manual_seed(seed)
 
@@ -150,8 +204,9 @@ class PGD(BIM):
 class MIFGSM(_GradientAttack):
     """Momentum iterative FGSM (Dong et al. 2018): g <- mu*g + grad/||grad||_1, step eps/steps."""
 
-    def __init__(self, model, eps=8 / 255, steps=10, alpha=None, mu=1.0, loss="ce", worst_case=True):
-        super().__init__(model, eps, loss, worst_case)
+    def __init__(self, model, eps=8 / 255, steps=10, alpha=None, mu=1.0, loss="ce", worst_case=True,
+                 nonfinite="error"):
+        super().__init__(model, eps, loss, worst_case, nonfinite)
         self.steps, self.mu = int(steps), float(mu)
         self.alpha = alpha if alpha is not None else self.eps / max(self.steps, 1)
 
@@ -229,8 +284,9 @@ class APGD(_GradientAttack):
     highest loss (as AutoAttack's ``x_best_adv``).
     """
 
-    def __init__(self, model, eps=8 / 255, steps=100, loss="ce", rho=0.75, alpha=0.75, seed=0, worst_case=True):
-        super().__init__(model, eps, loss, worst_case)
+    def __init__(self, model, eps=8 / 255, steps=100, loss="ce", rho=0.75, alpha=0.75, seed=0, worst_case=True,
+                 nonfinite="error"):
+        super().__init__(model, eps, loss, worst_case, nonfinite)
         self.steps, self.rho, self.alpha = int(steps), rho, alpha
         self.generator = torch.Generator().manual_seed(seed)
         self.checkpoints = self._checkpoints(self.steps)
@@ -285,16 +341,18 @@ class APGD(_GradientAttack):
         return x_best
 
 
-def build_gradient_attack(name: str, model, eps: float, steps: int, loss: str, seed: int = 0, worst_case: bool = True):
+def build_gradient_attack(name: str, model, eps: float, steps: int, loss: str, seed: int = 0, worst_case: bool = True,
+                          nonfinite: str = "error"):
     """A white-box attack by name: fgsm, bim, pgd, apgd, mifgsm."""
+    common = {"loss": loss, "worst_case": worst_case, "nonfinite": nonfinite}
     if name == "fgsm":
-        return FGSM(model, eps, loss, worst_case=worst_case)
+        return FGSM(model, eps, **common)
     if name == "bim":
-        return BIM(model, eps, steps, loss=loss, worst_case=worst_case)
+        return BIM(model, eps, steps, **common)
     if name == "pgd":
-        return PGD(model, eps, steps, loss=loss, seed=seed, worst_case=worst_case)
+        return PGD(model, eps, steps, seed=seed, **common)
     if name == "apgd":
-        return APGD(model, eps, steps, loss=loss, seed=seed, worst_case=worst_case)
+        return APGD(model, eps, steps, seed=seed, **common)
     if name == "mifgsm":
-        return MIFGSM(model, eps, steps, loss=loss, worst_case=worst_case)
+        return MIFGSM(model, eps, steps, **common)
     raise ValueError(f"unknown white-box attack '{name}' (choose from fgsm, bim, pgd, apgd, mifgsm)")

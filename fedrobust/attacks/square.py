@@ -3,7 +3,11 @@
 Written here because the project needs an attack that takes nothing but a
 callable returning logits, counts every forward pass on an image as one
 query, stops each image at its first success, and draws its randomness from
-an explicit ``torch.Generator``. Only the images still correctly classified
+an explicit ``torch.Generator``. The clean images are classified first,
+and that forward pass is a query like any other (AutoAttack does not count
+it): an image misclassified at ``x`` is broken after one query and never
+searched, and a budget of ``n_queries`` covers the clean point, the
+initialisation and ``n_queries - 2`` search steps. Only the images still correctly classified
 are sent to the model at each iteration, so a batch costs one forward pass
 over the survivors per iteration. Every query goes through
 :class:`~fedrobust.attacks.worst_case.WorstCase`: an image stops at the first
@@ -56,7 +60,7 @@ def p_schedule(p_init: float, it: int, n_queries: int) -> float:
 @dataclass
 class SquareResult:
     x_adv: torch.Tensor
-    queries: torch.Tensor  # per image, including the initial query
+    queries: torch.Tensor  # per image, the clean point's query included (1 for an image misclassified at x)
     success: torch.Tensor  # per image: some query inside the budget was misclassified (``x_adv`` is that point)
 
 
@@ -118,11 +122,17 @@ class SquareAttack:
         n = x.shape[0]
         queries = torch.zeros(n, dtype=torch.long, device=x.device)
         seen = WorstCase(x, y, self.eps, self.norm)
-        x_best = self._init(x, g)
-        loss_best = self._query(x_best, y, seen)
+        # the clean point first, as one query: an image misclassified at x is broken before any search
+        seen.observe(x, self.model(x))
         queries += 1
-        bar = progress_bar(total=self.n_queries - 1, desc=f"square {self.norm}", enabled=progress, leave=False)
-        for it in range(1, self.n_queries):
+        x_best = self._init(x, g)
+        loss_best = torch.full((n,), float("inf"), device=x.device)
+        start = (~seen.found).nonzero().squeeze(1)
+        if start.numel() and self.n_queries > 1:
+            loss_best[start] = self._query(x_best[start], y[start], seen, start)
+            queries[start] += 1
+        bar = progress_bar(total=max(self.n_queries - 2, 0), desc=f"square {self.norm}", enabled=progress, leave=False)
+        for it in range(1, self.n_queries - 1):
             active = (~seen.found).nonzero().squeeze(1)  # still correctly classified
             if active.numel() == 0:
                 break

@@ -19,6 +19,10 @@ the attack saw, so a caller can count an image as broken even if a
 re-evaluation in another batch composition would round a near-tie the
 other way.
 
+The clean point is observed first (the attacks' ``run`` does it before
+their first step): an image the model gets wrong at ``x`` is broken at
+distance 0, wherever the attack then goes.
+
 Transfer attacks never query the target while they craft (they run on
 surrogates), so they do not use it: their answer is their last iterate.
 """
@@ -29,7 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["AttackResult", "WorstCase"]
+__all__ = ["AttackResult", "Robust", "WorstCase", "robust_images", "worst_case_accuracy"]
 
 # Slack on the budget check: projection and clamping are exact in float32 up to rounding.
 _TOLERANCE = 1e-6
@@ -41,6 +45,7 @@ class AttackResult:
 
     x_adv: torch.Tensor
     success: torch.Tensor  # bool per image: some evaluated point inside the budget was misclassified
+    fallback: torch.Tensor | None = None  # bool per image: cross-entropy stood in for a non-finite loss
 
 
 class WorstCase:
@@ -89,3 +94,49 @@ class WorstCase:
 
     def result(self, x_answer: torch.Tensor) -> AttackResult:
         return AttackResult(self.select(x_answer), self.found.clone())
+
+
+@dataclass
+class Robust:
+    """Per image of a sample: whether it withstood an attack, and where cross-entropy stood in for its loss."""
+
+    robust: torch.Tensor  # bool per image: classified correctly at x and at every point the attack evaluated
+    fallback: torch.Tensor  # bool per image
+
+    @property
+    def accuracy(self) -> float:
+        return float(self.robust.float().mean()) if len(self.robust) else 0.0
+
+
+@torch.no_grad()
+def _correct(model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return model(x).argmax(1) == y
+
+
+def robust_images(target, attack, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> Robust:
+    """Which images of ``(x, y)`` withstand ``attack`` on ``target``, batch by batch.
+
+    An image is broken if the target misclassifies it at ``x``, at the attack's answer, or at any point the
+    attack reports it saw misclassified (``attack.run(x, y).success``, where the attack has ``run``); a plain
+    ``(x, y) -> x_adv`` callable is scored on its answers and the clean images.
+    """
+    robust, fallback = [], []
+    for i in range(0, len(x), batch_size):
+        xb, yb = x[i : i + batch_size], y[i : i + batch_size]
+        ok = _correct(target, xb, yb)
+        if hasattr(attack, "run"):
+            res = attack.run(xb, yb)
+            ok &= _correct(target, res.x_adv, yb) & ~res.success.to(yb.device)
+            fb = res.fallback if getattr(res, "fallback", None) is not None else torch.zeros_like(ok)
+        else:
+            ok &= _correct(target, attack(xb, yb), yb)
+            fb = torch.zeros_like(ok)
+        robust.append(ok)
+        fallback.append(fb.to(ok.device))
+    empty = torch.zeros(0, dtype=torch.bool, device=y.device)
+    return Robust(torch.cat(robust) if robust else empty, torch.cat(fallback) if fallback else empty)
+
+
+def worst_case_accuracy(target, attack, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> float:
+    """Robust accuracy of ``target`` under ``attack`` (:func:`robust_images`' share of robust images)."""
+    return robust_images(target, attack, x, y, batch_size).accuracy

@@ -18,6 +18,7 @@ from __future__ import annotations
 from omegaconf import DictConfig
 
 from ..attacks.expression import LossExpressionError, load_loss_file
+from ..attacks.gradient import NONFINITE
 from ..attacks.losses import FILE_PREFIX, LOSSES
 from ..config import ATTACK_LOSSES, MODELS, SPLITS, ConfigError, is_searched, register_check
 from ..models import read_genotype
@@ -87,6 +88,7 @@ def validate_attack(a: DictConfig, data_name: str = "digits") -> None:
     one_of("query", a.query, tuple(a.query_attacks))
     check_attack_loss("transfer_loss", a.transfer_loss)
     check_attack_loss("whitebox_loss", a.whitebox_loss)
+    one_of("nonfinite", a.nonfinite, NONFINITE)
     one_of("square_loss", a.square_loss, ("margin", "ce"))
     _check(a.queries >= 1, "attack.queries", f"must be >= 1, got {a.queries}")
     _check(0 < a.p_init <= 1, "attack.p_init", f"must be in (0, 1], got {a.p_init}")

@@ -19,6 +19,13 @@ of the member checkpoints, the attack settings and the sample, so an
 evaluation that was interrupted resumes at the next stage when run again
 with the same settings. ``results.json`` is replaced atomically, once, at the
 end; its training part is never lost.
+
+Every image's fate under every attack is kept in ``fates/`` (one ``.npz``
+per attack entry, :mod:`.fates`), and ``results.json`` gains the unions
+built from them (``ensemble.unions``: ``whitebox`` and ``all``, each with
+the attacks it covers; ``members[m].unions.all``). Every accuracy of the
+evaluation carries its count of images and a 95% Wilson interval
+(:mod:`fedrobust.stats`).
 """
 
 from __future__ import annotations
@@ -36,14 +43,16 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ..atomic import write_json
-from ..attacks import accuracy, loss_identity
+from ..attacks import accuracy, loss_identity, predict
 from ..config import ConfigError
 from ..data import ImageDataset, dataset_of, to_float
 from ..progress import interactive, progress as progress_bar
 from ..run import check_complete, load_ensemble, member_files
 from ..training import resolve_device
 from ..views import Board
+from ..stats import interval
 from .cache import content_key
+from .fates import FATES, figure, load_fates, save_fate, unions
 from .stages import REGISTRY, Stage, TransferExamples, Zoo, build_stages
 from .surrogates import load_or_train_zoo, zoo_cache_path
 
@@ -148,7 +157,12 @@ class _Inputs:
             "y": y.to(device), "transfer": TransferExamples(cfg.attack, images.indices, images.split), "board": board,
             "progress": cfg.train.progress,
         }
-        self._makers = {"zoo": lambda: Zoo(*load_or_train_zoo(cfg, data, device))}
+        self._makers = {"zoo": lambda: Zoo(*load_or_train_zoo(cfg, data, device)), "clean": self._clean}
+
+    def _clean(self) -> dict[str, Any]:
+        """Per image of the sample: does the target, does each member classify it correctly at the clean point."""
+        x, y = self["x"], self["y"]
+        return {"ensemble": predict(self["target"], x) == y, "members": [predict(m, x) == y for m in self["members"]]}
 
     def __getitem__(self, name: str) -> Any:
         if name not in self._made:
@@ -271,6 +285,10 @@ def evaluate_run(run_dir: str | Path, cfg: DictConfig, data: ImageDataset | None
 
     partial_path = out / PARTIAL
     done = _load_partial(partial_path, key)
+    kept = load_fates(out, key)
+    for stage_id, entry in list(done.items()):  # a finished stage whose fates are missing runs again
+        if any(record not in kept for record in entry.get("fates", [])):
+            del done[stage_id]
     stages = build_stages(a, num_members)
     reused = [s.id for s in stages if s.id in done]
     if reused:
@@ -285,20 +303,31 @@ def evaluate_run(run_dir: str | Path, cfg: DictConfig, data: ImageDataset | None
             bar.set_postfix_str(stage.id, refresh=interactive())
             t0 = time.perf_counter()
             part = stage.run(**inputs.for_stage(stage))
-            done[stage.id] = {"part": part, "seconds": round(time.perf_counter() - t0, 3)}
+            fates = part.pop("fates", {})
+            for record, arrays in fates.items():
+                save_fate(out, record, key, images.split, images.indices, **arrays)
+            done[stage.id] = {"part": part, "seconds": round(time.perf_counter() - t0, 3), "fates": sorted(fates)}
             write_json(partial_path, {"key": key, "stages": done})
             log.info("%s done in %.1fs", stage.id, done[stage.id]["seconds"])
         bar.close()
-        x, y = inputs["x"], inputs["y"]
 
         merged = _merge([done[s.id]["part"] for s in stages], num_members)
         attacks, member_ra = merged["attacks"], merged["members"]
+        clean = inputs["clean"]
+        save_fate(out, "clean", key, images.split, images.indices, ensemble=clean["ensemble"].cpu().numpy(),
+                  members=np.stack([c.cpu().numpy() for c in clean["members"]]) if clean["members"] else None)
+        stored = load_fates(out, key)
+        records = {r: stored[r] for s in stages for r in done[s.id].get("fates", []) if r in stored}  # stage order
+        ensemble_unions, member_unions = unions(records)
+        transfer, query = attacks[f"transfer_{a.transfer}"], attacks[f"query_{a.query}"]
+        clean_fig = figure(clean["ensemble"].cpu().numpy())
         ensemble = {
-            "clean_accuracy_sample": accuracy(target, x, y),
-            "robust_accuracy": {
-                "transfer": attacks[f"transfer_{a.transfer}"]["robust_accuracy"],
-                "query": attacks[f"query_{a.query}"]["robust_accuracy"],
-            },
+            "clean_accuracy_sample": clean_fig["robust_accuracy"],
+            "robust_accuracy": {"transfer": transfer["robust_accuracy"], "query": query["robust_accuracy"]},
+            # 95% Wilson intervals of the figures above, over the sample's images
+            "intervals": {"clean_accuracy_sample": clean_fig["interval"], "transfer": transfer.get("interval"),
+                          "query": query.get("interval")},
+            "unions": ensemble_unions,
             "attacks": attacks,
             **merged["ensemble"],
         }
@@ -312,8 +341,13 @@ def evaluate_run(run_dir: str | Path, cfg: DictConfig, data: ImageDataset | None
         }
         results["ensemble"].update(ensemble)
         by_member = {m["member"]: m for m in results.get("members", [])}
+        n = len(images.indices)
         for m, ras in enumerate(member_ra):
-            by_member.setdefault(m, {"member": m})["robust_accuracy"] = ras
+            row = by_member.setdefault(m, {"member": m})
+            row["robust_accuracy"] = ras
+            row["robust_accuracy_interval"] = {name: interval(round(ra * n), n) for name, ra in ras.items()}
+            if m < len(member_unions):
+                row["unions"] = member_unions[m]
         results["members"] = [by_member[k] for k in sorted(by_member)]
         results["evaluation"] = evaluation
         results["attack_config"] = OmegaConf.to_container(cfg.attack, resolve=True)
@@ -324,6 +358,9 @@ def evaluate_run(run_dir: str | Path, cfg: DictConfig, data: ImageDataset | None
             _rescore_clean(results, run_dir, target, data, cfg, images.split, device)
         write_json(out / "results.json", results)
         partial_path.unlink(missing_ok=True)
+        for stale in (out / FATES).glob("*.npz"):  # records of an earlier evaluation with other settings
+            if stale.stem not in records and stale.stem != "clean":
+                stale.unlink(missing_ok=True)
         _tensorboard(board, ensemble, member_ra, merged["histograms"])
     log.info("evaluation: RA_T (%s) %.4f, RA_Q (%s) %.4f, clean %.4f on the sample; %.1fs",
              a.transfer, ensemble["robust_accuracy"]["transfer"], a.query, ensemble["robust_accuracy"]["query"],
@@ -340,16 +377,25 @@ def _timing_table(seconds: dict[str, float], reused: list[str]) -> str:
     return "\n".join(lines)
 
 
+def _ci(entry: dict) -> str:
+    ci = entry.get("interval")
+    return f"[{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "-"
+
+
 def _table(ensemble: dict, member_ra: list[dict[str, float]]) -> str:
     names = list(ensemble["attacks"])
-    head = ["attack", "ensemble RA"] + [f"member {m}" for m in range(len(member_ra))]
+    head = ["attack", "ensemble RA", "95% interval"] + [f"member {m}" for m in range(len(member_ra))]
     rows = [head]
     for n in names:
         e = ensemble["attacks"][n]
-        rows.append([n, f"{e['robust_accuracy']:.4f}"] + [f"{r[n]:.4f}" if n in r else "-" for r in member_ra])
+        rows.append([n, f"{e['robust_accuracy']:.4f}", _ci(e)] + [f"{r[n]:.4f}" if n in r else "-" for r in member_ra])
+    for name, u in ensemble.get("unions", {}).items():
+        rows.append([f"union: {name}", f"{u['robust_accuracy']:.4f}", _ci(u)] + ["-"] * len(member_ra))
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     lines = ["  ".join(v.rjust(w) for v, w in zip(r, widths)) for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
+    for name, u in ensemble.get("unions", {}).items():
+        lines.append(f"union {name}: robust only if no attack broke it, of {', '.join(u['attacks'])}")
     if "tsr" in ensemble:
         lines.append(f"TSR between members (PGD, EDLCM eq. 12): {ensemble['tsr']['value']:.2f}")
     if "smoothness" in ensemble:
@@ -372,6 +418,8 @@ def _tensorboard(board: Board, ensemble: dict, member_ra: list[dict[str, float]]
     for m, ras in enumerate(member_ra):
         for name, ra in ras.items():
             tb.add_scalar(f"member_robust_accuracy/{name}_member{m}", ra, 0)
+    for name, u in ensemble.get("unions", {}).items():
+        tb.add_scalar(f"union_ra/{name}", u["robust_accuracy"], 0)
     if "tsr" in ensemble:
         tb.add_scalar("tsr/members_pgd", ensemble["tsr"]["value"], 0)
     if "smoothness" in ensemble:

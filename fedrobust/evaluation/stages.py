@@ -9,6 +9,8 @@ keyword-only parameters name the inputs it reads, as pytest fixtures do:
 ``x``, ``y``    the evaluation sample (``attack.num_samples`` test images)
 ``target``      the run's :class:`~fedrobust.ensemble.LogitAverageEnsemble`
 ``members``     its members, in order
+``clean``       per image of the sample, whether the target (``"ensemble"``)
+                and each member (``"members"``) classify it correctly
 ``zoo``         the surrogate zoo (:class:`Zoo`); loaded or trained on first use
 ``transfer``    the content-addressed cache of transfer examples
 ``board``       the run's TensorBoard, for images (:class:`~fedrobust.views.Board`)
@@ -18,9 +20,17 @@ keyword-only parameters name the inputs it reads, as pytest fixtures do:
 ``run`` returns the stage's own part of ``results.json`` as JSON-able data:
 ``attacks`` (entries of ``ensemble.attacks``), ``members`` (attack name ->
 robust accuracy per member), ``ensemble`` (other ensemble entries),
-``evaluation`` and ``cache_hits`` (bookkeeping) and ``histograms`` (values
-for TensorBoard). The driver (:func:`fedrobust.evaluation.evaluate_run`)
-stores each part as soon as its stage finishes.
+``evaluation`` and ``cache_hits`` (bookkeeping), ``histograms`` (values
+for TensorBoard) and ``fates``: per attack entry, each image's fate
+(``ensemble``: robust or not, per image; ``members``: one row per member;
+``queries``; see :mod:`.fates`). The driver
+(:func:`fedrobust.evaluation.evaluate_run`) stores each part as soon as its
+stage finishes, the fates in ``fates/``.
+
+An image counts as robust only if the model classifies it correctly at
+the clean point too: transfer examples are scored with the clean
+predictions (``clean``), and the attacks that query the model classify the
+clean images first (:mod:`fedrobust.attacks.worst_case`).
 
 Groups run in the order they were registered. Within the groups that the
 config lists by name (``attack.transfer_attacks``, ``attack.query_attacks``,
@@ -54,12 +64,14 @@ import torch
 from omegaconf import DictConfig
 
 from ..attacks import (CWA, MIFGSM, PGD, SearchedLoss, SquareAttack, accuracy, attack_loss, build_gradient_attack,
-                       loss_identity, predict, transferability)
+                       loss_identity, predict, robust_images, transferability, worst_case_accuracy)
 from ..attacks.smoothness import gradient_cosine, hessian_lambda_max
 from ..ensemble import LogitAverageEnsemble
 from .cache import cache_root, content_key, load_tensors, save_tensors
+from .fates import figure
 
-__all__ = ["REGISTRY", "Stage", "TransferExamples", "Zoo", "build_stages", "register", "stage_names"]
+__all__ = ["REGISTRY", "Stage", "TransferExamples", "Zoo", "build_stages", "register", "stage_names",
+           "worst_case_accuracy"]
 
 log = logging.getLogger("fedrobust")
 
@@ -86,20 +98,8 @@ def batched(attack: Attack, x: torch.Tensor, y: torch.Tensor, batch_size: int) -
     return torch.cat([attack(x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, len(x), batch_size)])
 
 
-def worst_case_accuracy(target, attack, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> float:
-    """Robust accuracy of ``target`` under ``attack``: an image is broken if its answer is misclassified or
-    the attack saw it misclassified (``attack.run(x, y).success``, where the attack has ``run``)."""
-    if not len(y):
-        return 0.0
-    broken = []
-    for i in range(0, len(x), batch_size):
-        xb, yb = x[i : i + batch_size], y[i : i + batch_size]
-        if hasattr(attack, "run"):
-            res = attack.run(xb, yb)
-            broken.append((predict(target, res.x_adv) != yb) | res.success.to(yb.device))
-        else:
-            broken.append(predict(target, attack(xb, yb)) != yb)
-    return 1.0 - float(torch.cat(broken).float().mean())
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.detach().cpu().numpy()
 
 
 class TransferExamples:
@@ -214,20 +214,26 @@ class TransferStage(Stage):
     def build(self, zoo: LogitAverageEnsemble, attack: DictConfig) -> Attack:
         raise NotImplementedError
 
-    def run(self, *, attack, zoo, transfer, target, members, x, y, board):
+    def run(self, *, attack, zoo, transfer, target, members, clean, x, y, board):
         a = attack
         x_adv, hit = transfer.get(self.name, zoo, self.build(zoo.model, a), x, y)
         if hit:
             log.info("transfer %s: reused cached adversarial examples", self.name)
-        ra = accuracy(target, x_adv, y)
+        robust = (predict(target, x_adv) == y) & clean["ensemble"]  # never robust where wrong at the clean point
+        on_members = [(predict(m, x_adv) == y) & c for m, c in zip(members, clean["members"])]
+        fig = figure(_np(robust))
         if self.name == a.transfer:
             board.adversarial_grid(f"transfer_{self.name}", target, x, x_adv, y)
-        entry = {"kind": "transfer", "robust_accuracy": ra, "asr": 1 - ra, "eps": a.eps, "norm": "linf",
+        record = f"transfer_{self.name}"
+        entry = {"kind": "transfer", **fig, "asr": 1 - fig["robust_accuracy"], "eps": a.eps, "norm": "linf",
                  "steps": a.transfer_steps, **loss_entry(a.transfer_loss), "surrogates": len(zoo.model.members),
                  "surrogate_accuracy": accuracy(zoo.model, x_adv, y), "cached": hit}
-        return {"attacks": {f"transfer_{self.name}": entry},
-                "members": {f"transfer_{self.name}": [accuracy(m, x_adv, y) for m in members]},
-                "cache_hits": {"transfer": {self.name: hit}}}
+        fates = {"ensemble": _np(robust)}
+        if on_members:
+            fates["members"] = np.stack([_np(r) for r in on_members])
+        return {"attacks": {record: entry},
+                "members": {record: [float(r.float().mean()) for r in on_members]},
+                "cache_hits": {"transfer": {self.name: hit}}, "fates": {record: fates}}
 
 
 @register
@@ -269,24 +275,29 @@ class SquareStage(Stage):
         return SquareAttack(model, self.eps(attack), self.norm, attack.queries, attack.p_init, attack.square_loss,
                             seed=attack.seed)
 
-    def run(self, *, attack, target, members, x, y, board, progress):
+    def run(self, *, attack, target, members, clean, x, y, board, progress):
         a, bs = attack, attack.batch_size
         square = self._square(target, a)
         parts = [square.run(x[i : i + bs], y[i : i + bs], progress=progress) for i in range(0, len(x), bs)]
         x_adv, queries = torch.cat([r.x_adv for r in parts]), torch.cat([r.queries for r in parts])
-        fooled = (predict(target, x_adv) != y) | torch.cat([r.success for r in parts])
-        ra = 1.0 - float(fooled.float().mean())
+        # the attack classified the clean images first, so a clean-misclassified image is among the fooled
+        fooled = (predict(target, x_adv) != y) | torch.cat([r.success for r in parts]) | ~clean["ensemble"]
+        fig = figure(_np(~fooled))
         if self.name == a.query:
             board.adversarial_grid(f"query_{self.name}", target, x, x_adv, y)
-        entry = {"kind": "query", "robust_accuracy": ra, "asr": 1 - ra, "eps": self.eps(a), "norm": self.norm,
+        record = f"query_{self.name}"
+        entry = {"kind": "query", **fig, "asr": 1 - fig["robust_accuracy"], "eps": self.eps(a), "norm": self.norm,
                  "queries": a.queries, "loss": a.square_loss, "p_init": a.p_init,
                  "queries_used": {"mean": float(queries.float().mean()), "median": float(queries.float().median()),
                                   "mean_successful": float(queries[fooled].float().mean()) if fooled.any() else None,
                                   "max": int(queries.max())}}
-        part = {"attacks": {f"query_{self.name}": entry}}
+        fates = {"ensemble": _np(~fooled), "queries": _np(queries)}
+        part = {"attacks": {record: entry}}
         if a.per_member and self.name == a.query:
-            part["members"] = {f"query_{self.name}": [
-                worst_case_accuracy(m, self._square(m, a), x, y, bs) for m in members]}
+            on_members = [robust_images(m, self._square(m, a), x, y, bs).robust for m in members]
+            part["members"] = {record: [float(r.float().mean()) for r in on_members]}
+            fates["members"] = np.stack([_np(r) for r in on_members])
+        part["fates"] = {record: fates}
         return part
 
 
@@ -319,14 +330,22 @@ class WhiteboxStage(Stage):
 
     def build(self, target, attack: DictConfig) -> Attack:
         return build_gradient_attack(self.name, target, attack.eps, self.steps(attack), attack.whitebox_loss,
-                                     seed=attack.seed)
+                                     seed=attack.seed, nonfinite=attack.get("nonfinite", "error"))
 
     def run(self, *, attack, target, x, y):
         a = attack
-        ra = worst_case_accuracy(target, self.build(target, a), x, y, a.batch_size)
-        return {"attacks": {f"whitebox_{self.name}": {
-            "kind": "whitebox", "robust_accuracy": ra, "asr": 1 - ra, "eps": a.eps, "norm": "linf",
-            "steps": self.steps(a), **loss_entry(a.whitebox_loss)}}}
+        res = robust_images(target, self.build(target, a), x, y, a.batch_size)
+        fig = figure(_np(res.robust))
+        record = f"whitebox_{self.name}"
+        entry = {"kind": "whitebox", **fig, "asr": 1 - fig["robust_accuracy"], "eps": a.eps, "norm": "linf",
+                 "steps": self.steps(a), **loss_entry(a.whitebox_loss)}
+        fates = {"ensemble": _np(res.robust)}
+        if bool(res.fallback.any()):
+            entry["nonfinite_fallback_images"] = int(res.fallback.sum())
+            fates["fallback"] = _np(res.fallback)
+            log.warning("%s: cross-entropy stood in for a non-finite loss on %d image(s) (attack.nonfinite=ce)",
+                        record, int(res.fallback.sum()))
+        return {"attacks": {record: entry}, "fates": {record: fates}}
 
 
 @register

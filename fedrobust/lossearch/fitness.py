@@ -22,9 +22,8 @@ from pathlib import Path
 
 import torch
 
-from ..attacks import PGD
+from ..attacks import PGD, NonFiniteLoss, worst_case_accuracy
 from ..attacks.expression import SearchedLoss, Tree, parse, simplify, to_text
-from ..evaluation.stages import worst_case_accuracy
 
 __all__ = ["WORST", "FitnessCache", "Problem", "canonical"]
 
@@ -71,7 +70,7 @@ class Problem:
         attack = _CheckedPGD(self.model, self.eps, self.steps, loss=loss, seed=self.seed)
         try:
             ra = worst_case_accuracy(self.model, attack, self.x, self.y, self.batch_size)
-        except NonFinite:
+        except (NonFinite, NonFiniteLoss):
             return WORST, "non-finite"
         return (ra, "ok") if math.isfinite(ra) else (WORST, "non-finite")
 

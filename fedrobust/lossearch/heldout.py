@@ -21,12 +21,11 @@ from pathlib import Path
 from typing import Any
 
 from ..atomic import write_json, write_text
-from ..attacks import APGD, PGD
+from ..attacks import APGD, PGD, worst_case_accuracy
 from ..attacks.expression import SearchedLoss
 from ..data import to_float
 from ..evaluation.cache import content_key
 from ..evaluation.evaluate import Images, evaluation_sample, held_out_images
-from ..evaluation.stages import worst_case_accuracy
 
 __all__ = ["measure_heldout"]
 
