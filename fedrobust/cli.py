@@ -362,6 +362,11 @@ def _report(path: str) -> int:
 
     setup_logging()
     try:
+        if (Path(path) / "results.json").is_file():  # a run directory
+            from .evaluation.summary import run_report
+
+            print(run_report(Path(path)), end="")
+            return 0
         out = report(Path(path))
     except ConfigError as exc:
         _error(exc)
@@ -370,6 +375,23 @@ def _report(path: str) -> int:
         _error(ConfigError(f"path: {path} holds a damaged or partial study file ({type(exc).__name__}: {exc})"))
         return 2
     print(out)
+    return 0
+
+
+def _compare(run_a: str, run_b: str, out: str) -> int:
+    from pathlib import Path
+
+    from .evaluation.summary import compare_runs
+    from .run import setup_logging
+
+    setup_logging()
+    try:
+        text, _ = compare_runs(Path(run_a), Path(run_b), Path(out))
+    except ConfigError as exc:
+        _error(exc)
+        return 2
+    print(text, end="")
+    print(f"(written to {out})", file=sys.stderr)
     return 0
 
 
@@ -502,8 +524,14 @@ def _main(argv: list[str] | None) -> int:
                          epilog=_MODELS_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     mo_.add_argument("args", nargs="*", metavar="data=NAME | searched:PATH",
                      help="the data set (default digits) and genotype files")
-    rep = sub.add_parser("report", help="plots and a Markdown summary of a study or sweep directory")
-    rep.add_argument("path", help="a study_dir written by fedrobust tune, or a sweep directory from simulations/")
+    rep = sub.add_parser("report", help="a Markdown summary (and plots) of a run, a study or a sweep directory")
+    rep.add_argument("path", help="a run directory, a study_dir written by fedrobust tune, or a sweep directory "
+                     "from simulations/")
+    cmp_ = sub.add_parser("compare", help="two runs evaluated on the same images: per attack, the difference, its "
+                          "paired 95%% interval and McNemar's exact p-value")
+    cmp_.add_argument("run_a", help="run directory A (evaluated)")
+    cmp_.add_argument("run_b", help="run directory B (evaluated on the same images)")
+    cmp_.add_argument("--out", default="compare.md", help="the Markdown table's file (default: compare.md)")
     dep = sub.add_parser("deploy", help="credentials and launchers for a real deployment (TLS, SuperNode auth)",
                          epilog=_DEPLOY_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     dsub = dep.add_subparsers(dest="what", required=True)
@@ -550,6 +578,7 @@ def _main(argv: list[str] | None) -> int:
             return 2
     commands = {"deploy": lambda: _deploy(args), "tune": lambda: _tune(args.overrides),
                 "report": lambda: _report(args.path), "train": lambda: _train(args.overrides),
+                "compare": lambda: _compare(args.run_a, args.run_b, args.out),
                 "models": lambda: _models(args.args),
                 "evaluate": lambda: _evaluate(args.run_dir, args.overrides),
                 "search-loss": lambda: _search_loss(args.run_dir, args.overrides),
