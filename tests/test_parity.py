@@ -356,7 +356,9 @@ def test_art_gets_no_fewer_queries(digits, attack):
           f"forward passes per image ours {len(ours.calls)}, ART {len(art.calls)}; "
           f"gradients ours {gradients(ours)}, ART {gradients(art)}")
     if square:
-        assert len(ours.calls) == points(ours) == n  # every query is a new candidate (no-op windows are redrawn)
+        # the clean point first (a query of known points), then every query is a new candidate (no-op windows
+        # are redrawn)
+        assert len(ours.calls) == n and ours.calls[0].fresh == 0 and points(ours) == n - 1
         # ART, per step (the stripe init first): predict every image, loss at the current points, loss at the
         # candidates. Only the third call can hold new points; ART does not redraw a window that changes
         # nothing, so some of its candidates repeat earlier points, but each still costs it one query.
