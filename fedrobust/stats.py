@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.stats import binomtest
 
-__all__ = ["Paired", "interval", "paired", "proportion"]
+__all__ = ["Paired", "interval", "interval_of", "paired", "proportion"]
 
 LEVEL = 0.95
 
@@ -40,6 +40,13 @@ def interval(k: int, n: int, level: float = LEVEL) -> list[float] | None:
         raise ValueError(f"successes must be in [0, {n}], got {k}")
     ci = binomtest(k, n).proportion_ci(confidence_level=level, method="wilson")
     return [float(ci.low), float(ci.high)]
+
+
+def interval_of(accuracy: float | None, n: int | None, level: float = LEVEL) -> list[float] | None:
+    """The Wilson interval of an accuracy measured on ``n`` images (its count of correct images recovered)."""
+    if accuracy is None or not n:
+        return None
+    return interval(round(float(accuracy) * int(n)), int(n), level)
 
 
 def proportion(k: int, n: int) -> dict:

@@ -156,8 +156,12 @@ def test_study_of_8_trials_on_two_ray_workers(local_ray, tmp_path):
     assert "| CA val | CA test | RA_T val | RA_T test | RA_Q val | RA_Q test |" in md
     for t in doc["trials"]:
         r = rows[t["number"]]
-        cells = " | ".join(f"{r[k]:.4f}" for k in ("ca", "ca_test", "ra_t", "ra_t_test", "ra_q", "ra_q_test"))
-        assert f" | {cells} |" in md, t["number"]
+        cells = " | ".join(f"{r[k]:.4f} [{r[k + '_low']:.3f}, {r[k + '_high']:.3f}]"
+                           for k in ("ca", "ca_test", "ra_t", "ra_t_test", "ra_q", "ra_q_test"))
+        assert f" | {cells} |" in md, t["number"]  # each figure with its 95% interval
+        for k in ("ca", "ca_test", "ra_t", "ra_t_test", "ra_q", "ra_q_test"):
+            assert r[k + "_low"] <= r[k] <= r[k + "_high"], (t["number"], k)
+        assert set(t["intervals"]) == {"ca", "val_accuracy", "ra_t", "ra_q", "test_ca", "test_ra_t", "test_ra_q"}
     assert "validation splits" in md and "test set" in md
     report(tmp_path)  # a folder of studies (simulations/rq3.py): their fronts in one plot
     assert (tmp_path / "pareto_fronts.png").stat().st_size > 0

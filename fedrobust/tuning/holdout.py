@@ -21,6 +21,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from ..stats import interval_of
+
 __all__ = ["TEST_DIR", "evaluate_front", "images_measured", "load_study_config", "test_scores", "trial_dir"]
 
 log = logging.getLogger("fedrobust")
@@ -51,7 +53,13 @@ def test_scores(run_dir: Path) -> dict[str, Any] | None:
     ra = ens.get("robust_accuracy")
     if not ra:
         return None
-    return {"ca_test": ens["clean_accuracy"], "ra_t_test": ra["transfer"], "ra_q_test": ra["query"]}
+    n_eval = results.get("evaluation", {}).get("num_samples")
+    n_ca = results.get("images", {}).get("clean_accuracy", {}).get("num_images")
+    out = {"ca_test": ens["clean_accuracy"], "ra_t_test": ra["transfer"], "ra_q_test": ra["query"]}
+    for key, n in (("ca_test", n_ca), ("ra_t_test", n_eval), ("ra_q_test", n_eval)):
+        ci = interval_of(out[key], n)
+        out[f"{key}_low"], out[f"{key}_high"] = ci if ci else (None, None)
+    return out
 
 
 def images_measured(run_dir: Path) -> dict[str, str]:

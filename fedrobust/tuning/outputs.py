@@ -18,6 +18,9 @@ LABELS = {"ra_t": "RA_T (transfer)", "ra_q": "RA_Q (query)", "val_accuracy": "va
           "min_ra": "min(RA_T, RA_Q)", "ca": "clean accuracy"}
 # a front trial's figures on the test sample, measured once after the study (holdout.py)
 TEST_COLUMNS = ("ca_test", "ra_t_test", "ra_q_test")
+# each figure's 95% Wilson interval over its images: <figure>_low, <figure>_high
+INTERVAL_COLUMNS = tuple(f"{f}_{end}" for f in ("ca", "val_accuracy", "ra_t", "ra_q", *TEST_COLUMNS)
+                         for end in ("low", "high"))
 
 
 def pareto_front(points: Sequence[Sequence[float]]) -> list[int]:
@@ -39,8 +42,8 @@ def _fmt(v: Any) -> Any:
 def write_trials_csv(path: Path, rows: list[dict[str, Any]], param_names: list[str]) -> None:
     """One row per trial: ca, val_accuracy, ra_t and ra_q on validation images (what the study selected on), and
     for the front's trials ca_test, ra_t_test and ra_q_test on the test sample (empty elsewhere)."""
-    cols = ["number", "state", *param_names, "ca", "val_accuracy", "ra_t", "ra_q", *TEST_COLUMNS, "feasible",
-            "best_epoch", "duration_s", "requeued_from", "failure", "node", "run_dir"]
+    cols = ["number", "state", *param_names, "ca", "val_accuracy", "ra_t", "ra_q", *TEST_COLUMNS, *INTERVAL_COLUMNS,
+            "feasible", "best_epoch", "duration_s", "requeued_from", "failure", "node", "run_dir"]
     with atomic_open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
         w.writeheader()
@@ -112,6 +115,8 @@ def write_pareto(path: Path, rows: list[dict[str, Any]], param_names: list[str],
                     "ca": r["ca"], "val_accuracy": r["val_accuracy"], "ra_t": r["ra_t"], "ra_q": r["ra_q"],
                     "test": ({"ca": r["ca_test"], "ra_t": r["ra_t_test"], "ra_q": r["ra_q_test"]} if has_test(r)
                              else None),
+                    # 95% Wilson intervals over each figure's images (validation; test_*: the test sample)
+                    "intervals": _intervals(r),
                     "run_dir": r.get("run_dir")} for r in front],
     }
     write_json(path, doc)
@@ -141,13 +146,27 @@ def recommended(front: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]
 FIGURE_HEAD = ["CA val", "CA test", "RA_T val", "RA_T test", "RA_Q val", "RA_Q test"]
 
 
-def _figures(r: dict[str, Any]) -> list[str]:
-    """CA, RA_T and RA_Q, each on validation images then on the test sample ("–" where not measured)."""
-    def f(v: Any) -> str:
-        return "–" if v is None else f"{v:.4f}"
+def _intervals(r: dict[str, Any]) -> dict[str, list[float]]:
+    """A row's 95% intervals by figure (``ca``, ..., ``test_ra_q``), where its row has them."""
+    out = {}
+    for key in ("ca", "val_accuracy", "ra_t", "ra_q", *TEST_COLUMNS):
+        low, high = r.get(f"{key}_low"), r.get(f"{key}_high")
+        if low is not None and high is not None:
+            out[key if not key.endswith("_test") else f"test_{key[:-5]}"] = [low, high]
+    return out
 
-    return [f(r.get("ca")), f(r.get("ca_test")), f(r.get("ra_t")), f(r.get("ra_t_test")), f(r.get("ra_q")),
-            f(r.get("ra_q_test"))]
+
+def _figures(r: dict[str, Any]) -> list[str]:
+    """CA, RA_T and RA_Q, each on validation images then on the test sample ("–" where not measured), each
+    followed by its 95% interval where the row has it."""
+    def f(key: str) -> str:
+        v = r.get(key)
+        if v is None:
+            return "–"
+        low, high = r.get(f"{key}_low"), r.get(f"{key}_high")
+        return f"{v:.4f}" + (f" [{low:.3f}, {high:.3f}]" if low is not None and high is not None else "")
+
+    return [f(k) for k in ("ca", "ca_test", "ra_t", "ra_t_test", "ra_q", "ra_q_test")]
 
 
 def protocol_text(measured: dict[str, str] | None) -> str:

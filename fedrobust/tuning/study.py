@@ -202,6 +202,9 @@ def trial_rows(study: optuna.Study, param_names: list[str], study_dir: Path | No
                "best_epoch": u.get("best_epoch"), "duration_s": round(duration, 2) if duration is not None else None,
                "requeued_from": u.get("requeued_from"), "node": u.get("node"), "run_dir": u.get("run_dir"),
                "failure": u.get("failure")}
+        for key, ci in (u.get("intervals") or {}).items():  # 95% Wilson intervals of the validation figures
+            if ci:
+                row[f"{key}_low"], row[f"{key}_high"] = ci
         if study_dir is not None and t.state.name == "COMPLETE":
             row |= holdout.test_scores(holdout.trial_dir(study_dir, t.number, u.get("run_dir"))) or {}
         rows.append(row)
@@ -213,6 +216,7 @@ def _tell_complete(study: optuna.Study, trial: optuna.Trial, scores: dict[str, A
     splits), as the baseline's is; no test figure exists yet."""
     for key in ("ca", "val_accuracy", "ra_t", "ra_q", "best_epoch", "seconds"):
         trial.set_user_attr(key, scores[key])
+    trial.set_user_attr("intervals", scores.get("intervals") or {})
     trial.set_user_attr(CONSTRAINT_ATTR, min_acc - scores["val_accuracy"])
     trial.set_constraint("clean_accuracy", min_acc - scores["val_accuracy"])
     study.tell(trial, list(outputs.objective_values(scores, objectives)))

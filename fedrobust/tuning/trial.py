@@ -19,6 +19,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from ..atomic import write_json
+from ..stats import interval_of
 
 __all__ = ["execute", "trial_task", "load_scores", "apply_values"]
 
@@ -56,6 +57,8 @@ def load_scores(run_dir: Path) -> dict[str, Any] | None:
     if not ra or "val_accuracy" not in ens:
         return None
     members = results.get("members", [])
+    images = results.get("images", {})
+    n_eval = results.get("evaluation", {}).get("num_samples")
     return {
         "ca": ens["clean_accuracy"],  # a study's trial: on the nodes' validation splits (results.json's images)
         "val_accuracy": ens["val_accuracy"],
@@ -63,6 +66,11 @@ def load_scores(run_dir: Path) -> dict[str, Any] | None:
         "ra_q": ra["query"],
         "best_epoch": sum(m.get("best_epoch", 0) for m in members) / max(len(members), 1) + 1,
         "seconds": results.get("trial_seconds"),
+        # 95% Wilson intervals, over the images each figure was measured on
+        "intervals": {
+            "ca": interval_of(ens["clean_accuracy"], images.get("clean_accuracy", {}).get("num_images")),
+            "val_accuracy": interval_of(ens["val_accuracy"], images.get("val_accuracy", {}).get("num_images")),
+            "ra_t": interval_of(ra["transfer"], n_eval), "ra_q": interval_of(ra["query"], n_eval)},
     }
 
 
