@@ -36,7 +36,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
 from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import HydraException, MissingConfigException
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from .errors import ConfigError
@@ -212,7 +212,10 @@ class AttackConfig:
     p_init: float = 0.8
     square_loss: str = "margin"  # margin | ce
     whitebox: list[str] = field(default_factory=lambda: list(WHITEBOX_ATTACKS))
-    whitebox_loss: str = "ce"  # ce | margin | dlr | file:PATH | a registered name
+    whitebox_loss: str = "ce"  # ce | margin | dlr | file:PATH | expr:TEXT | a registered name
+    # the files that file:PATH losses were read from when the config was loaded (their expressions replace them
+    # as expr:TEXT in transfer_loss/whitebox_loss): provenance only, never read again
+    loss_files: dict[str, str] = field(default_factory=dict)
     # where a white-box loss's value or gradient is NaN/inf on an image: error (stop, one line) | ce (cross-entropy
     # stands in on those images, their number recorded)
     nonfinite: str = "error"
@@ -459,6 +462,7 @@ def load_config(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
         OmegaConf.update(cfg, key, value, merge=False)
     resolve_defaults(cfg)
     resolve_genotype(cfg, reread=True)
+    resolve_loss_files(cfg)
     validate(cfg)
     return cfg
 
@@ -505,6 +509,37 @@ def resolve_genotype(cfg: DictConfig, *, reread: bool = False) -> None:
         cfg.model.genotype = read_genotype(cfg.model.name).to_json()
     except GenotypeError as exc:
         raise ConfigError(f"model.name: {_one_line(exc)}") from None
+
+
+LOSS_KEYS = ("transfer_loss", "whitebox_loss")
+
+
+def resolve_loss_files(cfg: DictConfig) -> None:
+    """Read each ``file:PATH`` attack loss once, now: its expression replaces it as ``expr:TEXT`` and the path
+    goes to ``attack.loss_files`` (provenance). Trials, nodes and caches then use the expression, and a file
+    changed or gone later changes nothing. A file that cannot be read is a ConfigError naming the key.
+    (This imports torch, for a ``file:`` loss only.)"""
+    attack = cfg.get("attack")
+    if attack is None:
+        return
+    for key in LOSS_KEYS:
+        value = attack.get(key)
+        if not (isinstance(value, str) and value.startswith("file:")):
+            continue
+        from .attacks.expression import LossExpressionError, load_loss_file
+
+        path = value[len("file:"):]
+        if not path:
+            raise ConfigError(f"attack.{key}: file: needs a path, e.g. file:losses/best.json")
+        try:
+            text = load_loss_file(path).text
+        except LossExpressionError as exc:
+            raise ConfigError(f"attack.{key}: {_one_line(str(exc))}") from None
+        attack[key] = "expr:" + text
+        files = dict(attack.get("loss_files") or {})
+        files[key] = path
+        with open_dict(attack):
+            attack.loss_files = files
 
 
 def model_spec(cfg: DictConfig) -> str:
@@ -640,6 +675,7 @@ def apply_overrides(cfg: DictConfig, overrides: list[str] | tuple[str, ...]) -> 
     except OmegaConfBaseException as exc:
         raise _translate(exc) from None
     resolve_genotype(cfg, reread=reread)  # a run's saved genotype stands unless model.name is overridden
+    resolve_loss_files(cfg)
     validate(cfg)
     return cfg
 

@@ -113,9 +113,17 @@ def test_the_transfer_loss_is_checked_the_same_way_and_names_its_key(tmp_path):
 def test_a_good_loss_file_and_a_registered_name_pass_the_check(tmp_path, monkeypatch):
     good = loss_file(tmp_path / "search" / "best.json", CE)
     cfg = load_config([f"attack.whitebox_loss=file:{good}", f"attack.transfer_loss=file:{good}"])
-    assert cfg.attack.whitebox_loss == f"file:{good}" and cfg.attack.transfer_loss == f"file:{good}"
+    # read once, now: the config keeps the expression (trials, nodes and caches never read the file again)
+    expr = "expr:" + SearchedLoss.parse(CE).text
+    assert cfg.attack.whitebox_loss == expr and cfg.attack.transfer_loss == expr
+    assert dict(cfg.attack.loss_files) == {"whitebox_loss": str(good), "transfer_loss": str(good)}
     # relative to the working folder, as a shell user types it
-    assert load_config(["attack.whitebox_loss=file:search/best.json"]).attack.whitebox_loss == "file:search/best.json"
+    rel = load_config(["attack.whitebox_loss=file:search/best.json"]).attack
+    assert rel.whitebox_loss == expr and rel.loss_files.whitebox_loss == "search/best.json"
+    good.unlink()  # gone: a config that holds the expression still loads, and means the same loss
+    assert load_config([f"attack.whitebox_loss='{expr}'"]).attack.whitebox_loss == expr  # quoted for Hydra
+    with pytest.raises(ConfigError, match="attack.whitebox_loss: expression"):
+        load_config(["attack.whitebox_loss='expr:Nonsense(p'"])
     with pytest.raises(ConfigError, match="unknown value 'searched_ce'"):
         load_config(["attack.whitebox_loss=searched_ce"])
     monkeypatch.setitem(LOSSES, "searched_ce", LOSSES["ce"])  # undone after the test, whatever register_loss does
@@ -146,7 +154,7 @@ def test_the_whitebox_stage_runs_pgd_with_the_files_loss_and_records_it(tmp_path
     x_adv = attack(x, y)
     assert (x_adv - x).abs().max() <= cfg.attack.eps + 1e-6 and 0 <= x_adv.min() and x_adv.max() <= 1
     entry = stage.run(attack=cfg.attack, target=model, x=x, y=y)["attacks"]["whitebox_pgd"]
-    assert entry["loss"] == f"file:{good}" and entry["loss_expression"] == CE
+    assert entry["loss"] == f"expr:{CE}" and entry["loss_expression"] == CE and entry["loss_file"] == str(good)
     assert 0 <= entry["robust_accuracy"] <= 1
     # the built-in name is recorded as before: the name alone
     ce = stage.run(attack=load_config(["attack.whitebox_steps=3"]).attack, target=model, x=x, y=y)
@@ -162,9 +170,11 @@ def test_fedrobust_evaluate_with_a_loss_file_records_it_in_results_json(trained,
     results = json.loads((run / "results.json").read_text())
     attacks = results["ensemble"]["attacks"]
     for name in ("whitebox_pgd", "transfer_pgd"):
-        assert attacks[name]["loss"] == f"file:{good}" and attacks[name]["loss_expression"] == CE, attacks[name]
+        assert attacks[name]["loss"] == f"expr:{CE}" and attacks[name]["loss_expression"] == CE, attacks[name]
+        assert attacks[name]["loss_file"] == str(good)
     assert attacks["query_square_linf"]["loss"] == "margin" and "loss_expression" not in attacks["query_square_linf"]
-    assert results["attack_config"]["whitebox_loss"] == f"file:{good}"
+    assert results["attack_config"]["whitebox_loss"] == f"expr:{CE}"
+    assert results["attack_config"]["loss_files"]["whitebox_loss"] == str(good)
 
 
 def test_a_searched_loss_is_keyed_by_its_expression_and_a_builtin_name_keeps_its_key(trained, tmp_path):  # noqa: F811
@@ -193,7 +203,8 @@ def test_a_searched_loss_is_keyed_by_its_expression_and_a_builtin_name_keeps_its
     for p in member_files(trained):
         h.update(p.name.encode())
         h.update(p.read_bytes())
-    settings = {k: v for k, v in OmegaConf.to_container(cfg.attack, resolve=True).items() if k != "cache_dir"}
+    settings = {k: v for k, v in OmegaConf.to_container(cfg.attack, resolve=True).items()
+                if k not in ("cache_dir", "loss_files")}
     assert builtin == content_key({"members": h.hexdigest(), "attack": settings, "data": cfg.data.name,
                                    "split": "test", "indices": list(range(8)), "version": 2})
 

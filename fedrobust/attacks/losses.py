@@ -9,6 +9,8 @@ paper 004), so every gradient attack takes one by name, or as a callable
 * ``dlr``: difference of logits ratio (Croce & Hein 2020),
   ``-(z_y - max_{j != y} z_j) / (z_pi1 - z_pi3 + 1e-12)``, invariant to logit scale.
 * ``file:PATH``: a searched loss (``best.json`` of ``fedrobust search-loss``; see :mod:`.expression`).
+* ``expr:TEXT``: a searched loss by its expression's text form (what a config keeps of a ``file:`` loss,
+  so that trials, nodes and caches never read the file again).
 * any name given to :func:`register_loss`.
 """
 
@@ -21,10 +23,11 @@ import torch.nn.functional as F
 
 from .expression import LossExpressionError, SearchedLoss, load_loss_file
 
-__all__ = ["LOSSES", "FILE_PREFIX", "LossFn", "attack_loss", "loss_identity", "margin", "register_loss"]
+__all__ = ["EXPR_PREFIX", "FILE_PREFIX", "LOSSES", "LossFn", "attack_loss", "loss_identity", "margin", "register_loss"]
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 FILE_PREFIX = "file:"
+EXPR_PREFIX = "expr:"
 
 
 def margin(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -52,7 +55,7 @@ def register_loss(name: str, loss: LossFn | str) -> None:
 
     ``loss`` is a callable ``(logits, y) -> (N,)`` or an expression's text form (see :mod:`.expression`).
     """
-    if name in BUILTIN or name.startswith(FILE_PREFIX) or not name.isidentifier():
+    if name in BUILTIN or name.startswith((FILE_PREFIX, EXPR_PREFIX)) or not name.isidentifier():
         raise ValueError(f"cannot register a loss as '{name}': a built-in name, or not an identifier")
     LOSSES[name] = SearchedLoss.parse(loss, name=name) if isinstance(loss, str) else loss
 
@@ -66,10 +69,15 @@ def attack_loss(loss: str | LossFn) -> LossFn:
             return load_loss_file(loss[len(FILE_PREFIX):])
         except LossExpressionError as exc:
             raise ValueError(f"attack loss '{loss}': {exc}") from None
+    if loss.startswith(EXPR_PREFIX):
+        try:
+            return SearchedLoss.parse(loss[len(EXPR_PREFIX):])
+        except LossExpressionError as exc:
+            raise ValueError(f"attack loss '{loss[:60]}': {exc}") from None
     try:
         return LOSSES[loss]
     except KeyError:
-        raise ValueError(f"unknown attack loss '{loss}' (choose from {', '.join(LOSSES)}, or file:PATH)") from None
+        raise ValueError(f"unknown attack loss '{loss}' (choose from {', '.join(LOSSES)}, file:PATH or expr:TEXT)") from None
 
 
 def loss_identity(loss: str | LossFn) -> str:

@@ -19,7 +19,8 @@ from omegaconf import DictConfig
 
 from ..attacks.expression import LossExpressionError, load_loss_file
 from ..attacks.gradient import NONFINITE
-from ..attacks.losses import FILE_PREFIX, LOSSES
+from ..attacks.expression import parse
+from ..attacks.losses import EXPR_PREFIX, FILE_PREFIX, LOSSES
 from ..config import ATTACK_LOSSES, MODELS, SPLITS, ConfigError, is_searched, register_check
 from ..models import read_genotype
 from ..nas import GenotypeError
@@ -48,8 +49,15 @@ def check_attack_loss(key: str, value: str) -> None:
         except LossExpressionError as exc:
             raise ConfigError(f"attack.{key}: {exc}") from None
         return
+    if isinstance(value, str) and value.startswith(EXPR_PREFIX):
+        try:
+            parse(value[len(EXPR_PREFIX):])
+        except LossExpressionError as exc:
+            raise ConfigError(f"attack.{key}: expression: {exc}") from None
+        return
     names = tuple(dict.fromkeys((*ATTACK_LOSSES, *LOSSES)))  # the built-ins first, then registered ones
-    _check(value in names, f"attack.{key}", f"unknown value '{value}' (choose from {', '.join(names)}, or file:PATH)")
+    _check(value in names, f"attack.{key}",
+           f"unknown value '{value}' (choose from {', '.join(names)}, file:PATH or expr:TEXT)")
 
 
 def validate_attack(a: DictConfig, data_name: str = "digits") -> None:

@@ -195,7 +195,9 @@ def _evaluation_key(run_dir: Path, cfg: DictConfig, images: Images) -> str:
     for path in member_files(run_dir):
         h.update(path.name.encode())
         h.update(path.read_bytes())
-    attack = {k: v for k, v in OmegaConf.to_container(cfg.attack, resolve=True).items() if k != "cache_dir"}
+    # where the cache lives and which files losses came from change no figure
+    attack = {k: v for k, v in OmegaConf.to_container(cfg.attack, resolve=True).items()
+              if k not in ("cache_dir", "loss_files")}
     for k in ("transfer_loss", "whitebox_loss"):  # a searched loss's expression, not its file's path
         attack[k] = loss_identity(attack[k])
     return content_key({"members": h.hexdigest(), "attack": attack, "data": cfg.data.name, "split": images.split,

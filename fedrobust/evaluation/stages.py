@@ -87,11 +87,15 @@ class Zoo:
     cached: bool
 
 
-def loss_entry(loss: str) -> dict[str, str]:
-    """A result entry's loss: the name as configured and, for a searched one, the expression it stood for
-    (a ``file:`` path alone does not say which loss ran)."""
+def loss_entry(attack: DictConfig, key: str) -> dict[str, str]:
+    """A result entry's loss (``attack.<key>``): the name as configured and, for a searched one, the expression
+    it stood for and the file it was read from, if any (:func:`fedrobust.config.resolve_loss_files`)."""
+    loss = attack[key]
     fn = attack_loss(loss)
-    return {"loss": loss, "loss_expression": fn.text} if isinstance(fn, SearchedLoss) else {"loss": loss}
+    if not isinstance(fn, SearchedLoss):
+        return {"loss": loss}
+    source = (attack.get("loss_files") or {}).get(key)
+    return {"loss": loss, "loss_expression": fn.text, **({"loss_file": source} if source else {})}
 
 
 def batched(attack: Attack, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> torch.Tensor:
@@ -226,7 +230,7 @@ class TransferStage(Stage):
             board.adversarial_grid(f"transfer_{self.name}", target, x, x_adv, y)
         record = f"transfer_{self.name}"
         entry = {"kind": "transfer", **fig, "asr": 1 - fig["robust_accuracy"], "eps": a.eps, "norm": "linf",
-                 "steps": a.transfer_steps, **loss_entry(a.transfer_loss), "surrogates": len(zoo.model.members),
+                 "steps": a.transfer_steps, **loss_entry(a, "transfer_loss"), "surrogates": len(zoo.model.members),
                  "surrogate_accuracy": accuracy(zoo.model, x_adv, y), "cached": hit}
         fates = {"ensemble": _np(robust)}
         if on_members:
@@ -338,7 +342,7 @@ class WhiteboxStage(Stage):
         fig = figure(_np(res.robust))
         record = f"whitebox_{self.name}"
         entry = {"kind": "whitebox", **fig, "asr": 1 - fig["robust_accuracy"], "eps": a.eps, "norm": "linf",
-                 "steps": self.steps(a), **loss_entry(a.whitebox_loss)}
+                 "steps": self.steps(a), **loss_entry(a, "whitebox_loss")}
         fates = {"ensemble": _np(res.robust)}
         if bool(res.fallback.any()):
             entry["nonfinite_fallback_images"] = int(res.fallback.sum())
