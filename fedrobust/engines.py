@@ -195,6 +195,10 @@ def run_simulation(cfg: DictConfig, run_dir: Path, *, num_cpus: int | None = Non
         reason = json.loads(said) if said else {
             "message": f"simulation runtime failed: its process ended with exit code {code} and no error line "
                        f"(see {run_dir / 'train.log'})", "config_error": False}
+        if reason.get("diverged"):  # a member's training diverged: its own kind, for the tuner
+            from .training import DivergedError
+
+            raise DivergedError(reason["message"])
         raise (ConfigError if reason["config_error"] else SimulationError)(reason["message"])
 
 

@@ -1,12 +1,24 @@
 """The errors a command answers in one line, and that line.
 
 Kept free of any third-party import, so that the command line can catch them
-before it has imported anything heavy (:mod:`fedrobust.cli`).
+before it has imported anything heavy (:mod:`fedrobust.cli`). The line is
+redacted (:func:`redact`: a URL's password becomes ``***``), as every log
+line is, since an error may quote a config value such as ``tune.storage``.
 """
 
 from __future__ import annotations
 
-__all__ = ["ConfigError", "OneLineFailure", "one_line"]
+import re
+
+__all__ = ["ConfigError", "OneLineFailure", "one_line", "redact"]
+
+# scheme://user:password@  (the user may be empty; the password runs to the last '@' before the host)
+_USERINFO = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.\-]*://[^:/@\s]*:)(?P<password>[^\s]*)(?P<at>@)")
+
+
+def redact(text: str) -> str:
+    """``text`` with the password of every URL in it replaced by ``***``."""
+    return _USERINFO.sub(lambda m: f"{m['head']}***{m['at']}" if m["password"] != "***" else m[0], text)
 
 
 class ConfigError(ValueError):
@@ -18,5 +30,5 @@ class OneLineFailure(RuntimeError):
 
 
 def one_line(exc: BaseException) -> str:
-    """``exc``'s message with its whitespace collapsed (its type's name if it has none)."""
-    return " ".join(str(exc).split()) or type(exc).__name__
+    """``exc``'s message with its whitespace collapsed (its type's name if it has none), redacted."""
+    return redact(" ".join(str(exc).split())) or type(exc).__name__

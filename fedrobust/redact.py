@@ -13,20 +13,13 @@ is covered too.
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from .errors import redact
+
 __all__ = ["redact", "redacted", "redacted_container"]
-
-# scheme://user:password@  (the user may be empty; the password runs to the last '@' before the host)
-_USERINFO = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.\-]*://[^:/@\s]*:)(?P<password>[^\s]*)(?P<at>@)")
-
-
-def redact(text: str) -> str:
-    """``text`` with the password of every URL in it replaced by ``***``."""
-    return _USERINFO.sub(lambda m: f"{m['head']}***{m['at']}" if m["password"] != "***" else m[0], text)
 
 
 def _walk(value: Any) -> Any:

@@ -43,7 +43,10 @@ def main(argv: list[str]) -> int:
         from .errors import ConfigError, one_line
 
         logging.getLogger("fedrobust").debug("simulation failed", exc_info=True)
-        os.write(result_fd, json.dumps({"message": one_line(exc), "config_error": isinstance(exc, ConfigError)}).encode())
+        from .training import DivergedError
+
+        os.write(result_fd, json.dumps({"message": one_line(exc), "config_error": isinstance(exc, ConfigError),
+                                        "diverged": isinstance(exc, DivergedError)}).encode())
         return 1
 
 

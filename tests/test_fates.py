@@ -202,3 +202,21 @@ def test_a_run_evaluated_before_fates_still_reports(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "| whitebox_apgd | 0.3250 | [0.201, 0.480] |" in text  # 13 of 40, its Wilson interval
     assert "no union over attacks can be formed" in text
+
+
+def test_the_loss_search_history_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
+    import csv
+
+    from fedrobust.lossearch.search import write_history
+
+    path = tmp_path / "history.csv"
+    write_history(path, [{"generation": 0, "best": 0.5}])
+    before = path.read_text()
+
+    def fail(self, rows):
+        raise KeyboardInterrupt  # a Ctrl-C mid-write
+
+    monkeypatch.setattr(csv.DictWriter, "writerows", fail)
+    with pytest.raises(KeyboardInterrupt):
+        write_history(path, [{"generation": 0, "best": 0.5}, {"generation": 1, "best": 0.4}])
+    assert path.read_text() == before and not list(tmp_path.glob(".history.csv.*"))  # nor a half-written copy

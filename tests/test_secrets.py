@@ -77,3 +77,11 @@ def test_the_encoded_node_task_carries_no_storage_url():
     content = encode_task(cfg, 0)
     text = repr({k: dict(v) for k, v in content.config_records.items()})
     assert PASSWORD not in text and "db.example.org" not in text and "storage" not in text
+
+
+def test_an_error_line_on_stderr_is_redacted(capsys):
+    from fedrobust.cli import main
+
+    assert main(["train", "train.device=postgresql://fed:hunter2@db.example.org/studies"]) == 2
+    err = capsys.readouterr().err
+    assert "hunter2" not in err and "postgresql://fed:***@db.example.org/studies" in err

@@ -19,6 +19,7 @@ import pytest
 from strict_json import assert_strict_json
 
 from fedrobust.cli import main as cli
+from fedrobust.training import DivergedError
 from fedrobust.config import ConfigError, load_config
 from fedrobust.tuning import SearchSpace, pareto_front
 from fedrobust.tuning.outputs import read_trials_csv
@@ -365,6 +366,7 @@ class _FakePool:
     """TrialPool's interface, run in this process: trial 0 diverges, the others finish with made-up scores."""
 
     error = "member 1 diverged at epoch 2 (last finite loss 2.3026); see train.log"
+    error_type = DivergedError
 
     def __init__(self, fn, *, address, cpus, gpus, max_concurrent, on_start=None):
         self.max_concurrent, self.on_start, self.running = max_concurrent, on_start, {}
@@ -386,7 +388,7 @@ class _FakePool:
         del self.running[key]
         self.on_start(key, {"host": "here"})
         if key == 0:
-            return [Finished(key, error=RuntimeError(self.error), where={"host": "here"})]
+            return [Finished(key, error=self.error_type(self.error), where={"host": "here"})]
         x = key / 10
         return [Finished(key, scores={"ca": 0.9, "val_accuracy": 0.9, "ra_t": x, "ra_q": 1 - x, "best_epoch": 1,
                                       "seconds": 0.1}, where={"host": "here"})]
@@ -417,7 +419,12 @@ def test_a_diverged_trial_is_failed_with_its_reason_not_requeued_and_not_counted
     assert attrs["failure"] == "diverged" and attrs["error"] == _FakePool.error
     assert read_trials_csv(tmp_path / "study" / "trials.csv")[0]["failure"] == "diverged"
 
-    # any other error is a failure, and tune.max_failures=0 stops the study at the first one
+    # any other error is a failure, and tune.max_failures=0 stops the study at the first one; the word
+    # "diverged" in another error's message (a malformed node reply's) does not make it a divergence
+    monkeypatch.setattr(_FakePool, "error_type", RuntimeError)
+    monkeypatch.setattr(_FakePool, "error", "node 1 sent a malformed reply: diverged.0: unknown loss 'x'")
+    with pytest.raises(RuntimeError, match=r"failed: node 1 sent a malformed reply"):
+        study.run_study(load_config([*args, f"study_dir={tmp_path / 'malformed'}"]))
     monkeypatch.setattr(_FakePool, "error", "the trial's worker ran out of memory")
     with pytest.raises(RuntimeError, match=r"^1 trial\(s\) failed or were lost \(tune\.max_failures=0\); the last, trial \d+, failed: the trial's worker"):
         study.run_study(load_config([*args, f"study_dir={tmp_path / 'other'}"]))

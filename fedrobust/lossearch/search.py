@@ -37,7 +37,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from ..atomic import save_figure, write_json
+from ..atomic import atomic_open, save_figure, write_json
 from ..attacks.expression import HAND_MADE as HAND_MADE_TREES
 from ..attacks.expression import LOSS_FILE_FORMAT, infix, parse, size, to_text
 from ..data import dataset_of, to_float
@@ -228,15 +228,20 @@ def run_search(run_dir: str | Path, cfg: DictConfig, s: DictConfig, log_file: bo
     return result
 
 
+def write_history(path: Path, history: list[dict[str, Any]]) -> None:
+    """``history.csv``, one row per generation, replaced whole (a kill mid-write leaves the previous one)."""
+    with atomic_open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(history[-1]))
+        w.writeheader()
+        w.writerows(history)
+
+
 def _checkpoint(out: Path, gen: int, population, fitness, breeder: Breeder, history, baselines, tb, cache, s) -> None:
     rec = history[-1]
     write_json(out / "checkpoint.json", {
         "generation": gen, "population": [to_text(t) for t in population], "fitness": fitness,
         "random_state": breeder.state(), "history": history, "baselines": baselines})
-    with (out / "history.csv").open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rec))
-        w.writeheader()
-        w.writerows(history)
+    write_history(out / "history.csv", history)
     for k in ("best", "median", "mean_finite", "worst_fitness", "evaluated", "cache_hits"):
         tb.add_scalar(f"loss_search/{k}", rec[k], gen)
     for name, value in baselines.items():

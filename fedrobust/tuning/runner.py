@@ -45,8 +45,18 @@ class TooManyFailures(OneLineFailure):
 
 
 def is_divergence(error: BaseException) -> bool:
-    """Whether a trial failed because its training diverged (a non-finite loss), as the run's one line says."""
-    return "diverged" in str(error).lower()
+    """Whether a trial failed because its training diverged (a non-finite loss): a
+    :class:`~fedrobust.training.DivergedError`, or one carried as the cause of another error (a Ray task's).
+    Never the word in a message: a malformed node reply's message may hold it too."""
+    from ..training import DivergedError
+
+    seen = 0
+    while error is not None and seen < 10:
+        if isinstance(error, DivergedError):
+            return True
+        error = getattr(error, "cause", None) or error.__cause__
+        seen += 1
+    return False
 
 
 @dataclass
