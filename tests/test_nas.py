@@ -18,7 +18,7 @@ from fedrobust.nas.ops import PRIMITIVES
 from fedrobust.nas.penalty import smoothness_penalty
 from fedrobust.nas.supernet import edge_count
 
-TINY = ["data=digits", "arch_search.images=160", "arch_search.batch_size=32", "arch_search.layers=2",
+TINY = ["data=digits", "arch_search.images=160", "arch_search.batch_size=32", "arch_search.layers=3",
         "arch_search.channels=4", "arch_search.steps=2", "arch_search.probe_images=8", "arch_search.power_iters=2",
         "arch_search.net_layers=2", "arch_search.net_channels=4", "arch_search.progress=false"]
 
@@ -228,3 +228,22 @@ def test_bad_settings_exit_2_in_one_line_and_write_nothing(tmp_path, capsys, ove
     assert code == 2, err
     assert err.startswith("fedrobust: error: ") and err.count("\n") == 1 and key in err
     assert not out.exists()
+
+
+def test_a_supernet_of_fewer_than_3_cells_is_refused_and_the_halves_are_stratified():
+    import numpy as np
+
+    from fedrobust.config import ConfigError
+    from fedrobust.data import load_dataset
+    from fedrobust.nas.search import split_halves
+    from fedrobust.nas.settings import load_settings
+
+    with pytest.raises(ConfigError, match="layers: must be >= 3"):
+        load_settings(["arch_search.layers=2"])
+    data = load_dataset("digits")
+    w, a = split_halves(data, 400, 0)
+    assert len(w) == len(a) == 200 and not set(w) & set(a)
+    y = np.asarray(data.y_train)
+    share = np.bincount(y, minlength=10) / len(y)
+    for half in (w, a):  # each class within one image of its share of the training set
+        assert np.abs(np.bincount(y[half], minlength=10) - 200 * share).max() <= 1.0

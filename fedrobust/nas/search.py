@@ -61,11 +61,17 @@ _NOT_TRAJECTORY = ("device", "progress")
 
 
 def split_halves(data: ImageDataset, images: int | None, split_seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Indices into the training images of the w half and the alpha half (``images`` in all, drawn at random)."""
-    n = len(data.y_train)
-    order = np.random.RandomState(split_seed).permutation(n)[: min(images or n, n)]
-    half = len(order) // 2
-    return np.sort(order[:half]), np.sort(order[half: 2 * half])
+    """Indices into the training images of the w half and the alpha half: ``images`` in all (null: every
+    training image), stratified by class, and each half stratified too (scikit-learn's stratified split)."""
+    from sklearn.model_selection import train_test_split
+
+    y = np.asarray(data.y_train)
+    pool = np.arange(len(y))
+    if images is not None and images < len(y):
+        pool, _ = train_test_split(pool, train_size=images, stratify=y, random_state=split_seed)
+    half = len(pool) // 2
+    w_idx, a_idx = train_test_split(pool, train_size=half, test_size=half, stratify=y[pool], random_state=split_seed)
+    return np.sort(w_idx), np.sort(a_idx)
 
 
 def _generator(seed: int, *salt: int) -> torch.Generator:

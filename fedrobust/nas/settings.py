@@ -79,6 +79,10 @@ def validate_arch_search(s: DictConfig) -> None:
                            ("stem_multiplier", 1, MAX_STEM)):
         if s[key] is not None:
             _check(low <= s[key] <= high, key, f"must be in [{low}, {high}], got {s[key]}")
+    # cells at layers // 3 and 2 * layers // 3 reduce: with fewer than 3 every cell reduces, and the normal
+    # cell's alpha would get no gradient, yet the genotype would report one read from its initialisation
+    _check(s.layers >= 3, "layers", f"must be >= 3 (with fewer, every cell is a reduction cell and the normal "
+           f"cell is never searched), got {s.layers}")
     _check(s.stem_stride in (1, 2), "stem_stride", f"must be 1 or 2, got {s.stem_stride}")
     if s.images is not None:
         _check(s.images >= 4, "images", f"must be >= 4 or null, got {s.images}")
