@@ -43,7 +43,7 @@ Overrides (key=value) apply to the run's saved config, e.g.:
   fedrobust evaluate runs/demo attack.surrogates=[cnn,vgg16] attack.whitebox_loss=dlr
 keys: attack.{eps,eps_l2,num_samples,sample_seed,split,surrogates,surrogate_epochs,transfer,transfer_attacks,
       transfer_steps,transfer_loss,query,query_attacks,queries,p_init,square_loss,whitebox,whitebox_loss,
-      nonfinite,whitebox_steps,apgd_steps,per_member,tsr,tsr_steps,hessian_samples,power_iters,seed,cache_dir}
+      nonfinite,whitebox_steps,apgd_steps,apgd_targets,restarts,per_member,tsr,tsr_steps,hessian_samples,power_iters,seed,cache_dir}
 """
 
 

@@ -221,6 +221,8 @@ class AttackConfig:
     nonfinite: str = "error"
     whitebox_steps: int = 10
     apgd_steps: int = 100
+    apgd_targets: int = 9  # apgd_t: how many classes after the true one it targets, in turn (AutoAttack: 9)
+    restarts: int = 1  # pgd, apgd, apgd_t: runs from fresh random starts, each on the images still robust
     per_member: bool = True  # per-member RA (transfer replay and the primary query attack)
     tsr: bool = True
     tsr_steps: int = 10

@@ -471,3 +471,26 @@ def test_apgd_is_no_weaker_than_torchattacks(digits):
           f"torchattacks {reference:.3f}")
     assert 0.05 < max(ours, reference) and min(ours, reference) < 0.95, (ours, reference)
     assert ours <= reference + 0.01, (ours, reference)
+
+
+def test_apgd_t_is_no_weaker_than_torchattacks(digits):
+    """APGD-T (the targeted DLR loss towards each of the 9 next-ranked classes in turn) against torchattacks
+    3.5.1's APGDT, one restart, same budget, cut to fit the suite: ours leaves at most one image more robust."""
+    if os.environ.get("CI"):
+        import torchattacks
+    else:
+        torchattacks = pytest.importorskip("torchattacks", reason="bash run.sh test installs torchattacks 3.5.1")
+    from fedrobust.attacks import APGDT, robust_images
+
+    ensemble, _, x, y = digits
+    x, y, steps = x[:64], y[:64], 25
+    ours = int(robust_images(ensemble, APGDT(ensemble, DIGITS_EPS_LINF, steps, targets=9, seed=0), x, y, 64)
+               .robust.sum())
+    with torch.random.fork_rng():  # torchattacks seeds the global RNG
+        ref = torchattacks.APGDT(ensemble, norm="Linf", eps=DIGITS_EPS_LINF, steps=steps, n_restarts=1,
+                                 n_classes=10, seed=0)
+        reference = int((predict(ensemble, ref(x, y)) == y).sum())
+    print(f"\nAPGD-T, eps {DIGITS_EPS_LINF}, {steps} steps, 9 targets, {len(x)} images: robust ours {ours}, "
+          f"torchattacks {reference}")
+    assert 3 < max(ours, reference) and min(ours, reference) < len(y) - 3, (ours, reference)
+    assert ours <= reference + 1, (ours, reference)

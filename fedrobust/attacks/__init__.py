@@ -25,7 +25,8 @@ adversarial training).
 Gradient attacks, L-infinity (:mod:`.gradient`)
     ``FGSM(model, eps, loss)``, ``BIM(model, eps, steps, alpha, loss)``,
     ``PGD(model, eps, steps, alpha, loss, seed)``,
-    ``APGD(model, eps, steps, loss, seed)`` (Auto-PGD, Croce & Hein 2020),
+    ``APGD(model, eps, steps, loss, seed, restarts)`` (Auto-PGD, Croce & Hein 2020),
+    ``APGDT(model, eps, steps, targets, seed)`` (APGD with the targeted DLR loss, AutoAttack's APGD-T),
     ``MIFGSM(model, eps, steps, alpha, mu, loss)``; each also takes
     ``worst_case`` and has ``run(x, y) -> AttackResult(x_adv, success)``,
     ``CWA(models, eps, steps, ...)`` (MI-Common-Weakness on a list of
@@ -55,7 +56,8 @@ Example::
     print(accuracy(ensemble, x_adv, y), accuracy(ensemble, result.x_adv, y), result.queries.float().mean())
 """
 
-from .gradient import APGD, BIM, CWA, FGSM, MIFGSM, NONFINITE, PGD, NonFiniteLoss, build_gradient_attack
+from .gradient import (APGD, APGDT, BIM, CWA, FGSM, MIFGSM, NONFINITE, PGD, NonFiniteLoss, build_gradient_attack,
+                       targeted_dlr)
 from .expression import LossExpressionError, SearchedLoss, load_loss_file
 from .losses import LOSSES, attack_loss, loss_identity, margin, register_loss
 from .metrics import accuracy, predict, transferability
@@ -64,9 +66,9 @@ from .square import SquareAttack, SquareResult
 from .worst_case import AttackResult, Robust, WorstCase, robust_images, worst_case_accuracy
 
 __all__ = [
-    "APGD", "AttackResult", "BIM", "CWA", "FGSM", "LOSSES", "LossExpressionError", "MIFGSM", "NONFINITE", "NonFiniteLoss",
+    "APGD", "APGDT", "AttackResult", "BIM", "CWA", "FGSM", "LOSSES", "LossExpressionError", "MIFGSM", "NONFINITE", "NonFiniteLoss",
     "PGD", "Robust", "SearchedLoss", "SquareAttack", "SquareResult", "WorstCase", "accuracy", "robust_images",
-    "worst_case_accuracy",
+    "targeted_dlr", "worst_case_accuracy",
     "attack_loss", "build_gradient_attack", "load_loss_file", "loss_identity", "register_loss", "fd_hvp", "gradient_cosine", "hessian_lambda_max", "hvp",
     "input_gradient", "margin", "predict", "transferability",
 ]

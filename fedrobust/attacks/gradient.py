@@ -62,7 +62,8 @@ from ..errors import OneLineFailure
 from .losses import LOSSES, attack_loss
 from .worst_case import AttackResult, WorstCase
 
-__all__ = ["APGD", "BIM", "CWA", "FGSM", "MIFGSM", "NONFINITE", "NonFiniteLoss", "PGD", "build_gradient_attack"]
+__all__ = ["APGD", "APGDT", "BIM", "CWA", "FGSM", "MIFGSM", "NONFINITE", "NonFiniteLoss", "PGD", "build_gradient_attack",
+           "targeted_dlr"]
 
 NONFINITE = ("error", "ce")  # what an attack does where its loss or gradient is not finite
 
@@ -114,6 +115,7 @@ class _GradientAttack:
         self.worst_case = bool(worst_case)
         self.nonfinite = nonfinite
         self._fallback: torch.Tensor | None = None  # per image of the running batch: cross-entropy stood in
+        self._rows: torch.Tensor | None = None  # the batch's images the running attack works on (None: all)
 
     @property
     def label(self) -> str:
@@ -135,11 +137,13 @@ class _GradientAttack:
         g, loss = g.clone(), loss.clone()
         g[rows], loss[rows] = g_ce, loss_ce
         if self._fallback is not None:
-            self._fallback[rows] = True
+            self._fallback[rows if self._rows is None else self._rows[rows]] = True
         return g, loss
 
     def attack(self, x: torch.Tensor, y: torch.Tensor, seen: WorstCase | None) -> torch.Tensor:
         raise NotImplementedError
+
+    restarts: int = 1  # runs from fresh random starts, each on the images still robust (PGD, APGD)
 
     def run(self, x: torch.Tensor, y: torch.Tensor) -> AttackResult:
         """The answer per image, whether the attack saw it misclassified (never, with ``worst_case=False``),
@@ -151,6 +155,15 @@ class _GradientAttack:
             with torch.no_grad():
                 seen.observe(x, self.model(x))
         x_adv = self.attack(x, y, seen).detach()
+        for _ in range(1, self.restarts if seen is not None else 1):  # later restarts: the images still robust
+            rows = (~seen.found).nonzero().squeeze(1)
+            if rows.numel() == 0:
+                break
+            self._rows = rows
+            try:
+                x_adv[rows] = self.attack(x[rows], y[rows], _Rows(seen, rows)).detach()
+            finally:
+                self._rows = None
         fallback, self._fallback = self._fallback, None
         if seen is None:
             return AttackResult(x_adv, torch.zeros(len(x), dtype=torch.bool, device=x.device), fallback)
@@ -160,6 +173,16 @@ class _GradientAttack:
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return self.run(x, y).x_adv
+
+
+class _Rows:
+    """A view of a :class:`WorstCase` on some of its images: an attack run on ``x[rows]`` observes into it."""
+
+    def __init__(self, seen: WorstCase, rows: torch.Tensor) -> None:
+        self.seen, self.rows = seen, rows
+
+    def observe(self, x_eval: torch.Tensor, logits: torch.Tensor, rows: torch.Tensor | None = None) -> None:
+        self.seen.observe(x_eval, logits, self.rows if rows is None else self.rows[rows])
 
 
 class FGSM(_GradientAttack):
@@ -195,10 +218,11 @@ class PGD(BIM):
     """BIM from a uniform random start in the eps-ball (Madry et al. 2018)."""
 
     def __init__(self, model, eps=8 / 255, steps=10, alpha=None, loss="ce", seed=0, worst_case=True,
-                 nonfinite="error"):
+                 nonfinite="error", restarts=1):
         super().__init__(model, eps, steps, alpha, loss, worst_case, nonfinite)
         self.random_start = True
         self.generator = torch.Generator().manual_seed(seed)
+        self.restarts = int(restarts)
 
 
 class MIFGSM(_GradientAttack):
@@ -285,9 +309,10 @@ class APGD(_GradientAttack):
     """
 
     def __init__(self, model, eps=8 / 255, steps=100, loss="ce", rho=0.75, alpha=0.75, seed=0, worst_case=True,
-                 nonfinite="error"):
+                 nonfinite="error", restarts=1):
         super().__init__(model, eps, loss, worst_case, nonfinite)
         self.steps, self.rho, self.alpha = int(steps), rho, alpha
+        self.restarts = int(restarts)
         self.generator = torch.Generator().manual_seed(seed)
         self.checkpoints = self._checkpoints(self.steps)
 
@@ -341,18 +366,79 @@ class APGD(_GradientAttack):
         return x_best
 
 
+def targeted_dlr(target: torch.Tensor):
+    """The targeted DLR loss of Croce & Hein (2020), towards class ``target`` per image, larger is more
+    adversarial: ``-(z_y - z_t) / (z_pi1 - (z_pi3 + z_pi4) / 2 + 1e-12)`` (``pi`` sorts the logits down)."""
+
+    def loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        top = logits.sort(dim=1, descending=True).values
+        k = logits.shape[1]
+        third, fourth = top[:, min(2, k - 1)], top[:, min(3, k - 1)]
+        z_y = logits.gather(1, y[:, None]).squeeze(1)
+        z_t = logits.gather(1, target[:, None]).squeeze(1)
+        return -(z_y - z_t) / (top[:, 0] - (third + fourth) / 2 + 1e-12)
+
+    return loss
+
+
+class APGDT(APGD):
+    """APGD with the targeted DLR loss (APGD-T, AutoAttack's standard suite): for each of the ``targets``
+    classes the clean logits rank highest after the true one, in turn, a run of APGD that pushes that class
+    above the true one, on the images still robust. The loss is fixed (``loss`` is not taken)."""
+
+    def __init__(self, model, eps=8 / 255, steps=100, targets=9, rho=0.75, alpha=0.75, seed=0, worst_case=True,
+                 nonfinite="error", restarts=1):
+        super().__init__(model, eps, steps, "dlr", rho, alpha, seed, worst_case, nonfinite, restarts)
+        self.loss_name = "dlr-targeted"
+        self.targets = int(targets)
+
+    def attack(self, x, y, seen):
+        with torch.no_grad():
+            order = self.model(x).sort(dim=1, descending=True).indices
+        classes = order.shape[1]
+        x_adv = x.clone()
+        for k in range(1, min(self.targets, classes - 1) + 1):
+            ranked = order[:, k - 1 : k + 1]  # the k-th class after the true one: skip y wherever it ranks
+            before = (order[:, :k] == y[:, None]).any(1)
+            target = torch.where(before, ranked[:, 1], ranked[:, 0])
+            if seen is None:
+                rows = torch.arange(len(x), device=x.device)
+                view = None
+            else:
+                rows = (~_found(seen)).nonzero().squeeze(1)
+                if rows.numel() == 0:
+                    break
+                view = _Rows(seen, rows) if not isinstance(seen, _Rows) else _Rows(seen.seen, seen.rows[rows])
+            self.loss_fn = targeted_dlr(target[rows])
+            outer = self._rows
+            self._rows = rows if outer is None else outer[rows]
+            try:
+                x_adv[rows] = super().attack(x[rows], y[rows], view)
+            finally:
+                self._rows = outer
+        return x_adv
+
+
+def _found(seen) -> torch.Tensor:
+    """Which images of an attack's batch have been seen misclassified (``seen``: a WorstCase or a view)."""
+    return seen.seen.found[seen.rows] if isinstance(seen, _Rows) else seen.found
+
+
 def build_gradient_attack(name: str, model, eps: float, steps: int, loss: str, seed: int = 0, worst_case: bool = True,
-                          nonfinite: str = "error"):
-    """A white-box attack by name: fgsm, bim, pgd, apgd, mifgsm."""
+                          nonfinite: str = "error", restarts: int = 1, targets: int = 9):
+    """A white-box attack by name: fgsm, bim, pgd, apgd, apgd_t, mifgsm."""
     common = {"loss": loss, "worst_case": worst_case, "nonfinite": nonfinite}
+    if name == "apgd_t":
+        return APGDT(model, eps, steps, targets=targets, seed=seed, worst_case=worst_case, nonfinite=nonfinite,
+                     restarts=restarts)
     if name == "fgsm":
         return FGSM(model, eps, **common)
     if name == "bim":
         return BIM(model, eps, steps, **common)
     if name == "pgd":
-        return PGD(model, eps, steps, seed=seed, **common)
+        return PGD(model, eps, steps, seed=seed, restarts=restarts, **common)
     if name == "apgd":
-        return APGD(model, eps, steps, seed=seed, **common)
+        return APGD(model, eps, steps, seed=seed, restarts=restarts, **common)
     if name == "mifgsm":
         return MIFGSM(model, eps, steps, **common)
-    raise ValueError(f"unknown white-box attack '{name}' (choose from fgsm, bim, pgd, apgd, mifgsm)")
+    raise ValueError(f"unknown white-box attack '{name}' (choose from fgsm, bim, pgd, apgd, apgd_t, mifgsm)")

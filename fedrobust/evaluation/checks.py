@@ -100,7 +100,8 @@ def validate_attack(a: DictConfig, data_name: str = "digits") -> None:
     one_of("square_loss", a.square_loss, ("margin", "ce"))
     _check(a.queries >= 1, "attack.queries", f"must be >= 1, got {a.queries}")
     _check(0 < a.p_init <= 1, "attack.p_init", f"must be in (0, 1], got {a.p_init}")
-    for key in ("transfer_steps", "whitebox_steps", "apgd_steps", "tsr_steps", "power_iters"):
+    for key in ("transfer_steps", "whitebox_steps", "apgd_steps", "tsr_steps", "power_iters", "restarts",
+                "apgd_targets"):
         _check(a[key] >= 1, f"attack.{key}", f"must be >= 1, got {a[key]}")
     _check(a.hessian_samples >= 0, "attack.hessian_samples", f"must be >= 0, got {a.hessian_samples}")
 

@@ -28,8 +28,10 @@ the records of its finished stages, ``fedrobust report RUN_DIR`` and
 Unions (:func:`unions`): an image is robust under a set of attacks only if
 it withstood each of them; the union's accuracy is at most every one of its
 attacks' accuracies, image by image. ``whitebox`` covers the white-box
-attacks that ran, ``all`` every transfer, query and white-box attack that
-ran (every threat model); each union lists its attacks.
+attacks that ran, ``whitebox_query`` the white-box and query attacks (every
+attack on the model itself: AutoAttack's figure, with ``attack=autoattack``),
+``all`` every transfer, query and white-box attack that ran (every threat
+model); each union lists its attacks.
 """
 
 from __future__ import annotations
@@ -109,6 +111,9 @@ def unions(records: dict[str, dict[str, np.ndarray]]) -> tuple[dict, list[dict]]
     ensemble = {}
     if whitebox:
         ensemble["whitebox"] = _union(records, whitebox, "ensemble")
+    on_target = [name for name in attacks if _kind(name) in ("whitebox", "query")]
+    if whitebox and len(on_target) > len(whitebox):  # every attack on the model itself: AutoAttack's figure
+        ensemble["whitebox_query"] = _union(records, on_target, "ensemble")
     if attacks:
         ensemble["all"] = _union(records, attacks, "ensemble")
     on_members = [name for name in attacks if "members" in records[name]]

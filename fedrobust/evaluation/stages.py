@@ -334,7 +334,11 @@ class WhiteboxStage(Stage):
 
     def build(self, target, attack: DictConfig) -> Attack:
         return build_gradient_attack(self.name, target, attack.eps, self.steps(attack), attack.whitebox_loss,
-                                     seed=attack.seed, nonfinite=attack.get("nonfinite", "error"))
+                                     seed=attack.seed, nonfinite=attack.get("nonfinite", "error"),
+                                     restarts=attack.get("restarts", 1), targets=attack.get("apgd_targets", 9))
+
+    def loss(self, attack: DictConfig) -> dict:
+        return loss_entry(attack, "whitebox_loss")
 
     def run(self, *, attack, target, x, y):
         a = attack
@@ -342,7 +346,9 @@ class WhiteboxStage(Stage):
         fig = figure(_np(res.robust))
         record = f"whitebox_{self.name}"
         entry = {"kind": "whitebox", **fig, "asr": 1 - fig["robust_accuracy"], "eps": a.eps, "norm": "linf",
-                 "steps": self.steps(a), **loss_entry(a, "whitebox_loss")}
+                 "steps": self.steps(a), **self.loss(a)}
+        if self.name in ("pgd", "apgd", "apgd_t"):
+            entry["restarts"] = a.get("restarts", 1)
         fates = {"ensemble": _np(res.robust)}
         if bool(res.fallback.any()):
             entry["nonfinite_fallback_images"] = int(res.fallback.sum())
@@ -376,6 +382,19 @@ class APGDWhitebox(WhiteboxStage):
 
     def steps(self, attack):
         return attack.apgd_steps
+
+
+@register
+class APGDTWhitebox(WhiteboxStage):
+    """APGD-T: the targeted DLR loss towards each of ``attack.apgd_targets`` classes in turn (AutoAttack's)."""
+
+    name = "apgd_t"
+
+    def steps(self, attack):
+        return attack.apgd_steps
+
+    def loss(self, attack):
+        return {"loss": "dlr-targeted", "targets": attack.get("apgd_targets", 9)}
 
 
 @register
