@@ -121,6 +121,7 @@ def test_unions_are_never_above_any_of_their_attacks_image_by_image(trained, tmp
     all_, wb = ens["unions"]["all"], ens["unions"]["whitebox"]
     assert wb["attacks"] == ["whitebox_fgsm", "whitebox_pgd"]
     assert all_["attacks"] == ["transfer_pgd", "query_square_linf", "whitebox_fgsm", "whitebox_pgd"]
+    assert ens["unions"]["whitebox_query"]["attacks"] == ["query_square_linf", "whitebox_fgsm", "whitebox_pgd"]
     union = np.logical_and.reduce([records[n]["ensemble"] for n in all_["attacks"]])
     assert all_["robust_images"] == int(union.sum())
     for name in all_["attacks"]:
@@ -145,6 +146,7 @@ def test_unions_of_constructed_records():
                "whitebox_c": {"ensemble": np.array([0, 1, 1, 1], bool)}}
     ensemble, members = unions(records)
     assert ensemble["whitebox"]["robust_images"] == 2 and ensemble["all"]["robust_images"] == 1
+    assert "whitebox_query" not in ensemble  # no query attack among the records
     assert ensemble["all"]["attacks"] == ["transfer_a", "whitebox_b", "whitebox_c"]
     assert members == [{"all": {**figure(np.array([1, 0, 1, 1], bool)), "attacks": ["transfer_a"]}}]
 
