@@ -271,7 +271,7 @@ CASES = {
     "tune population 1": (lambda trained, tmp: ["tune", f"study_dir={tmp / 's'}", "tune.population_size=1"], 2, "tune.population_size"),
     # report
     "report missing path": (lambda trained, tmp: ["report", str(tmp / "nowhere")], 2, "path"),
-    "report of a run": (lambda trained, tmp: ["report", str(_copy(trained, tmp))], 2, "path"),
+    "report of a run not evaluated": (lambda trained, tmp: ["report", str(_copy(trained, tmp))], 2, "not been evaluated"),
     "report truncated pareto.json": (_report_of(lambda d: _study_files(d, "number,state,ca\n0,COMPLETE,0.9\n", '{"objectives": [')), 2, "pareto.json"),
     "report garbage trials.csv": (_report_of(lambda d: _study_files(d, "\x00\x01garbage\n", "{}")), 2, "path"),
     # deploy
