@@ -33,13 +33,17 @@ from fedrobust.data import load_dataset, to_float  # noqa: E402
 from test_parity import correct_sample, train_digits_ensemble  # noqa: E402
 
 
-def ours(model, x, y, eps: float, batch: int = 500) -> torch.Tensor:
-    """Per image: robust under every attack of ``attack=autoattack`` (the union)."""
+def ours(model, x, y, eps: float, batch: int = 500) -> tuple[torch.Tensor, dict[str, int]]:
+    """Per image: robust under every attack of ``attack=autoattack`` (the union); and each attack's count."""
     robust = torch.ones(len(y), dtype=torch.bool)
-    for attack in (APGD(model, eps, 100, loss="ce", seed=0), APGDT(model, eps, 100, targets=9, seed=0),
-                   SquareAttack(model, eps, "linf", n_queries=5000, seed=0)):
-        robust &= robust_images(model, attack, x, y, batch).robust.cpu()
-    return robust
+    alone = {}
+    for name, attack in (("apgd-ce", APGD(model, eps, 100, loss="ce", seed=0)),
+                         ("apgd-t", APGDT(model, eps, 100, targets=9, seed=0)),
+                         ("square", SquareAttack(model, eps, "linf", n_queries=5000, seed=0))):
+        r = robust_images(model, attack, x, y, batch).robust.cpu()
+        alone[name] = int(r.sum())
+        robust &= r
+    return robust, alone
 
 
 def reference(model, x, y, eps: float) -> torch.Tensor:
@@ -92,18 +96,21 @@ def main() -> None:
                 print(f"{setting}: skipped ({type(exc).__name__}: {exc})")
                 continue
         t0 = time.perf_counter()
-        mine = ours(model, x, y, float(eps))
+        mine, alone = ours(model, x, y, float(eps))
         t1 = time.perf_counter()
         ref = reference(model, x, y, float(eps))
         t2 = time.perf_counter()
-        rows.append((setting, len(y), int(mine.sum()), int(ref.sum()), int((mine & ~ref).sum()),
+        rows.append((setting, len(y), alone, int(mine.sum()), int(ref.sum()), int((mine & ~ref).sum()),
                      int((ref & ~mine).sum()), t1 - t0, t2 - t1))
-        print(f"{setting}: ours {int(mine.sum())}, AutoAttack {int(ref.sum())} robust of {len(y)}", flush=True)
-    print("\n| setting | images | robust: ours (union) | robust: AutoAttack standard | only ours robust | "
-          "only AutoAttack robust | ours s | AutoAttack s |")
-    print("|---|---|---|---|---|---|---|---|")
+        print(f"{setting}: ours {int(mine.sum())} ({alone}), AutoAttack {int(ref.sum())} robust of {len(y)}",
+              flush=True)
+    print("\n| setting | images | APGD-CE alone | APGD-T alone | Square alone | ours: union | AutoAttack standard "
+          "| only ours robust | only AutoAttack robust | ours s | AutoAttack s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r[0]} | {r[1]} | {r[2]} | {r[3]} | {r[4]} | {r[5]} | {r[6]:.0f} | {r[7]:.0f} |")
+        a = r[2]
+        print(f"| {r[0]} | {r[1]} | {a['apgd-ce']} | {a['apgd-t']} | {a['square']} | {r[3]} | {r[4]} | {r[5]} | "
+              f"{r[6]} | {r[7]:.0f} | {r[8]:.0f} |")
 
 
 if __name__ == "__main__":
