@@ -85,7 +85,7 @@ def nan_loss():
 
 
 _ATTACK = ["attack.num_samples=12", "attack.queries=5", "attack.surrogates=[mlp]", "attack.surrogate_epochs=1",
-           "attack.transfer_attacks=[pgd]", "attack.transfer=pgd", "attack.query_attacks=[square_linf]",
+           "attack.transfer_attacks=[pgd]", "attack.transfer=pgd", "attack.query_attacks=[square_linf,square_l2]",
            "attack.whitebox=[fgsm,pgd]", "attack.whitebox_steps=2", "attack.transfer_steps=1", "attack.tsr=false",
            "attack.hessian_samples=0", "train.progress=false"]
 
@@ -116,7 +116,8 @@ def test_unions_are_never_above_any_of_their_attacks_image_by_image(trained, tmp
     assert main(["evaluate", str(run), *_ATTACK, f"attack.cache_dir={tmp_path / 'cache'}"]) == 0
     results = json.loads((run / "results.json").read_text())
     records = load_fates(run, results["evaluation"]["key"])
-    assert set(records) == {"clean", "transfer_pgd", "query_square_linf", "whitebox_fgsm", "whitebox_pgd"}
+    assert set(records) == {"clean", "transfer_pgd", "query_square_linf", "query_square_l2", "whitebox_fgsm",
+                            "whitebox_pgd"}  # Square L2 is kept, but another budget: outside the unions
     ens = results["ensemble"]
     all_, wb = ens["unions"]["all"], ens["unions"]["whitebox"]
     assert wb["attacks"] == ["whitebox_fgsm", "whitebox_pgd"]

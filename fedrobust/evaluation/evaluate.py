@@ -320,7 +320,10 @@ def evaluate_run(run_dir: str | Path, cfg: DictConfig, data: ImageDataset | None
                   members=np.stack([c.cpu().numpy() for c in clean["members"]]) if clean["members"] else None)
         stored = load_fates(out, key)
         records = {r: stored[r] for s in stages for r in done[s.id].get("fates", []) if r in stored}  # stage order
-        ensemble_unions, member_unions = unions(records)
+        # one budget per union: the L-inf attacks at attack.eps (Square L2 is another threat model and budget)
+        same_budget = {r: d for r, d in records.items()
+                       if attacks.get(r, {}).get("norm", "linf") == "linf" and attacks.get(r, {}).get("eps") == a.eps}
+        ensemble_unions, member_unions = unions(same_budget)
         transfer, query = attacks[f"transfer_{a.transfer}"], attacks[f"query_{a.query}"]
         clean_fig = figure(clean["ensemble"].cpu().numpy())
         ensemble = {

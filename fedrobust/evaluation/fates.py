@@ -26,7 +26,8 @@ the records of its finished stages, ``fedrobust report RUN_DIR`` and
 ``fedrobust compare`` read them.
 
 Unions (:func:`unions`): an image is robust under a set of attacks only if
-it withstood each of them; the union's accuracy is at most every one of its
+it withstood each of them; the evaluation forms them over the attacks of one
+budget, the L-inf ones at ``attack.eps`` (Square L2 stays outside); the union's accuracy is at most every one of its
 attacks' accuracies, image by image. ``whitebox`` covers the white-box
 attacks that ran, ``whitebox_query`` the white-box and query attacks (every
 attack on the model itself: AutoAttack's figure, with ``attack=autoattack``),
