@@ -192,6 +192,12 @@ def test_compare_prints_paired_differences_and_refuses_other_images(tmp_path, ca
     row = next(line for line in text.splitlines() if line.startswith("| whitebox_pgd "))
     assert "+0.7500" in row and "3/0" in row and "| 0.25 |" in row  # 3 discordant images, all for A: p = 2/8
     assert "| union: all |" in text and "| union: whitebox |" in text
+    d = _fake_run(tmp_path / "d", [1, 2, 3, 4], {"clean": [1, 1, 1, 1]})
+    doc = json.loads((d / "results.json").read_text())
+    doc["evaluation"]["eps"] = 0.2
+    (d / "results.json").write_text(json.dumps(doc))
+    assert main(["compare", str(a), str(d), "--out", str(out)]) == 2  # another budget: refused
+    assert "attack.eps" in capsys.readouterr().err
     c = _fake_run(tmp_path / "c", [1, 2, 3, 5], {"clean": [1, 1, 1, 1]})
     assert main(["compare", str(a), str(c), "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()

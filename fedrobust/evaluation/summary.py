@@ -104,10 +104,24 @@ def _check_same_images(a: Path, b: Path, ra: dict, rb: dict) -> None:
 def compare_runs(a: Path, b: Path, out: Path | None = None) -> tuple[str, list[dict]]:
     """The comparison table (Markdown, also written to ``out``) and its rows."""
     a, b = Path(a), Path(b)
-    results_a = _results(a)
+    results_a, results_b = _results(a), _results(b)
     ra, rb = _records(a, results_a), _records(b, _results(b))
     _check_same_images(a, b, ra, rb)
-    common = [name for name in (*results_a["ensemble"]["attacks"], *ra) if name in ra and name in rb]
+    eps_a, eps_b = (r.get("evaluation", {}).get("eps") for r in (results_a, results_b))
+    if eps_a != eps_b:
+        raise ConfigError(f"compare: {a} was evaluated at attack.eps={eps_a} and {b} at {eps_b}; evaluate both "
+                          "at the same budget")
+    entries_b = results_b["ensemble"]["attacks"]
+
+    def same_settings(name: str) -> bool:  # an attack compared only where both ran it alike
+        ea, eb = results_a["ensemble"]["attacks"].get(name), entries_b.get(name)
+        if ea is None or eb is None:
+            return name not in results_a["ensemble"]["attacks"] and name not in entries_b  # e.g. clean
+        keys = ("eps", "norm", "steps", "queries", "loss", "loss_expression", "restarts", "targets")
+        return all(ea.get(k) == eb.get(k) for k in keys)
+
+    common = [name for name in (*results_a["ensemble"]["attacks"], *ra)
+              if name in ra and name in rb and same_settings(name)]
     common = list(dict.fromkeys(common))  # results.json's order, then any other record
     entries = results_a["ensemble"]["attacks"]
     eps = results_a.get("evaluation", {}).get("eps")
