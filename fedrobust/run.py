@@ -281,7 +281,7 @@ def finalize_run(cfg: DictConfig, run_dir: Path, members: list[MemberUpdate], *,
             f.write(f"{node}," + ",".join(map(str, row)) + f",{sum(row)}\n")
 
     from .evaluation.evaluate import held_out_images
-    from .stats import interval
+    from .stats import interval_of
 
     # the test set, or the nodes' validation splits for a run scored for selection (attack.split=validation:
     # a study's trial, which never classifies a test image)
@@ -303,7 +303,7 @@ def finalize_run(cfg: DictConfig, run_dir: Path, members: list[MemberUpdate], *,
             "num_val_samples": u.num_val_samples,
             "class_counts": u.class_counts,
             "clean_accuracy": acc,
-            "clean_accuracy_interval": interval(round(acc * len(y_held)), len(y_held)),  # 95% Wilson
+            "clean_accuracy_interval": interval_of(acc, len(y_held)),  # 95% Wilson
             "best_epoch": u.best_epoch,
             "best_val_loss": u.best_val_loss,
             "epochs_trained": u.epochs_trained,
@@ -313,7 +313,7 @@ def finalize_run(cfg: DictConfig, run_dir: Path, members: list[MemberUpdate], *,
     ensemble = LogitAverageEnsemble(models).to(device)
     _, ens_acc = evaluate_model(ensemble, x_held, y_held)
     results = {
-        "ensemble": {"clean_accuracy": ens_acc, "clean_accuracy_interval": interval(round(ens_acc * len(y_held)), len(y_held)),
+        "ensemble": {"clean_accuracy": ens_acc, "clean_accuracy_interval": interval_of(ens_acc, len(y_held)),
                      "num_members": len(models), "num_test_samples": len(data.y_test)},
         "images": {"clean_accuracy": images.describe()},  # the images each figure was measured on
         "members": member_rows,

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.stats import binomtest
 
-__all__ = ["Paired", "interval", "interval_of", "paired", "proportion"]
+__all__ = ["Paired", "interval", "interval_of", "paired"]
 
 LEVEL = 0.95
 
@@ -47,12 +47,6 @@ def interval_of(accuracy: float | None, n: int | None, level: float = LEVEL) -> 
     if accuracy is None or not n:
         return None
     return interval(round(float(accuracy) * int(n)), int(n), level)
-
-
-def proportion(k: int, n: int) -> dict:
-    """What a figure of ``results.json`` records: the accuracy, its counts and its 95% interval."""
-    k, n = int(k), int(n)
-    return {"accuracy": k / n if n else 0.0, "correct": k, "num_images": n, "interval": interval(k, n)}
 
 
 @dataclass(frozen=True)

@@ -181,6 +181,10 @@ class _Rows:
     def __init__(self, seen: WorstCase, rows: torch.Tensor) -> None:
         self.seen, self.rows = seen, rows
 
+    @property
+    def found(self) -> torch.Tensor:
+        return self.seen.found[self.rows]
+
     def observe(self, x_eval: torch.Tensor, logits: torch.Tensor, rows: torch.Tensor | None = None) -> None:
         self.seen.observe(x_eval, logits, self.rows if rows is None else self.rows[rows])
 
@@ -405,10 +409,10 @@ class APGDT(APGD):
                 rows = torch.arange(len(x), device=x.device)
                 view = None
             else:
-                rows = (~_found(seen)).nonzero().squeeze(1)
+                rows = (~seen.found).nonzero().squeeze(1)
                 if rows.numel() == 0:
                     break
-                view = _Rows(seen, rows) if not isinstance(seen, _Rows) else _Rows(seen.seen, seen.rows[rows])
+                view = _Rows(seen, rows)  # a view of a view observes through both
             self.loss_fn = targeted_dlr(target[rows])
             outer = self._rows
             self._rows = rows if outer is None else outer[rows]
@@ -417,11 +421,6 @@ class APGDT(APGD):
             finally:
                 self._rows = outer
         return x_adv
-
-
-def _found(seen) -> torch.Tensor:
-    """Which images of an attack's batch have been seen misclassified (``seen``: a WorstCase or a view)."""
-    return seen.seen.found[seen.rows] if isinstance(seen, _Rows) else seen.found
 
 
 def build_gradient_attack(name: str, model, eps: float, steps: int, loss: str, seed: int = 0, worst_case: bool = True,

@@ -50,7 +50,7 @@ from ..progress import interactive, progress as progress_bar
 from ..run import check_complete, load_ensemble, member_files
 from ..training import resolve_device
 from ..views import Board
-from ..stats import interval
+from ..stats import interval_of
 from .cache import content_key
 from .fates import FATES, figure, load_fates, save_fate, unions
 from .stages import REGISTRY, Stage, TransferExamples, Zoo, build_stages
@@ -350,7 +350,7 @@ def evaluate_run(run_dir: str | Path, cfg: DictConfig, data: ImageDataset | None
         for m, ras in enumerate(member_ra):
             row = by_member.setdefault(m, {"member": m})
             row["robust_accuracy"] = ras
-            row["robust_accuracy_interval"] = {name: interval(round(ra * n), n) for name, ra in ras.items()}
+            row["robust_accuracy_interval"] = {name: interval_of(ra, n) for name, ra in ras.items()}
             if m < len(member_unions):
                 row["unions"] = member_unions[m]
         results["members"] = [by_member[k] for k in sorted(by_member)]

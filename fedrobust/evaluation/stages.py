@@ -64,14 +64,13 @@ import torch
 from omegaconf import DictConfig
 
 from ..attacks import (CWA, MIFGSM, PGD, SearchedLoss, SquareAttack, accuracy, attack_loss, build_gradient_attack,
-                       loss_identity, predict, robust_images, transferability, worst_case_accuracy)
+                       loss_identity, predict, robust_images, transferability)
 from ..attacks.smoothness import gradient_cosine, hessian_lambda_max
 from ..ensemble import LogitAverageEnsemble
 from .cache import cache_root, content_key, load_tensors, save_tensors
 from .fates import figure
 
-__all__ = ["REGISTRY", "Stage", "TransferExamples", "Zoo", "build_stages", "register", "stage_names",
-           "worst_case_accuracy"]
+__all__ = ["REGISTRY", "Stage", "TransferExamples", "Zoo", "build_stages", "register", "stage_names"]
 
 log = logging.getLogger("fedrobust")
 

@@ -23,7 +23,7 @@ import numpy as np
 
 from ..atomic import write_text
 from ..errors import ConfigError
-from ..stats import interval, paired
+from ..stats import interval_of, paired
 from .fates import KINDS, load_fates
 
 __all__ = ["compare_runs", "run_report"]
@@ -69,10 +69,10 @@ def run_report(run_dir: Path) -> str:
     rows = []
     clean_ci = ens.get("intervals", {}).get("clean_accuracy_sample")
     if "clean_accuracy_sample" in ens:
-        clean_ci = clean_ci or interval(round(ens["clean_accuracy_sample"] * n), n)
+        clean_ci = clean_ci or interval_of(ens["clean_accuracy_sample"], n)
         rows.append(["clean (sample)", f"{ens['clean_accuracy_sample']:.4f}", _ci(clean_ci), "-"])
     for name, e in ens["attacks"].items():
-        ci = e.get("interval") or interval(round(e["robust_accuracy"] * n), n)
+        ci = e.get("interval") or interval_of(e["robust_accuracy"], n)
         covers = f"{e.get('kind', '')}, eps {e.get('eps', float('nan')):.4g} {e.get('norm', '')}".strip(", ")
         rows.append([name, f"{e['robust_accuracy']:.4f}", _ci(ci), covers])
     for name, u in ens.get("unions", {}).items():
