@@ -37,6 +37,7 @@ from .errors import ConfigError
 from .interrupt import as_interrupt, deferred, hold
 from .node import MemberUpdate, train_node_round
 from .partition import num_nodes
+from .sessions import import_path
 from .task import node_task
 
 __all__ = ["SimulationError", "backend_config", "run_inline", "run_simulation", "simulate_in_process", "torch_threads"]
@@ -119,12 +120,6 @@ def backend_config(cfg: DictConfig, num_cpus: int | None = None) -> dict:
             "init_args": init_args}
 
 
-def _pythonpath() -> str:
-    """This process's import path, once each entry: a child and Ray's workers import what it imports."""
-    entries = [*sys.path, *os.environ.get("PYTHONPATH", "").split(os.pathsep)]
-    return os.pathsep.join(dict.fromkeys(e for e in entries if e))
-
-
 def run_simulation(cfg: DictConfig, run_dir: Path, *, num_cpus: int | None = None,
                    pid_file: Path | None = None) -> None:
     """Run the federation on Flower's simulation engine; the ServerApp writes ``run_dir``.
@@ -155,7 +150,7 @@ def run_simulation(cfg: DictConfig, run_dir: Path, *, num_cpus: int | None = Non
              else f"a private local Ray instance of {backend['init_args']['num_cpus']} CPU(s)")
     log.info("simulation engine: %d virtual SuperNode(s), %s CPU / %s GPU per client, on %s", n, cfg.engine.num_cpus,
              cfg.engine.num_gpus, where)
-    env = dict(os.environ, PYTHONPATH=_pythonpath())
+    env = dict(os.environ, PYTHONPATH=import_path())
     if not cfg.engine.ray_address:  # a private instance: never a cluster named in the environment
         env = {k: v for k, v in env.items() if not k.startswith("RAY_ADDRESS")}
     if interactive():
@@ -280,7 +275,7 @@ def simulate_in_process(cfg: DictConfig, run_dir: Path, *, num_cpus: int | None 
         if started:
             # Flower would start Ray the same way (its RayBackend) but write the path into this
             # process's environment; the workers get it through their runtime env only
-            ray.init(runtime_env={"env_vars": {"PYTHONPATH": _pythonpath()}}, **({"include_dashboard": False} | init_args))
+            ray.init(runtime_env={"env_vars": {"PYTHONPATH": import_path()}}, **({"include_dashboard": False} | init_args))
     except Exception as exc:  # no Ray to run on (a cluster that cannot be reached, ...)
         raise SimulationError(f"simulation runtime failed: {_root_cause(exc)}") from None
     try:

@@ -23,10 +23,16 @@ import sys
 import time
 from collections.abc import Sequence
 
-__all__ = ["PARENT_ENV", "descendants", "die_with_parent", "end_group", "ended", "end_processes", "spawn",
-           "stop_group"]
+__all__ = ["PARENT_ENV", "descendants", "die_with_parent", "end_group", "ended", "end_processes", "import_path",
+           "spawn", "stop_group"]
 
 PARENT_ENV = "FEDROBUST_PARENT"
+
+
+def import_path() -> str:
+    """This process's import path, once each entry: a child (and Ray's workers) import what it imports."""
+    entries = [*sys.path, *os.environ.get("PYTHONPATH", "").split(os.pathsep)]
+    return os.pathsep.join(dict.fromkeys(e for e in entries if e))
 
 
 def spawn(cmd: Sequence[str], *, env: dict[str, str], **popen: object) -> subprocess.Popen:
@@ -58,15 +64,19 @@ def ended(proc: subprocess.Popen) -> bool:
         return True
 
 
-def end_group(proc: subprocess.Popen) -> int:
+def end_group(proc: subprocess.Popen, settle_s: float = 0.0) -> int:
     """SIGKILL to ``proc``'s whole process group (it leads it), then reap it and close its pipes; its
-    exit code."""
+    exit code. ``settle_s``: wait up to that long for the group's other members to have gone too
+    (a folder they write to is then removed after them, not before)."""
     if proc.returncode is None:  # unreaped: the group id is still ours
         try:
             os.killpg(proc.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
     code = proc.wait()
+    deadline = time.monotonic() + settle_s
+    while settle_s and _group_alive(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.02)
     for pipe in (proc.stdin, proc.stdout, proc.stderr):
         if pipe is not None:
             with contextlib.suppress(OSError):
@@ -93,6 +103,22 @@ def stop_group(pgid: int, grace_s: float = 5.0) -> None:
             except (ProcessLookupError, PermissionError):
                 return
             time.sleep(0.05)
+
+
+def _group_alive(pgid: int) -> bool:
+    """Whether a live (not zombie) process of the group ``pgid`` is left, read from ``/proc``."""
+    try:
+        entries = [e for e in os.listdir("/proc") if e.isdigit()]
+    except OSError:
+        return False
+    for pid in entries:
+        try:
+            fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if fields[0] != "Z" and int(fields[2]) == pgid:
+            return True
+    return False
 
 
 def _parents() -> dict[int, int]:

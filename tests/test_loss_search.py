@@ -139,6 +139,7 @@ def test_fitness_on_ray_equals_fitness_in_process():
     finally:
         torch.set_num_threads(threads)
     pool = RayFitness(problem, "local")
+    pool.start()
     try:
         done = []
         assert list(pool.measure(keys, done.append)) == here

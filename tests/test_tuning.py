@@ -371,6 +371,9 @@ class _FakePool:
     def __init__(self, fn, *, address, cpus, gpus, max_concurrent, on_start=None):
         self.max_concurrent, self.on_start, self.running = max_concurrent, on_start, {}
 
+    def start(self):
+        return self
+
     @property
     def free(self):
         return self.max_concurrent - len(self.running)

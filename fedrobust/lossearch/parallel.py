@@ -13,7 +13,7 @@ import copy
 import os
 from dataclasses import replace
 
-from ..rayinit import start_ray
+from ..rayinit import RaySession
 from .fitness import Problem
 
 __all__ = ["RayFitness"]
@@ -28,19 +28,26 @@ def _measure_chunk(problem: Problem, keys: list[str]) -> list[tuple[float, str]]
 
 class RayFitness:
     def __init__(self, problem: Problem, address: str) -> None:
+        self._problem_here, self._address = problem, address
+        self._session = RaySession()  # nothing started yet: see start()
+
+    def start(self) -> RayFitness:
+        """Start (or join) Ray; a signal meanwhile is taken at once, and :meth:`close` ends what was started."""
         import ray
 
         self._ray = ray
         kwargs = {"log_to_driver": False, "configure_logging": False}
-        if address == "local":
+        if self._address == "local":
             kwargs |= {"address": "local", "include_dashboard": False, "num_cpus": os.cpu_count() or 1}
         else:
-            kwargs["address"] = address
-        self._session = start_ray(**kwargs)  # in a thread of its own: the search's signals stay ours
+            kwargs["address"] = self._address
+        self._session.start(**kwargs)  # the driver in a thread of its own: the search's signals stay ours
+        problem = self._problem_here
         cpu = replace(problem, model=copy.deepcopy(problem.model).cpu(), x=problem.x.cpu(), y=problem.y.cpu())
         self._problem = ray.put(cpu)
         self._task = ray.remote(_measure_chunk).options(num_cpus=1, max_retries=2)
         self.workers = max(1, int(ray.cluster_resources().get("CPU", 1)))
+        return self
 
     def measure(self, keys: list[str], on_done=None):
         """Fitness of each key, in order, from chunks measured in parallel."""

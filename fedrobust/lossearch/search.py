@@ -269,8 +269,9 @@ class _Evaluator:
             from .parallel import RayFitness
 
             try:
-                with deferred():  # a signal while Ray starts is taken once the pool is held
+                with deferred():  # the pool is held (and closed by __exit__) before a signal is taken
                     self.pool = RayFitness(self.problem, self.s.ray_address)
+                self.pool.start()  # Ray: a signal meanwhile is taken at once
             except BaseException:  # __exit__ is not called when __enter__ raises
                 self.__exit__()
                 raise

@@ -21,7 +21,7 @@ from typing import Any
 
 from ..atomic import dumps_json
 from ..interrupt import Held
-from ..rayinit import start_ray
+from ..rayinit import RaySession
 from .remote import receive_dir
 
 __all__ = ["TrialPool", "Finished", "EventLog", "short_node"]
@@ -80,25 +80,32 @@ class TrialPool:
 
     def __init__(self, fn: Callable, *, address: str | None, cpus: float, gpus: float, max_concurrent: int,
                  on_start: Callable[[Any, dict[str, Any]], None] | None = None) -> None:
+        self._fn, self._address, self._cpus, self._gpus = fn, address, cpus, gpus
+        self._session: RaySession | None = RaySession()  # nothing started yet: see start()
+        self._remote = None
+        self.max_concurrent = max_concurrent
+        self.on_start = on_start
+        self.running: dict[Any, _Running] = {}  # generator -> state
+
+    def start(self) -> TrialPool:
+        """Start (or join) Ray. A signal meanwhile is taken at once; what was started is ended then, or by
+        :meth:`close` if the signal comes after: build the pool first (inside
+        :func:`~fedrobust.interrupt.deferred`), start it second, and close it however the work ends."""
         import ray
 
         self._ray = ray
         kwargs: dict[str, Any] = {"log_to_driver": False, "configure_logging": False}
-        if address:  # a cluster decides its own resources
-            kwargs["address"] = address
+        if self._address:  # a cluster decides its own resources
+            kwargs["address"] = self._address
         else:  # a new local instance, even if another one runs on this machine
             kwargs |= {"address": "local", "include_dashboard": False,
-                       "num_cpus": max(os.cpu_count() or 1, int(cpus * max_concurrent + 0.999)),
-                       "num_gpus": int(gpus * max_concurrent + 0.999) if gpus else None}
-        # in a thread of its own, so that Ctrl-C and SIGTERM keep ending the tuner with one line (the caller
-        # builds the pool inside interrupt.deferred(), so that a signal meanwhile is taken once it holds it)
-        self._session = start_ray(**{k: v for k, v in kwargs.items() if v is not None})
+                       "num_cpus": max(os.cpu_count() or 1, int(self._cpus * self.max_concurrent + 0.999)),
+                       "num_gpus": int(self._gpus * self.max_concurrent + 0.999) if self._gpus else None}
+        self._session.start(**{k: v for k, v in kwargs.items() if v is not None})
         # Streaming generator; backpressure keeps at most two unread chunks of a run directory in flight.
-        self._remote = ray.remote(fn).options(num_cpus=cpus, num_gpus=gpus, max_retries=0,
-                                              _generator_backpressure_num_objects=2)
-        self.max_concurrent = max_concurrent
-        self.on_start = on_start
-        self.running: dict[Any, _Running] = {}  # generator -> state
+        self._remote = ray.remote(self._fn).options(num_cpus=self._cpus, num_gpus=self._gpus, max_retries=0,
+                                                    _generator_backpressure_num_objects=2)
+        return self
 
     @property
     def free(self) -> int:

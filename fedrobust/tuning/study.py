@@ -470,9 +470,10 @@ def _loop(cfg, base, study, space, study_dir, trials_dir, baseline, min_acc) -> 
         if not source.finished():
             pool = None
             try:
-                with deferred():  # a signal while Ray starts is taken once the pool is held, and closed below
+                with deferred():  # the pool is held (and closed below) before a signal is taken
                     pool = TrialPool(trial_task, address=cfg.ray.address, cpus=t.cpus_per_trial, gpus=t.gpus_per_trial,
                                      max_concurrent=t.max_concurrent)
+                pool.start()  # Ray: a signal meanwhile is taken at once
                 artefacts = share_artefacts(pool, base)
                 runner = TrialRunner(pool, source, EventLog(study_dir / "executions.jsonl"), max_failures=t.max_failures,
                                      failures_key="tune.max_failures", threads=max(1, int(t.cpus_per_trial)),

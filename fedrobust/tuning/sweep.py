@@ -154,9 +154,10 @@ def run_sweep(name: str, cells: list[Cell], sweep_dir: str | Path, *, max_concur
             try:
                 pool = None
                 try:
-                    with deferred():  # a signal while Ray starts is taken once the pool is held, and closed below
+                    with deferred():  # the pool is held (and closed below) before a signal is taken
                         pool = TrialPool(task, address=address, cpus=cpus_per_cell, gpus=gpus_per_cell,
                                          max_concurrent=max_concurrent)
+                    pool.start()  # Ray: a signal meanwhile is taken at once
                     artefacts = share_artefacts(pool, configs[todo[0]])
                     runner = TrialRunner(pool, source, EventLog(sweep_dir / "executions.jsonl"), max_failures=max_failures,
                                          failures_key="max_failures", threads=max(1, int(cpus_per_cell)),
