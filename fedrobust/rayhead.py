@@ -24,7 +24,10 @@ def main(argv: list[str]) -> int:
     ready_fd = int(argv[0])
     os.set_inheritable(ready_fd, False)
     die_with_parent()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # Python's own SIGINT handler, whatever this process inherited: Ray's workers inherit the disposition, and
+    # a task's cancel (ray.cancel) is a KeyboardInterrupt that an ignored SIGINT would swallow. (It leads a
+    # session of its own: no terminal's Ctrl-C reaches it.)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         init_args = json.loads(sys.stdin.read())
         import ray

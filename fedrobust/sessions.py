@@ -98,9 +98,7 @@ def stop_group(pgid: int, grace_s: float = 5.0) -> None:
                 os.waitpid(pgid, os.WNOHANG)
             except ChildProcessError:
                 pass
-            try:
-                os.killpg(pgid, 0)
-            except (ProcessLookupError, PermissionError):
+            if not _group_alive(pgid):  # zombies waiting for their reaper do not count
                 return
             time.sleep(0.05)
 

@@ -5,7 +5,7 @@ session (:func:`fedrobust.engines.run_simulation`), which records its pid and
 its private Ray folder in ``child.pid`` next to the trial's scratch folder
 while it runs. A trial stopped from inside (a cancel, an error) ends the
 child's group itself; when its Ray worker was killed outright, the tuner
-(on the same machine) reads the file and stops the group, then removes the
+(on the same machine) reads the file and kills the group, then removes the
 Ray folder and the scratch folder (:func:`cleanup_work_dir`). The child also
 dies with the worker's thread that started it (``PR_SET_PDEATHSIG``).
 """
@@ -37,7 +37,7 @@ def cleanup_work_dir(work: Path) -> None:
     except (OSError, ValueError):
         pid, temp_dir = None, ""
     if pid is not None and pid > 1:
-        stop_group(pid)
+        stop_group(pid, grace_s=0.0)  # killed outright, as the engine itself ends its child's group
     if temp_dir.strip() and Path(temp_dir.strip()).name.startswith("fr-ray-"):
         shutil.rmtree(temp_dir.strip(), ignore_errors=True)
     if work.parent.resolve() == scratch_root().resolve():

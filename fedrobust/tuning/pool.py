@@ -29,6 +29,7 @@ __all__ = ["TrialPool", "Finished", "EventLog", "short_node"]
 log = logging.getLogger("fedrobust")
 
 WAIT_SLICE_S = 0.25  # longest time the tuner spends in Ray's wait before its signal handlers can run
+FORCED_END_S = 3.0  # how long a force-cancelled task's end is waited for before its stream is left unread
 
 
 def short_node(where: dict[str, Any]) -> str:
@@ -167,10 +168,11 @@ class TrialPool:
 
         Each task is first asked to stop (``KeyboardInterrupt`` in its worker), so that it kills its
         child's process group and removes its scratch folder itself (:func:`.trial.trial_task`); after
-        ``grace_s`` what still runs is force-cancelled (its worker killed), and the tuner removes what a
-        task on this machine left: its child's process group and its scratch folder. The wait is for
-        the tasks' ends, never for a stream's next item (a cancelled stream may stop mid-way, or wait
-        on its back-pressure, and a read of it would never return).
+        ``grace_s`` what still runs is force-cancelled (its worker killed), and once it has ended the
+        tuner removes what a task on this machine left: its child's process group and its scratch folder.
+        The wait is for the tasks' ends, never for a stream's next item (a cancelled stream may stop
+        mid-way, or wait on its back-pressure, and a read of it would never return), and a stream is
+        read only once its task has ended (see :meth:`_learn_where`).
         """
         if self._session is None:  # closed already
             return []
@@ -181,24 +183,35 @@ class TrialPool:
             except Exception:  # already gone with its node
                 pass
         ends = {gen.completed(): gen for gen in self.running}
-        ended: list[Any] = []
-        if ends:
+        ended = self._ended(list(ends), grace_s)
+        late = [end for end in ends if end not in ended]
+        for end in late:  # still running after the grace: its worker is killed
             with contextlib.suppress(Exception):
-                ended, _ = self._ray.wait(list(ends), num_returns=len(ends), timeout=grace_s, fetch_local=False)
+                self._ray.cancel(ends[end], force=True)
+        if late:
+            ended |= self._ended(late, FORCED_END_S)
         for end, gen in ends.items():
             state = self.running[gen]
-            self._learn_where(gen, state)
-            if end not in ended:
-                with contextlib.suppress(Exception):
-                    self._ray.cancel(gen, force=True)
+            if end in ended:  # a stream is read only once its task has ended: a read before may block for good
+                self._learn_where(gen, state)
             self._local_cleanup(state.where)
         self.running.clear()
         self._session.close()  # a private instance stops (its folder removed), a cluster is left
         self._session = None
         return cancelled
 
+    def _ended(self, ends: list[Any], timeout: float) -> set[Any]:
+        """The tasks' completion refs among ``ends`` that are ready within ``timeout``."""
+        if not ends:
+            return set()
+        with contextlib.suppress(Exception):
+            return set(self._ray.wait(ends, num_returns=len(ends), timeout=timeout, fetch_local=False)[0])
+        return set()
+
     def _learn_where(self, gen: Any, state: _Running, most: int = 8) -> None:
-        """Where a cancelled task started, from a start event not read yet (reading only what is ready)."""
+        """Where a cancelled task that has ended started, from a start event not read yet (reading only what is
+        ready). Only for an ended task: Ray's ``next_ready`` waits for the task's end once its stream is
+        marked finished (as a cancel marks it), so a task that ignored its cancel would block it."""
         for _ in range(most):
             if state.where:
                 return
