@@ -12,9 +12,11 @@ Settings: the parity test's fixed digits ensemble (``tests/test_parity.py``:
 3 CNNs, 200 correctly classified test images) at L-inf 0.1 and 0.2, and, if
 Fashion-MNIST is installed (``apt-get install dataset-fashion-mnist``), a
 LeNet trained 2 epochs on 10,000 images, 200 correctly classified test
-images, at 0.05.
+images, at 0.05. In L2 (``attack=autoattack_l2``: APGD-CE, APGD-T and
+Square in L2, against torchattacks' ``AutoAttack(norm="L2")``), a setting
+names the norm: ``digits-l2-0.5``, ``fmnist-l2-1.5``.
 
-    python benchmarks/autoattack_parity.py [--images 200] [--settings digits-0.1,digits-0.2,fmnist-0.05]
+    python benchmarks/autoattack_parity.py [--images 200] [--settings digits-0.1,digits-0.2,fmnist-0.05,digits-l2-0.5]
 """
 
 from __future__ import annotations
@@ -33,24 +35,26 @@ from fedrobust.data import load_dataset, to_float  # noqa: E402
 from test_parity import correct_sample, train_digits_ensemble  # noqa: E402
 
 
-def ours(model, x, y, eps: float, batch: int = 500) -> tuple[torch.Tensor, dict[str, int]]:
-    """Per image: robust under every attack of ``attack=autoattack`` (the union); and each attack's count."""
+def ours(model, x, y, eps: float, norm: str = "linf", batch: int = 500) -> tuple[torch.Tensor, dict[str, int]]:
+    """Per image: robust under every attack of ``attack=autoattack`` (or ``autoattack_l2``: the union); and each
+    attack's count."""
     robust = torch.ones(len(y), dtype=torch.bool)
     alone = {}
-    for name, attack in (("apgd-ce", APGD(model, eps, 100, loss="ce", seed=0)),
-                         ("apgd-t", APGDT(model, eps, 100, targets=9, seed=0)),
-                         ("square", SquareAttack(model, eps, "linf", n_queries=5000, seed=0))):
+    for name, attack in (("apgd-ce", APGD(model, eps, 100, loss="ce", seed=0, norm=norm)),
+                         ("apgd-t", APGDT(model, eps, 100, targets=9, seed=0, norm=norm)),
+                         ("square", SquareAttack(model, eps, norm, n_queries=5000, seed=0))):
         r = robust_images(model, attack, x, y, batch).robust.cpu()
         alone[name] = int(r.sum())
         robust &= r
     return robust, alone
 
 
-def reference(model, x, y, eps: float) -> torch.Tensor:
+def reference(model, x, y, eps: float, norm: str = "linf") -> torch.Tensor:
     import torchattacks
 
     with torch.random.fork_rng():  # torchattacks seeds the global RNG
-        attack = torchattacks.AutoAttack(model, norm="Linf", eps=eps, version="standard", n_classes=10, seed=0)
+        attack = torchattacks.AutoAttack(model, norm="Linf" if norm == "linf" else "L2", eps=eps, version="standard",
+                                         n_classes=10, seed=0)
         x_adv = attack(x, y)
     with torch.no_grad():
         return (model(x_adv).argmax(1) == y) & (model(x).argmax(1) == y)
@@ -83,6 +87,7 @@ def main() -> None:
     digits = None
     for setting in args.settings.split(","):
         data, eps = setting.rsplit("-", 1)
+        data, norm = (data[:-3], "l2") if data.endswith("-l2") else (data, "linf")
         if data == "digits":
             if digits is None:
                 d = load_dataset("digits")
@@ -96,9 +101,9 @@ def main() -> None:
                 print(f"{setting}: skipped ({type(exc).__name__}: {exc})")
                 continue
         t0 = time.perf_counter()
-        mine, alone = ours(model, x, y, float(eps))
+        mine, alone = ours(model, x, y, float(eps), norm)
         t1 = time.perf_counter()
-        ref = reference(model, x, y, float(eps))
+        ref = reference(model, x, y, float(eps), norm)
         t2 = time.perf_counter()
         rows.append((setting, len(y), alone, int(mine.sum()), int(ref.sum()), int((mine & ~ref).sum()),
                      int((ref & ~mine).sum()), t1 - t0, t2 - t1))

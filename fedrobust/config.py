@@ -191,7 +191,7 @@ SPLITS = ("test", "validation")  # attack.split
 @dataclass
 class AttackConfig:
     eps: float = 8 / 255  # L-inf budget in [0, 1] pixel units
-    eps_l2: float = 0.5  # L2 budget for square_l2
+    eps_l2: float = 0.5  # L2 budget for square_l2, pgd_l2, apgd_l2 and apgd_t_l2
     num_samples: int = 1000  # evaluation sample (the whole split if smaller)
     sample_seed: int = 0
     # the held-out images a run is scored on: test (the test set) | validation (the union of the nodes'

@@ -23,10 +23,15 @@ Why a stop is correct by construction, window by window:
   a child process of its own session (:func:`fedrobust.engines.run_simulation`)
   that takes no signal: the command's main thread waits on it in plain Python,
   and on a signal kills the child's whole process group in one ``killpg``,
-  so no thread of Flower or Ray is left to race with. Where this process does
-  start Ray itself (the tuner's trial pool, the loss search's fitness), it
-  does so in a thread of its own (:mod:`fedrobust.rayinit`): Ray installs no
-  handler there, and no at-fork hook runs in the main thread.
+  so no thread of Flower or Ray is left to race with. Where a command needs
+  Ray itself (the tuner's trial pool, the loss search's fitness), a private
+  instance starts in a child process of its own session too
+  (:mod:`fedrobust.rayhead`): a signal while it starts (seconds) kills its
+  group at once, without waiting for the start. Only then does this process
+  connect to it as a driver, from a thread of its own
+  (:mod:`fedrobust.rayinit`): Ray installs no handler there, and no at-fork
+  hook runs in the main thread; a signal during that half second is held
+  until the connection is made, then everything is closed.
 * **Swallowed interruptions are delivered again.** A Python signal handler
   runs between two bytecodes of the main thread, which can be inside a
   finaliser or an at-fork hook, where an exception cannot propagate and is

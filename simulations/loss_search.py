@@ -51,6 +51,11 @@ def _mean_std(values: list[float]) -> str:
     return f"{statistics.fmean(values):.2f} ± {statistics.stdev(values):.2f}"
 
 
+def _gain_text(g: dict) -> str:
+    low, high = g["interval_points"]
+    return f"{g['gain_points']:+.2f} [{low:+.2f}, {high:+.2f}], p {g['p_value']:.2g}"
+
+
 def summarise(out: Path, seeds: list[int]) -> str:
     rows, long_rows, transfer = [], [], []
     for seed in seeds:
@@ -63,7 +68,9 @@ def summarise(out: Path, seeds: list[int]) -> str:
         steps = [k for k in best if k.startswith("pgd")]
         short, long_, apgd = steps[0], steps[1], next(k for k in best if k.startswith("apgd"))
         gap = 100 * (table["ce"][short] - best[short])
+        paired_gap = best.get("vs_ce", {}).get(short)  # tables measured before the paired test have none
         rows.append({"seed": seed, "infix": fame["entries"][0]["infix"], "fit": fame["entries"][0]["search_fitness"],
+                     "gap_text": _gain_text(paired_gap) if paired_gap else f"{gap:+.2f}",
                      "fit_ce": fame["baselines"]["ce"], "ce": table["ce"][short], "margin": table["margin"][short],
                      "dlr": table["dlr"][short], "found": best[short], "gap": gap,
                      "seconds": ckpt["history"][-1]["seconds"], "generations": ckpt["generation"]})
@@ -74,10 +81,11 @@ def summarise(out: Path, seeds: list[int]) -> str:
     lines = [f"Held-out images: {first['images']['text']}; L-inf eps {first['eps']:g}; target {first['target']}; "
              f"robust accuracy with the worst case kept (lower = the loss breaks more).", "",
              f"| seed | best loss found (by search fitness) | search fitness (ce) | test {_name(short)}: ce | margin "
-             f"| dlr | found | gap to ce (points) | search time |", "|---|---|---|---|---|---|---|---|---|"]
+             f"| dlr | found | gap to ce (points) [95% interval], McNemar p | search time |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['seed']} | `{r['infix']}` | {r['fit']:.4f} ({r['fit_ce']:.4f}) | {r['ce']:.4f} | "
-                     f"{r['margin']:.4f} | {r['dlr']:.4f} | {r['found']:.4f} | {r['gap']:+.2f} | "
+                     f"{r['margin']:.4f} | {r['dlr']:.4f} | {r['found']:.4f} | {r['gap_text']} | "
                      f"{r['seconds'] / 60:.1f} min |")
     lines += ["", f"Gap to ce over the seeds (points, mean ± std): {_mean_std([r['gap'] for r in rows])}.", "",
               f"| seed | ce {_name(long_)} / {_name(apgd)} | margin | dlr | found |", "|---|---|---|---|---|"]
@@ -89,7 +97,8 @@ def summarise(out: Path, seeds: list[int]) -> str:
               "| setting | " + " | ".join(f"seed {t['seed']}: ce → found" for t in transfer) + " |",
               "|---|" + "---|" * len(transfer)]
     for i, row in enumerate(transfer[0]["rows"]):
-        cells = [f"{t['rows'][i]['ce']:.4f} → {t['rows'][i]['found']:.4f} ({t['rows'][i]['gain_points']:+.2f})"
+        cells = [f"{t['rows'][i]['ce']:.4f} → {t['rows'][i]['found']:.4f} "
+                 f"({_gain_text(t['rows'][i]) if 'p_value' in t['rows'][i] else format(t['rows'][i]['gain_points'], '+.2f')})"
                  for t in transfer]
         lines.append(f"| {row['setting']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -134,6 +134,42 @@ def test_study_runs_on_both_nodes_and_ships_every_run_home(cluster, tmp_path):
     assert {t["number"] for t in doc["trials"]} == expected and expected
 
 
+def test_a_study_with_a_loss_file_ships_the_expression_not_the_path(cluster, tmp_path):
+    """``attack.whitebox_loss=file:search/best.json``, relative to the tuner's folder: read once when the config
+    is loaded, so the trials (on both nodes, whose workers run elsewhere, where no such file is) use the
+    expression, and their configs and results say so."""
+    expression = "Neg(Mul(q, Log(Softmax(p))))"
+    (tmp_path / "search").mkdir()
+    (tmp_path / "search" / "best.json").write_text(json.dumps({"format": "fedrobust-loss/1", "expression": expression,
+                                                               "fitness": 0.5}))
+    study = tmp_path / "study"
+    cmd = _tune_cmd(study, cluster.address, "tune.n_trials=2", "attack.whitebox=[pgd]", "attack.whitebox_steps=2",
+                    "attack.whitebox_loss=file:search/best.json")
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=_env(), cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + 300
+        while not any(e["event"] == "start" for e in _events(study)) and time.monotonic() < deadline \
+                and proc.poll() is None:
+            time.sleep(0.05)
+        (tmp_path / "search" / "best.json").unlink()  # gone before any trial evaluates: none can read it
+        _, err = proc.communicate(timeout=900)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err[-3000:]
+    rows = read_trials_csv(study / "trials.csv")
+    assert len(rows) == 2 and all(r["state"] == "COMPLETE" for r in rows), rows
+    for r in rows:
+        run = study / "trials" / f"trial_{r['number']:04d}"
+        cfg = (run / "config.yaml").read_text()
+        assert "file:" not in cfg, cfg  # the loss itself is the expression; the file is provenance only
+        assert "whitebox_loss: expr:" in cfg and "whitebox_loss: search/best.json" in cfg, cfg
+        entry = json.loads((run / "results.json").read_text())["ensemble"]["attacks"]["whitebox_pgd"]
+        assert entry["loss"].startswith("expr:") and entry["loss_file"] == "search/best.json", entry
+        assert "Softmax(p)" in entry["loss_expression"], entry
+
+
 def _members(run: Path) -> dict[int, dict[str, torch.Tensor]]:
     return {int(p.stem.split("_")[1]): torch.load(p, map_location="cpu", weights_only=True)
             for p in (run / "members").glob("member_*.pt")}

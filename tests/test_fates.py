@@ -12,7 +12,7 @@ import torch
 from scipy.stats import binom
 from torch import nn
 
-from fedrobust.attacks import APGD, BIM, FGSM, MIFGSM, PGD, NonFiniteLoss, SquareAttack, register_loss, robust_images
+from fedrobust.attacks import APGD, APGDT, BIM, FGSM, MIFGSM, PGD, NonFiniteLoss, SquareAttack, register_loss, robust_images
 from fedrobust.attacks.losses import LOSSES
 from fedrobust.cli import main
 from fedrobust.evaluation.fates import figure, load_fates, save_fate, unions
@@ -52,7 +52,9 @@ def probe():
     lambda m: PGD(m, 0.05, steps=3, seed=1), lambda m: APGD(m, 0.05, steps=4, seed=1),
     lambda m: SquareAttack(m, 0.05, n_queries=20, seed=1), lambda m: SquareAttack(m, 0.5, "l2", n_queries=20, seed=1),
     lambda m: MIFGSM(m, 0.05, steps=2), lambda m: BIM(m, 0.05, steps=2), lambda m: FGSM(m, 0.05),
-], ids=["pgd", "apgd", "square-linf", "square-l2", "mifgsm", "bim", "fgsm"])
+    lambda m: PGD(m, 0.5, steps=3, seed=1, norm="l2"), lambda m: APGD(m, 0.5, steps=4, seed=1, norm="l2"),
+    lambda m: APGDT(m, 0.5, steps=4, targets=2, seed=1, norm="l2"),
+], ids=["pgd", "apgd", "square-linf", "square-l2", "mifgsm", "bim", "fgsm", "pgd-l2", "apgd-l2", "apgd-t-l2"])
 def test_an_image_wrong_at_the_clean_point_is_never_robust(probe, make):
     model, x, y = probe
     assert bool((model(x).argmax(1) != y).all())  # wrong at every clean image
@@ -87,6 +89,7 @@ def nan_loss():
 _ATTACK = ["attack.num_samples=12", "attack.queries=5", "attack.surrogates=[mlp]", "attack.surrogate_epochs=1",
            "attack.transfer_attacks=[pgd]", "attack.transfer=pgd", "attack.query_attacks=[square_linf,square_l2]",
            "attack.whitebox=[fgsm,pgd]", "attack.whitebox_steps=2", "attack.transfer_steps=1", "attack.tsr=false",
+           "attack.apgd_steps=2",
            "attack.hessian_samples=0", "train.progress=false"]
 
 
@@ -113,12 +116,19 @@ def test_a_nan_loss_ends_the_evaluation_in_one_line_and_writes_nothing_over(trai
 def test_unions_are_never_above_any_of_their_attacks_image_by_image(trained, tmp_path):  # noqa: F811
     run = tmp_path / "run"
     shutil.copytree(trained, run)
-    assert main(["evaluate", str(run), *_ATTACK, f"attack.cache_dir={tmp_path / 'cache'}"]) == 0
+    assert main(["evaluate", str(run), *_ATTACK, "attack.whitebox=[fgsm,pgd,apgd_l2]",
+                 f"attack.cache_dir={tmp_path / 'cache'}"]) == 0
     results = json.loads((run / "results.json").read_text())
     records = load_fates(run, results["evaluation"]["key"])
     assert set(records) == {"clean", "transfer_pgd", "query_square_linf", "query_square_l2", "whitebox_fgsm",
-                            "whitebox_pgd"}  # Square L2 is kept, but another budget: outside the unions
+                            "whitebox_pgd", "whitebox_apgd_l2"}
     ens = results["ensemble"]
+    # the L2 attacks (another budget) form unions of their own, at attack.eps_l2
+    assert ens["attacks"]["whitebox_apgd_l2"]["norm"] == "l2" and ens["attacks"]["whitebox_apgd_l2"]["eps"] == 0.5
+    assert ens["unions"]["whitebox_l2"]["attacks"] == ["whitebox_apgd_l2"]
+    assert ens["unions"]["whitebox_query_l2"]["attacks"] == ["query_square_l2", "whitebox_apgd_l2"]
+    l2 = records["query_square_l2"]["ensemble"] & records["whitebox_apgd_l2"]["ensemble"]
+    assert ens["unions"]["whitebox_query_l2"]["robust_images"] == int(l2.sum())
     all_, wb = ens["unions"]["all"], ens["unions"]["whitebox"]
     assert wb["attacks"] == ["whitebox_fgsm", "whitebox_pgd"]
     assert all_["attacks"] == ["transfer_pgd", "query_square_linf", "whitebox_fgsm", "whitebox_pgd"]

@@ -174,7 +174,15 @@ def test_a_search_writes_its_hall_of_fame_best_loss_and_held_out_tables(trained,
     assert [t["setting"] for t in held["transfer"]] == ["member:0 (eps 0.1)", "member:1 (eps 0.1)",
                                                        "member:2 (eps 0.1)", "ensemble (eps 0.05)"]
     assert (out / "heldout.md").read_text().count("\n|") >= 8
+    # every found-vs-ce figure is paired on the same images: the gain's sign and size agree with the two figures
+    for col, gain in rows["found #1"]["vs_ce"].items():
+        assert gain["gain_points"] == round(100 * (rows["ce"][col] - rows["found #1"][col]), 2)
+        assert gain["only_ce_robust"] - gain["only_found_robust"] == round(25 * (rows["ce"][col] - rows["found #1"][col]))
+        low, high = gain["interval_points"]
+        assert low <= gain["gain_points"] <= high and 0 <= gain["p_value"] <= 1
+    assert all({"interval_points", "p_value"} <= set(t) for t in held["transfer"])
+    assert "p " in (out / "heldout.md").read_text()
     # run again: nothing left to search, and the held-out tables are reused, not measured again
-    monkeypatch.setattr(heldout, "_ra", lambda *a, **k: pytest.fail("measured the held-out tables again"))
+    monkeypatch.setattr(heldout, "_robust", lambda *a, **k: pytest.fail("measured the held-out tables again"))
     assert main(["search-loss", str(trained), *settings]) == 0
     assert json.loads((out / "heldout.json").read_text()) == held

@@ -494,3 +494,34 @@ def test_apgd_t_is_no_weaker_than_torchattacks(digits):
           f"torchattacks {reference}")
     assert 3 < max(ours, reference) and min(ours, reference) < len(y) - 3, (ours, reference)
     assert ours <= reference + 1, (ours, reference)
+
+
+@pytest.mark.parametrize("targeted", [False, True], ids=["apgd-ce-l2", "apgd-t-l2"])
+def test_apgd_l2_is_no_weaker_than_torchattacks(digits, targeted):
+    """APGD-CE and APGD-T in L2 (AutoAttack's L2 suite) against torchattacks 3.5.1's APGD and APGDT with
+    ``norm="L2"``, one restart, same budget, cut to fit the suite: ours leaves at most one image more robust, and
+    every answer stays in the L2 ball and in [0, 1]."""
+    if os.environ.get("CI"):
+        import torchattacks
+    else:
+        torchattacks = pytest.importorskip("torchattacks", reason="bash run.sh test installs torchattacks 3.5.1")
+    from fedrobust.attacks import APGDT, robust_images
+
+    ensemble, _, x, y = digits
+    x, y, steps = x[:64], y[:64], 25
+    attack = (APGDT(ensemble, EPS_L2, steps, targets=9, seed=0, norm="l2") if targeted
+              else APGD(ensemble, EPS_L2, steps, seed=0, norm="l2"))
+    res = robust_images(ensemble, attack, x, y, 64)
+    ours = int(res.robust.sum())
+    x_adv = attack.run(x, y).x_adv
+    assert float((x_adv - x).flatten(1).norm(dim=1).max()) <= EPS_L2 * (1 + 1e-5)
+    assert 0.0 <= float(x_adv.min()) and float(x_adv.max()) <= 1.0
+    with torch.random.fork_rng():  # torchattacks seeds the global RNG
+        ref = (torchattacks.APGDT(ensemble, norm="L2", eps=EPS_L2, steps=steps, n_restarts=1, n_classes=10, seed=0)
+               if targeted else torchattacks.APGD(ensemble, norm="L2", eps=EPS_L2, steps=steps, n_restarts=1, seed=0,
+                                                  loss="ce"))
+        reference = int((predict(ensemble, ref(x, y)) == y).sum())
+    print(f"\nAPGD-{'T' if targeted else 'CE'} L2, eps {EPS_L2}, {steps} steps, {len(x)} images: robust ours {ours}, "
+          f"torchattacks {reference}")
+    assert 3 < max(ours, reference) and min(ours, reference) < len(y) - 3, (ours, reference)
+    assert ours <= reference + 1, (ours, reference)

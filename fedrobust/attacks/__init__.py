@@ -56,7 +56,7 @@ Example::
     print(accuracy(ensemble, x_adv, y), accuracy(ensemble, result.x_adv, y), result.queries.float().mean())
 """
 
-from .gradient import (APGD, APGDT, BIM, CWA, FGSM, MIFGSM, NONFINITE, PGD, NonFiniteLoss, build_gradient_attack,
+from .gradient import (APGD, APGDT, BIM, CWA, FGSM, MIFGSM, NONFINITE, NORMS, PGD, NonFiniteLoss, build_gradient_attack,
                        targeted_dlr)
 from .expression import LossExpressionError, SearchedLoss, load_loss_file
 from .losses import LOSSES, attack_loss, loss_identity, margin, register_loss
@@ -66,7 +66,8 @@ from .square import SquareAttack, SquareResult
 from .worst_case import AttackResult, Robust, WorstCase, robust_images, worst_case_accuracy
 
 __all__ = [
-    "APGD", "APGDT", "AttackResult", "BIM", "CWA", "FGSM", "LOSSES", "LossExpressionError", "MIFGSM", "NONFINITE", "NonFiniteLoss",
+    "APGD", "APGDT", "AttackResult", "BIM", "CWA", "FGSM", "LOSSES", "LossExpressionError", "MIFGSM", "NONFINITE", "NORMS",
+    "NonFiniteLoss",
     "PGD", "Robust", "SearchedLoss", "SquareAttack", "SquareResult", "WorstCase", "accuracy", "robust_images",
     "targeted_dlr", "worst_case_accuracy",
     "attack_loss", "build_gradient_attack", "load_loss_file", "loss_identity", "register_loss", "fd_hvp", "gradient_cosine", "hessian_lambda_max", "hvp",

@@ -1,11 +1,19 @@
-"""Gradient attacks in [0, 1] pixel space, L-infinity: FGSM, BIM, PGD, APGD, MI-FGSM, CWA.
+"""Gradient attacks in [0, 1] pixel space: FGSM, BIM, PGD, APGD, APGD-T, MI-FGSM, CWA (L-infinity), and
+BIM, PGD, APGD and APGD-T in L2 (``norm="l2"``, AutoAttack's L2 suite).
 
 Written here rather than taken from torchattacks/AutoAttack because the
 project needs them to (a) take the loss by name, (b) take a list of models
 (CWA's per-model inner loop), (c) use an explicit ``torch.Generator`` instead
 of resetting the global RNG, and (d) never mutate their inputs. Every attack
 is a small object built with its budget and called on ``(x, y)``; it returns
-``x_adv`` with ``||x_adv - x||_inf <= eps`` and ``0 <= x_adv <= 1``.
+``x_adv`` with ``||x_adv - x||_inf <= eps`` (or ``||x_adv - x||_2 <= eps``
+in L2) and ``0 <= x_adv <= 1``.
+
+L2 (Croce & Hein 2020, as their code does it): a step moves along the
+gradient divided by its per-image L2 norm instead of its sign; projection
+scales the perturbation back onto the eps-ball, then clips to [0, 1] (which
+can only shorten it); a random start is a Gaussian direction at radius eps
+(APGD) or at a uniform fraction of eps (PGD).
 
 Worst case (``worst_case=True``, the default of FGSM, BIM, PGD, APGD and
 MI-FGSM): every forward pass on the model goes through
@@ -62,10 +70,11 @@ from ..errors import OneLineFailure
 from .losses import LOSSES, attack_loss
 from .worst_case import AttackResult, WorstCase
 
-__all__ = ["APGD", "APGDT", "BIM", "CWA", "FGSM", "MIFGSM", "NONFINITE", "NonFiniteLoss", "PGD", "build_gradient_attack",
-           "targeted_dlr"]
+__all__ = ["APGD", "APGDT", "BIM", "CWA", "FGSM", "MIFGSM", "NONFINITE", "NORMS", "NonFiniteLoss", "PGD",
+           "build_gradient_attack", "targeted_dlr"]
 
 NONFINITE = ("error", "ce")  # what an attack does where its loss or gradient is not finite
+NORMS = ("linf", "l2")
 
 
 class NonFiniteLoss(OneLineFailure):
@@ -79,6 +88,12 @@ CWA_INNER_RATIO = 250.0 / ((16 / 255) * math.sqrt(3 * 224 * 224))
 
 def _project(x_adv: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
     return torch.min(torch.max(x_adv, x - eps), x + eps).clamp_(0.0, 1.0)
+
+
+def _project_l2(x_adv: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
+    delta = x_adv - x
+    scale = (eps / _per_sample_norm(delta, 2)).clamp(max=1.0)
+    return (x + delta * scale).clamp_(0.0, 1.0)
 
 
 def _per_sample_norm(g: torch.Tensor, p: float) -> torch.Tensor:
@@ -102,12 +117,17 @@ def _grad(
 class _GradientAttack:
     """A white-box attack on one model; subclasses define :meth:`attack` (the answer without the worst case)."""
 
+    norms: tuple[str, ...] = ("linf",)  # the norms the attack is written for
+
     def __init__(self, model: Model | nn.Module, eps: float = 8 / 255, loss: str = "ce", worst_case: bool = True,
-                 nonfinite: str = "error") -> None:
+                 nonfinite: str = "error", norm: str = "linf") -> None:
         if eps < 0:
             raise ValueError(f"eps must be >= 0, got {eps}")
         if nonfinite not in NONFINITE:
             raise ValueError(f"nonfinite must be one of {', '.join(NONFINITE)}, got '{nonfinite}'")
+        if norm not in self.norms:
+            raise ValueError(f"{type(self).__name__} is written for {' and '.join(self.norms)}, not '{norm}'")
+        self.norm = norm
         self.model = model
         self.eps = float(eps)
         self.loss_name = loss
@@ -119,7 +139,27 @@ class _GradientAttack:
 
     @property
     def label(self) -> str:
-        return type(self).__name__
+        return type(self).__name__ + ("-L2" if self.norm == "l2" else "")
+
+    def project(self, x_adv: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``x_adv`` brought back into the eps-ball around ``x`` (in the attack's norm) and into [0, 1]."""
+        return _project(x_adv, x, self.eps) if self.norm == "linf" else _project_l2(x_adv, x, self.eps)
+
+    def direction(self, g: torch.Tensor) -> torch.Tensor:
+        """The steepest-ascent direction of unit size in the attack's norm: ``sign(g)``, or ``g / ||g||_2``."""
+        return g.sign() if self.norm == "linf" else g / _per_sample_norm(g, 2)
+
+    def start(self, x: torch.Tensor, generator: torch.Generator, on_sphere: bool) -> torch.Tensor:
+        """A random point of the eps-ball around ``x`` (L-inf: uniform; L2: a Gaussian direction at radius eps,
+        or at a uniform fraction of it unless ``on_sphere``), in [0, 1]."""
+        if self.norm == "linf":
+            noise = torch.rand(x.shape, generator=generator, dtype=x.dtype).to(x.device)
+            return _project(x + (2 * noise - 1) * self.eps, x, self.eps)
+        u = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
+        radius = torch.full((len(x),), self.eps, dtype=x.dtype) if on_sphere else \
+            self.eps * torch.rand(len(x), generator=generator, dtype=x.dtype)
+        u = u / _per_sample_norm(u, 2) * radius.to(x.device).view(-1, *([1] * (x.dim() - 1)))
+        return _project_l2(x + u, x, self.eps)
 
     def grad(self, x: torch.Tensor, y: torch.Tensor, seen: WorstCase | None) -> tuple[torch.Tensor, torch.Tensor]:
         g, loss = _grad(self.model, self.loss_fn, x, y, seen)
@@ -150,7 +190,7 @@ class _GradientAttack:
         and where cross-entropy stood in for a non-finite loss."""
         x = x.detach()
         self._fallback = torch.zeros(len(x), dtype=torch.bool, device=x.device)
-        seen = WorstCase(x, y, self.eps) if self.worst_case else None
+        seen = WorstCase(x, y, self.eps, self.norm) if self.worst_case else None
         if seen is not None:  # the clean point first: an image wrong at x is broken, wherever the attack starts
             with torch.no_grad():
                 seen.observe(x, self.model(x))
@@ -200,21 +240,21 @@ class FGSM(_GradientAttack):
 class BIM(_GradientAttack):
     """Iterative FGSM from the clean point (Kurakin et al. 2017), step alpha (default 2.5*eps/steps)."""
 
-    def __init__(self, model, eps=8 / 255, steps=10, alpha=None, loss="ce", worst_case=True, nonfinite="error"):
-        super().__init__(model, eps, loss, worst_case, nonfinite)
+    norms = NORMS
+
+    def __init__(self, model, eps=8 / 255, steps=10, alpha=None, loss="ce", worst_case=True, nonfinite="error",
+                 norm="linf"):
+        super().__init__(model, eps, loss, worst_case, nonfinite, norm)
         self.steps = int(steps)
         self.alpha = alpha if alpha is not None else 2.5 * self.eps / max(self.steps, 1)
         self.random_start = False
         self.generator: torch.Generator | None = None
 
     def attack(self, x, y, seen):
-        x_adv = x.clone()
-        if self.random_start:
-            noise = torch.rand(x.shape, generator=self.generator, dtype=x.dtype).to(x.device)
-            x_adv = _project(x_adv + (2 * noise - 1) * self.eps, x, self.eps)
+        x_adv = self.start(x, self.generator, on_sphere=False) if self.random_start else x.clone()
         for _ in range(self.steps):
             g, _ = self.grad(x_adv, y, seen)
-            x_adv = _project(x_adv + self.alpha * g.sign(), x, self.eps)
+            x_adv = self.project(x_adv + self.alpha * self.direction(g), x)
         return x_adv
 
 
@@ -222,8 +262,8 @@ class PGD(BIM):
     """BIM from a uniform random start in the eps-ball (Madry et al. 2018)."""
 
     def __init__(self, model, eps=8 / 255, steps=10, alpha=None, loss="ce", seed=0, worst_case=True,
-                 nonfinite="error", restarts=1):
-        super().__init__(model, eps, steps, alpha, loss, worst_case, nonfinite)
+                 nonfinite="error", restarts=1, norm="linf"):
+        super().__init__(model, eps, steps, alpha, loss, worst_case, nonfinite, norm)
         self.random_start = True
         self.generator = torch.Generator().manual_seed(seed)
         self.restarts = int(restarts)
@@ -302,7 +342,7 @@ class CWA:
 
 
 class APGD(_GradientAttack):
-    """Auto-PGD, L-infinity (Croce & Hein, ICML 2020, Alg. 1).
+    """Auto-PGD, L-infinity or L2 (Croce & Hein, ICML 2020, Alg. 1).
 
     Step size starts at 2*eps and is halved at checkpoints w_j when fewer than
     rho=0.75 of the steps since the last checkpoint increased the loss, or when
@@ -312,9 +352,11 @@ class APGD(_GradientAttack):
     highest loss (as AutoAttack's ``x_best_adv``).
     """
 
+    norms = NORMS
+
     def __init__(self, model, eps=8 / 255, steps=100, loss="ce", rho=0.75, alpha=0.75, seed=0, worst_case=True,
-                 nonfinite="error", restarts=1):
-        super().__init__(model, eps, loss, worst_case, nonfinite)
+                 nonfinite="error", restarts=1, norm="linf"):
+        super().__init__(model, eps, loss, worst_case, nonfinite, norm)
         self.steps, self.rho, self.alpha = int(steps), rho, alpha
         self.restarts = int(restarts)
         self.generator = torch.Generator().manual_seed(seed)
@@ -330,14 +372,13 @@ class APGD(_GradientAttack):
     def attack(self, x, y, seen):
         n = x.shape[0]
         shape = (n,) + (1,) * (x.dim() - 1)
-        noise = torch.rand(x.shape, generator=self.generator, dtype=x.dtype).to(x.device)
-        x_cur = _project(x + (2 * noise - 1) * self.eps, x, self.eps)
+        x_cur = self.start(x, self.generator, on_sphere=True)
         g, loss = self.grad(x_cur, y, seen)
         eta = torch.full(shape, 2 * self.eps, device=x.device, dtype=x.dtype)
         x_best, loss_best, g_best = x_cur.clone(), loss.clone(), g.clone()
         x_prev = x_cur.clone()
         # first step: plain gradient step
-        x_next = _project(x_cur + eta * g.sign(), x, self.eps)
+        x_next = self.project(x_cur + eta * self.direction(g), x)
         successes = torch.zeros(n, device=x.device)
         loss_prev = loss.clone()
         last_ckpt, eta_at_ckpt, best_at_ckpt = 0, eta.clone(), loss_best.clone()
@@ -365,8 +406,8 @@ class APGD(_GradientAttack):
                 last_ckpt, eta_at_ckpt, best_at_ckpt = k, eta.clone(), loss_best.clone()
             if k == self.steps:
                 break
-            z = _project(x_cur + eta * g.sign(), x, self.eps)
-            x_next = _project(x_cur + self.alpha * (z - x_cur) + (1 - self.alpha) * (x_cur - x_prev), x, self.eps)
+            z = self.project(x_cur + eta * self.direction(g), x)
+            x_next = self.project(x_cur + self.alpha * (z - x_cur) + (1 - self.alpha) * (x_cur - x_prev), x)
         return x_best
 
 
@@ -391,8 +432,8 @@ class APGDT(APGD):
     above the true one, on the images still robust. The loss is fixed (``loss`` is not taken)."""
 
     def __init__(self, model, eps=8 / 255, steps=100, targets=9, rho=0.75, alpha=0.75, seed=0, worst_case=True,
-                 nonfinite="error", restarts=1):
-        super().__init__(model, eps, steps, "dlr", rho, alpha, seed, worst_case, nonfinite, restarts)
+                 nonfinite="error", restarts=1, norm="linf"):
+        super().__init__(model, eps, steps, "dlr", rho, alpha, seed, worst_case, nonfinite, restarts, norm)
         self.loss_name = "dlr-targeted"
         self.targets = int(targets)
 
@@ -425,19 +466,21 @@ class APGDT(APGD):
 
 def build_gradient_attack(name: str, model, eps: float, steps: int, loss: str, seed: int = 0, worst_case: bool = True,
                           nonfinite: str = "error", restarts: int = 1, targets: int = 9):
-    """A white-box attack by name: fgsm, bim, pgd, apgd, apgd_t, mifgsm."""
+    """A white-box attack by name: fgsm, bim, pgd, apgd, apgd_t, mifgsm (L-inf), pgd_l2, apgd_l2, apgd_t_l2 (L2)."""
+    base, norm = (name[:-3], "l2") if name.endswith("_l2") else (name, "linf")
     common = {"loss": loss, "worst_case": worst_case, "nonfinite": nonfinite}
-    if name == "apgd_t":
+    if base == "apgd_t":
         return APGDT(model, eps, steps, targets=targets, seed=seed, worst_case=worst_case, nonfinite=nonfinite,
-                     restarts=restarts)
-    if name == "fgsm":
+                     restarts=restarts, norm=norm)
+    if base == "pgd":
+        return PGD(model, eps, steps, seed=seed, restarts=restarts, norm=norm, **common)
+    if base == "apgd":
+        return APGD(model, eps, steps, seed=seed, restarts=restarts, norm=norm, **common)
+    if norm == "linf" and base == "fgsm":
         return FGSM(model, eps, **common)
-    if name == "bim":
+    if norm == "linf" and base == "bim":
         return BIM(model, eps, steps, **common)
-    if name == "pgd":
-        return PGD(model, eps, steps, seed=seed, restarts=restarts, **common)
-    if name == "apgd":
-        return APGD(model, eps, steps, seed=seed, restarts=restarts, **common)
-    if name == "mifgsm":
+    if norm == "linf" and base == "mifgsm":
         return MIFGSM(model, eps, steps, **common)
-    raise ValueError(f"unknown white-box attack '{name}' (choose from fgsm, bim, pgd, apgd, apgd_t, mifgsm)")
+    raise ValueError(f"unknown white-box attack '{name}' (choose from fgsm, bim, pgd, apgd, apgd_t, mifgsm, pgd_l2, "
+                     "apgd_l2, apgd_t_l2)")

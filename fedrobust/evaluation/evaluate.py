@@ -320,10 +320,20 @@ def evaluate_run(run_dir: str | Path, cfg: DictConfig, data: ImageDataset | None
                   members=np.stack([c.cpu().numpy() for c in clean["members"]]) if clean["members"] else None)
         stored = load_fates(out, key)
         records = {r: stored[r] for s in stages for r in done[s.id].get("fates", []) if r in stored}  # stage order
-        # one budget per union: the L-inf attacks at attack.eps (Square L2 is another threat model and budget)
-        same_budget = {r: d for r, d in records.items()
-                       if attacks.get(r, {}).get("norm", "linf") == "linf" and attacks.get(r, {}).get("eps") == a.eps}
-        ensemble_unions, member_unions = unions(same_budget)
+        # one budget per union: the L-inf attacks at attack.eps; the L2 ones at attack.eps_l2 (names ending _l2),
+        # where at least two of them ran
+        ensemble_unions, member_unions = {}, []
+        for suffix, norm, eps in (("", "linf", a.eps), ("_l2", "l2", a.eps_l2)):
+            same_budget = {r: d for r, d in records.items()
+                           if attacks.get(r, {}).get("norm", "linf") == norm and attacks.get(r, {}).get("eps") == eps}
+            if suffix and len(same_budget) < 2:
+                continue
+            ens, mem = unions(same_budget)
+            ensemble_unions |= {name + suffix: u for name, u in ens.items()}
+            for m, u in enumerate(mem):
+                if m == len(member_unions):
+                    member_unions.append({})
+                member_unions[m] |= {name + suffix: v for name, v in u.items()}
         transfer, query = attacks[f"transfer_{a.transfer}"], attacks[f"query_{a.query}"]
         clean_fig = figure(clean["ensemble"].cpu().numpy())
         ensemble = {

@@ -27,8 +27,10 @@ the records of its finished stages, ``fedrobust report RUN_DIR`` and
 
 Unions (:func:`unions`): an image is robust under a set of attacks only if
 it withstood each of them; the evaluation forms them over the attacks of one
-budget, the L-inf ones at ``attack.eps`` (Square L2 stays outside); the union's accuracy is at most every one of its
-attacks' accuracies, image by image. ``whitebox`` covers the white-box
+budget: the L-inf ones at ``attack.eps``, and, where two or more ran, the L2
+ones at ``attack.eps_l2`` (the same unions, named with ``_l2``: ``whitebox_l2``,
+``whitebox_query_l2``, ``all_l2``). A union's accuracy is at most every one of
+its attacks' accuracies, image by image. ``whitebox`` covers the white-box
 attacks that ran, ``whitebox_query`` the white-box and query attacks (every
 attack on the model itself: AutoAttack's figure, with ``attack=autoattack``),
 ``all`` every transfer, query and white-box attack that ran (every threat

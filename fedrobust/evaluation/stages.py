@@ -327,12 +327,16 @@ class WhiteboxStage(Stage):
 
     group = "whitebox"
     listed_by = "whitebox"
+    norm: ClassVar[str] = "linf"  # "l2": at attack.eps_l2
+
+    def eps(self, attack: DictConfig) -> float:
+        return attack.eps if self.norm == "linf" else attack.eps_l2
 
     def steps(self, attack: DictConfig) -> int:
         return attack.whitebox_steps
 
     def build(self, target, attack: DictConfig) -> Attack:
-        return build_gradient_attack(self.name, target, attack.eps, self.steps(attack), attack.whitebox_loss,
+        return build_gradient_attack(self.name, target, self.eps(attack), self.steps(attack), attack.whitebox_loss,
                                      seed=attack.seed, nonfinite=attack.get("nonfinite", "error"),
                                      restarts=attack.get("restarts", 1), targets=attack.get("apgd_targets", 9))
 
@@ -344,9 +348,9 @@ class WhiteboxStage(Stage):
         res = robust_images(target, self.build(target, a), x, y, a.batch_size)
         fig = figure(_np(res.robust))
         record = f"whitebox_{self.name}"
-        entry = {"kind": "whitebox", **fig, "asr": 1 - fig["robust_accuracy"], "eps": a.eps, "norm": "linf",
+        entry = {"kind": "whitebox", **fig, "asr": 1 - fig["robust_accuracy"], "eps": self.eps(a), "norm": self.norm,
                  "steps": self.steps(a), **self.loss(a)}
-        if self.name in ("pgd", "apgd", "apgd_t"):
+        if self.name.removesuffix("_l2") in ("pgd", "apgd", "apgd_t"):
             entry["restarts"] = a.get("restarts", 1)
         fates = {"ensemble": _np(res.robust)}
         if bool(res.fallback.any()):
@@ -394,6 +398,27 @@ class APGDTWhitebox(WhiteboxStage):
 
     def loss(self, attack):
         return {"loss": "dlr-targeted", "targets": attack.get("apgd_targets", 9)}
+
+
+@register
+class PGDL2Whitebox(PGDWhitebox):
+    """PGD in L2, at ``attack.eps_l2``."""
+
+    name, norm = "pgd_l2", "l2"
+
+
+@register
+class APGDL2Whitebox(APGDWhitebox):
+    """APGD-CE in L2, at ``attack.eps_l2`` (AutoAttack's L2 suite)."""
+
+    name, norm = "apgd_l2", "l2"
+
+
+@register
+class APGDTL2Whitebox(APGDTWhitebox):
+    """APGD-T in L2, at ``attack.eps_l2`` (AutoAttack's L2 suite)."""
+
+    name, norm = "apgd_t_l2", "l2"
 
 
 @register

@@ -11,6 +11,11 @@ worst case kept, as in ``fedrobust evaluate``:
 * the transfer table (Question 2): the best loss against cross-entropy on
   another model (every member alone, and the ensemble, whichever the search
   did not target) and at other budgets.
+
+Every comparison of a found loss with cross-entropy is paired, image by
+image on the same images (:func:`fedrobust.stats.paired`): the gain in
+points (robust under cross-entropy's attack, broken under the found loss's,
+minus the reverse), its 95% interval and McNemar's exact p-value.
 """
 
 from __future__ import annotations
@@ -20,20 +25,34 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from ..atomic import write_json, write_text
-from ..attacks import APGD, PGD, worst_case_accuracy
+from ..attacks import APGD, PGD, robust_images
 from ..attacks.expression import SearchedLoss
 from ..data import to_float
 from ..evaluation.cache import content_key
 from ..evaluation.evaluate import Images, evaluation_sample, held_out_images
+from ..stats import paired
 
 __all__ = ["measure_heldout"]
 
 log = logging.getLogger("fedrobust")
 
 
-def _ra(model, attack, x, y, batch_size: int) -> float:
-    return round(worst_case_accuracy(model, attack, x, y, batch_size), 6)
+def _robust(model, attack, x, y, batch_size: int) -> np.ndarray:
+    return robust_images(model, attack, x, y, batch_size).robust.cpu().numpy()
+
+
+def _ra(mask: np.ndarray) -> float:
+    return round(float(mask.mean()), 6)
+
+
+def _gain(ce: np.ndarray, found: np.ndarray) -> dict[str, Any]:
+    """The found loss against cross-entropy on the same images: the gain (ce - found) in points, paired."""
+    t = paired(ce, found)
+    return {"gain_points": round(100 * t.difference, 2), "interval_points": [round(100 * v, 2) for v in t.interval],
+            "p_value": round(t.p_value, 4), "only_ce_robust": t.only_a, "only_found_robust": t.only_b}
 
 
 def measure_heldout(search, fame: list[dict[str, Any]], out: Path) -> dict[str, Any]:
@@ -45,7 +64,7 @@ def measure_heldout(search, fame: list[dict[str, Any]], out: Path) -> dict[str, 
     n = s.test_images or a.num_samples
     images = Images("test", whole.indices[evaluation_sample(whole.pool, n, a.sample_seed)], whole.pool, a.sample_seed)
     key = content_key({"search": search.key, "fame": [e["expression"] for e in fame], "indices": images.indices.tolist(),
-                       "settings": [s.test_images, s.long_steps, s.apgd_steps, s.test_eps, a.batch_size], "version": 1})
+                       "settings": [s.test_images, s.long_steps, s.apgd_steps, s.test_eps, a.batch_size], "version": 2})
     saved = _saved(out / "heldout.json", key)
     if saved is not None:
         for entry, ra in zip(fame, saved["fame_test_robust_accuracy"]):
@@ -57,21 +76,25 @@ def measure_heldout(search, fame: list[dict[str, Any]], out: Path) -> dict[str, 
     model, eps, bs, seed = search.model, search.eps, a.batch_size, s.attack_seed
     best = SearchedLoss.parse(fame[0]["expression"])
     losses: dict[str, Any] = {"ce": "ce", "margin": "margin", "dlr": "dlr"}
-    rows = []
+    rows, ce_masks = [], {}
+    long, apgd = f"pgd{s.long_steps}", f"apgd{s.apgd_steps}"
     for name, loss in losses.items():
-        rows.append({"loss": name, "search_fitness": None,
-                     f"pgd{s.steps}": _ra(model, PGD(model, eps, s.steps, loss=loss, seed=seed), x, y, bs),
-                     f"pgd{s.long_steps}": _ra(model, PGD(model, eps, s.long_steps, loss=loss, seed=seed), x, y, bs),
-                     f"apgd{s.apgd_steps}": _ra(model, APGD(model, eps, s.apgd_steps, loss=loss, seed=seed), x, y, bs)})
+        masks = {f"pgd{s.steps}": _robust(model, PGD(model, eps, s.steps, loss=loss, seed=seed), x, y, bs),
+                 long: _robust(model, PGD(model, eps, s.long_steps, loss=loss, seed=seed), x, y, bs),
+                 apgd: _robust(model, APGD(model, eps, s.apgd_steps, loss=loss, seed=seed), x, y, bs)}
+        if name == "ce":
+            ce_masks = masks
+        rows.append({"loss": name, "search_fitness": None, **{k: _ra(v) for k, v in masks.items()}})
     for entry in fame:
         loss = SearchedLoss.parse(entry["expression"])
-        entry["test_robust_accuracy"] = _ra(model, PGD(model, eps, s.steps, loss=loss, seed=seed), x, y, bs)
-        row = {"loss": f"found #{entry['rank']}: {entry['infix']}", "search_fitness": entry["search_fitness"],
-               f"pgd{s.steps}": entry["test_robust_accuracy"]}
+        masks = {f"pgd{s.steps}": _robust(model, PGD(model, eps, s.steps, loss=loss, seed=seed), x, y, bs)}
         if entry is fame[0]:
-            row[f"pgd{s.long_steps}"] = _ra(model, PGD(model, eps, s.long_steps, loss=loss, seed=seed), x, y, bs)
-            row[f"apgd{s.apgd_steps}"] = _ra(model, APGD(model, eps, s.apgd_steps, loss=loss, seed=seed), x, y, bs)
-        rows.append(row)
+            masks[long] = _robust(model, PGD(model, eps, s.long_steps, loss=loss, seed=seed), x, y, bs)
+            masks[apgd] = _robust(model, APGD(model, eps, s.apgd_steps, loss=loss, seed=seed), x, y, bs)
+        entry["test_robust_accuracy"] = _ra(masks[f"pgd{s.steps}"])
+        rows.append({"loss": f"found #{entry['rank']}: {entry['infix']}", "search_fitness": entry["search_fitness"],
+                     **{k: _ra(v) for k, v in masks.items()},
+                     "vs_ce": {k: _gain(ce_masks[k], v) for k, v in masks.items()}})
     # Question 2: the same loss on another model and at other budgets (PGD-steps, as in the search)
     others = [("ensemble", search.ensemble)] + [(f"member:{m}", mem) for m, mem in enumerate(search.ensemble.members)]
     transfer = []
@@ -101,26 +124,37 @@ def _saved(path: Path, key: str) -> dict[str, Any] | None:
 
 
 def _pair(where: str, model, eps: float, best, x, y, s, bs: int, seed: int) -> dict[str, Any]:
-    ce = _ra(model, PGD(model, eps, s.steps, loss="ce", seed=seed), x, y, bs)
-    found = _ra(model, PGD(model, eps, s.steps, loss=best, seed=seed), x, y, bs)
-    return {"setting": where, "ce": ce, "found": found, "gain_points": round(100 * (ce - found), 2)}
+    ce = _robust(model, PGD(model, eps, s.steps, loss="ce", seed=seed), x, y, bs)
+    found = _robust(model, PGD(model, eps, s.steps, loss=best, seed=seed), x, y, bs)
+    return {"setting": where, "ce": _ra(ce), "found": _ra(found), **_gain(ce, found)}
 
 
 def _fmt(v) -> str:
     return "-" if v is None else f"{v:.4f}"
 
 
+def _gain_text(g: dict[str, Any] | None) -> str:
+    if not g:
+        return "-"
+    low, high = g["interval_points"]
+    return f"{g['gain_points']:+.2f} [{low:+.2f}, {high:+.2f}], p {g['p_value']:.3g}"
+
+
 def _markdown(result: dict[str, Any], s) -> str:
     cols = [f"pgd{s.steps}", f"pgd{s.long_steps}", f"apgd{s.apgd_steps}"]
+    names = [c.upper().replace("PGD", "PGD-").replace("APGD-", "APGD-") for c in cols]
     lines = [f"Held-out robust accuracy (lower = stronger loss), {result['images']['text']}, "
-             f"L-inf eps {result['eps']:g}, target {result['target']}; worst case kept.", "",
-             "| loss | search fitness | " + " | ".join(c.upper().replace("PGD", "PGD-").replace("APGD-", "APGD-")
-                                                    for c in cols) + " |",
-             "|---|---|" + "---|" * len(cols)]
+             f"L-inf eps {result['eps']:g}, target {result['target']}; worst case kept. Gain: cross-entropy's "
+             "figure minus the found loss's, in points, with its paired 95% interval and McNemar's exact p-value "
+             "(same images).", "",
+             "| loss | search fitness | " + " | ".join(names) + " | " + " | ".join(f"gain vs ce, {n}" for n in names)
+             + " |", "|---|---|" + "---|" * (2 * len(cols))]
     for r in result["table"]:
-        lines.append(f"| {r['loss']} | {_fmt(r['search_fitness'])} | " + " | ".join(_fmt(r.get(c)) for c in cols) + " |")
+        vs = r.get("vs_ce", {})
+        lines.append(f"| {r['loss']} | {_fmt(r['search_fitness'])} | " + " | ".join(_fmt(r.get(c)) for c in cols)
+                     + " | " + " | ".join(_gain_text(vs.get(c)) for c in cols) + " |")
     lines += ["", f"Transfer of the best found loss (PGD-{s.steps}):", "",
-              "| setting | ce | found | gain (points) |", "|---|---|---|---|"]
+              "| setting | ce | found | gain (points) [95% interval], p |", "|---|---|---|---|"]
     for t in result["transfer"]:
-        lines.append(f"| {t['setting']} | {t['ce']:.4f} | {t['found']:.4f} | {t['gain_points']:+.2f} |")
+        lines.append(f"| {t['setting']} | {t['ce']:.4f} | {t['found']:.4f} | {_gain_text(t)} |")
     return "\n".join(lines) + "\n"
