@@ -126,9 +126,12 @@ def compare_runs(a: Path, b: Path, out: Path | None = None) -> tuple[str, list[d
     entries = results_a["ensemble"]["attacks"]
     eps = results_a.get("evaluation", {}).get("eps")
     attacks = [name for name in common if name.split("_", 1)[0] in KINDS]
-    # unions over one budget, as the evaluation forms them: the L-inf attacks at the run's eps
+    # unions over one budget, as the evaluation forms them: the L-inf attacks at the run's eps, and the L2 ones
+    # where two or more ran
     in_unions = [n for n in attacks if entries.get(n, {}).get("norm", "linf") == "linf"
                  and (eps is None or entries.get(n, {}).get("eps") == eps)]
+    in_l2 = [n for n in attacks if entries.get(n, {}).get("norm") == "l2"]
+    in_l2 = in_l2 if len(in_l2) >= 2 and len({entries[n].get("eps") for n in in_l2}) == 1 else []
     rows: list[dict] = []
 
     def add(name: str, x: np.ndarray, y: np.ndarray, covers: str) -> None:
@@ -140,7 +143,8 @@ def compare_runs(a: Path, b: Path, out: Path | None = None) -> tuple[str, list[d
         add("clean", ra["clean"]["ensemble"], rb["clean"]["ensemble"], "clean images")
     for name in attacks:
         add(name, ra[name]["ensemble"], rb[name]["ensemble"], name)
-    for union, names in (("whitebox", [n for n in in_unions if n.startswith("whitebox_")]), ("all", in_unions)):
+    for union, names in (("whitebox", [n for n in in_unions if n.startswith("whitebox_")]), ("all", in_unions),
+                         ("whitebox_l2", [n for n in in_l2 if n.startswith("whitebox_")]), ("all_l2", in_l2)):
         if names:
             add(f"union: {union}", np.logical_and.reduce([ra[n]["ensemble"] for n in names]),
                 np.logical_and.reduce([rb[n]["ensemble"] for n in names]), ", ".join(names))
@@ -148,7 +152,8 @@ def compare_runs(a: Path, b: Path, out: Path | None = None) -> tuple[str, list[d
     lines = [f"# {a.name} (A) vs {b.name} (B)", "",
              f"The ensembles on the same {n} images. Difference: A - B; its 95% interval and McNemar's exact "
              "p-value are paired, image by image (only the images one run got right and the other did not count).",
-             "Unions are over the L-inf attacks at the runs' eps that both ran.", ""]
+             "Unions are over the L-inf attacks at the runs' eps that both ran (and `_l2` ones over their L2 attacks).",
+             ""]
     table = [[r["figure"], f"{r['a']:.4f}", f"{r['b']:.4f}", f"{r['difference']:+.4f}",
               f"[{r['interval'][0]:+.3f}, {r['interval'][1]:+.3f}]", f"{r['only_a']}/{r['only_b']}",
               f"{r['p_value']:.3g}"] for r in rows]
