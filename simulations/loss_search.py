@@ -53,7 +53,8 @@ def _mean_std(values: list[float]) -> str:
 
 def _gain_text(g: dict) -> str:
     low, high = g["interval_points"]
-    return f"{g['gain_points']:+.2f} [{low:+.2f}, {high:+.2f}], p {g['p_value']:.2g}"
+    p = "p < 0.001" if g["p_value"] < 0.001 else f"p {g['p_value']:.2g}"
+    return f"{g['gain_points']:+.2f} [{low:+.2f}, {high:+.2f}], {p}"
 
 
 def summarise(out: Path, seeds: list[int]) -> str:

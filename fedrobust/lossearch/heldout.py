@@ -52,7 +52,7 @@ def _gain(ce: np.ndarray, found: np.ndarray) -> dict[str, Any]:
     """The found loss against cross-entropy on the same images: the gain (ce - found) in points, paired."""
     t = paired(ce, found)
     return {"gain_points": round(100 * t.difference, 2), "interval_points": [round(100 * v, 2) for v in t.interval],
-            "p_value": round(t.p_value, 4), "only_ce_robust": t.only_a, "only_found_robust": t.only_b}
+            "p_value": float(f"{t.p_value:.4g}"), "only_ce_robust": t.only_a, "only_found_robust": t.only_b}
 
 
 def measure_heldout(search, fame: list[dict[str, Any]], out: Path) -> dict[str, Any]:
@@ -137,7 +137,8 @@ def _gain_text(g: dict[str, Any] | None) -> str:
     if not g:
         return "-"
     low, high = g["interval_points"]
-    return f"{g['gain_points']:+.2f} [{low:+.2f}, {high:+.2f}], p {g['p_value']:.3g}"
+    p = "p < 0.001" if g["p_value"] < 0.001 else f"p {g['p_value']:.2g}"
+    return f"{g['gain_points']:+.2f} [{low:+.2f}, {high:+.2f}], {p}"
 
 
 def _markdown(result: dict[str, Any], s) -> str:
