@@ -239,3 +239,18 @@ def test_the_loss_search_history_is_replaced_whole_or_not_at_all(tmp_path, monke
     with pytest.raises(KeyboardInterrupt):
         write_history(path, [{"generation": 0, "best": 0.5}, {"generation": 1, "best": 0.4}])
     assert path.read_text() == before and not list(tmp_path.glob(".history.csv.*"))  # nor a half-written copy
+
+
+@pytest.mark.parametrize("preset, stages, norm", [
+    ("autoattack", ["query_square_linf", "whitebox_apgd", "whitebox_apgd_t"], "linf"),
+    ("autoattack_l2", ["query_square_l2", "whitebox_apgd_l2", "whitebox_apgd_t_l2"], "l2"),
+])
+def test_the_autoattack_presets_run_apgd_ce_apgd_t_and_square_in_their_norm(preset, stages, norm):
+    from fedrobust.config import load_config
+    from fedrobust.evaluation.stages import build_stages
+
+    a = load_config([f"attack={preset}"]).attack
+    assert a.apgd_steps == 100 and a.apgd_targets == 9 and a.queries == 5000
+    built = [s for s in build_stages(a, 3) if s.group in ("query", "whitebox")]
+    assert [f"{s.group}_{s.name}" for s in built] == stages
+    assert all(getattr(s, "norm", "linf") == norm for s in built)
