@@ -30,14 +30,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .errors import DataError  # its home is errors.py (fedrobust.idx raises it too); kept importable from here
+
 __all__ = ["DataError", "IDX_DATASETS", "ImageDataset", "dataset_of", "load_dataset", "to_float"]
 
 DIGITS_TEST_FRACTION = 0.2
 DIGITS_SPLIT_SEED = 0
-
-
-class DataError(RuntimeError):
-    """A dataset that cannot be read. The message says what was expected where."""
 
 
 @dataclass(frozen=True)

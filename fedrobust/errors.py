@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["ConfigError", "OneLineFailure", "one_line", "redact"]
+__all__ = ["ConfigError", "DataError", "OneLineFailure", "one_line", "redact"]
 
 # scheme://user:password@  (the user may be empty; the password runs to the last '@' before the host)
 _USERINFO = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.\-]*://[^:/@\s]*:)(?P<password>[^\s]*)(?P<at>@)")
@@ -23,6 +23,10 @@ def redact(text: str) -> str:
 
 class ConfigError(ValueError):
     """A configuration that cannot run. The message is one line naming the key."""
+
+
+class DataError(RuntimeError):
+    """A dataset that cannot be read. The message says what was expected where."""
 
 
 class OneLineFailure(RuntimeError):

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import DataError
+from .errors import DataError
 
 __all__ = ["read_idx", "read_idx_pair"]
 
