@@ -117,24 +117,26 @@ class RaySession:
         with contextlib.suppress(BrokenPipeError):  # a child that died at once says why on the pipe
             self._head.stdin.write(json.dumps({**init_args, "_temp_dir": self.temp_dir}).encode())
             self._head.stdin.close()
-        said = b""
+        said, reply = b"", None
         deadline = time.monotonic() + HEAD_START_S
-        while True:  # in short waits: a signal's handler runs between them
+        while reply is None:  # in short waits: a signal's handler runs between them
             readable, _, _ = select.select([self._ready], [], [], 0.1)
             if readable:
                 chunk = os.read(self._ready, 65536)
                 said += chunk
-                if not chunk or _whole_json(said):
+                reply = _whole_json(said)
+                if not chunk:
                     break
             elif ended(self._head) or time.monotonic() > deadline:
                 break
-        reply = _whole_json(said) or {}
+        reply = reply or {}
         if "address" in reply:
             return reply["address"]
+        timed_out = not ended(self._head)
         code = end_group(self._head, settle_s=2.0)
         self._head = None
         log.debug("Ray's head process said:\n%s", _tail(os.path.join(self.temp_dir, "head.log")))
-        why = reply.get("error") or (f"it did not come up within {HEAD_START_S:.0f} s" if code == -9 else
+        why = reply.get("error") or (f"it did not come up within {HEAD_START_S:.0f} s" if timed_out else
                                      f"its process ended (exit code {code}) without saying why")
         raise RuntimeError(f"a private Ray instance did not start: {why}")
 

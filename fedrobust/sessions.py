@@ -103,37 +103,40 @@ def stop_group(pgid: int, grace_s: float = 5.0) -> None:
             time.sleep(0.05)
 
 
-def _group_alive(pgid: int) -> bool:
-    """Whether a live (not zombie) process of the group ``pgid`` is left, read from ``/proc``."""
-    try:
-        entries = [e for e in os.listdir("/proc") if e.isdigit()]
-    except OSError:
-        return False
-    for pid in entries:
-        try:
-            fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if fields[0] != "Z" and int(fields[2]) == pgid:
-            return True
-    return False
-
-
-def _parents() -> dict[int, int]:
-    """Every live (not zombie) process's parent, read from ``/proc`` (empty where there is none)."""
-    found = {}
+def _live() -> dict[int, tuple[int, int]] | None:
+    """Every live (not zombie) process's parent and process group, read from ``/proc``; None where there is
+    no ``/proc`` to read."""
     try:
         entries = [int(e) for e in os.listdir("/proc") if e.isdigit()]
     except OSError:
-        return found
+        return None
+    found = {}
     for pid in entries:
         try:  # the command may hold ")" or spaces: the fields after the last ")" are fixed
             fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
         except (OSError, IndexError):
             continue
         if fields[0] != "Z":
-            found[pid] = int(fields[1])
+            found[pid] = (int(fields[1]), int(fields[2]))
     return found
+
+
+def _parents() -> dict[int, int]:
+    """Every live (not zombie) process's parent (empty where there is no ``/proc``)."""
+    return {pid: parent for pid, (parent, _) in (_live() or {}).items()}
+
+
+def _group_alive(pgid: int) -> bool:
+    """Whether a live (not zombie) process of the group ``pgid`` is left (without ``/proc``: whether the
+    group can be signalled, zombies included)."""
+    live = _live()
+    if live is None:
+        try:
+            os.killpg(pgid, 0)
+        except (ProcessLookupError, PermissionError):
+            return False
+        return True
+    return any(group == pgid for _, group in live.values())
 
 
 def descendants(pid: int | None = None) -> list[int]:
