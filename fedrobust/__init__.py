@@ -15,13 +15,13 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .ensemble import InvalidUpdateError, LogitAverageEnsemble
-    from .run import load_ensemble
+    from .runs.members import load_ensemble
     from .training import train_member
 
 __all__ = ["InvalidUpdateError", "LogitAverageEnsemble", "load_ensemble", "train_member"]
 __version__ = "0.1.0"
 
-_HOME = {"InvalidUpdateError": ".ensemble", "LogitAverageEnsemble": ".ensemble", "load_ensemble": ".run",
+_HOME = {"InvalidUpdateError": ".ensemble", "LogitAverageEnsemble": ".ensemble", "load_ensemble": ".runs.members",
          "train_member": ".training"}
 
 

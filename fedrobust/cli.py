@@ -150,7 +150,8 @@ def _load_run(path, overrides: list[str]):
     from omegaconf.errors import OmegaConfBaseException
 
     from .config import apply_overrides, structured_base
-    from .run import check_complete, load_ensemble, preflight
+    from .run import preflight
+    from .runs.members import check_complete, load_ensemble
 
     if not path.is_dir():
         raise ConfigError(f"run_dir: {path} is not a directory (expected a run directory written by fedrobust train)")
@@ -208,7 +209,7 @@ def _search_loss(run_dir: str, overrides: list[str]) -> int:
 
         path = Path(run_dir)
         cfg = _load_run(path, [])
-        from .run import member_files
+        from .runs.members import member_files
 
         settings = load_settings(overrides, len(member_files(path)))
         from .lossearch.search import run_search, search_dir
@@ -280,7 +281,8 @@ Parameter counts of the hand-made models at a data set's image shape, and of sea
 
 
 def _models(args: list[str]) -> int:
-    from .config import DATASETS, MODELS, is_searched
+    from .data_settings import DATASETS
+    from .models.settings import MODELS, is_searched
 
     data, names = "digits", list(MODELS)
     for arg in args:
@@ -446,7 +448,8 @@ def _deploy_run(args: argparse.Namespace) -> int:
     from . import deploy
 
     try:
-        from .config import inline_model_overrides, load_config
+        from .overrides import inline_model_overrides
+        from .config import load_config
 
         cfg = load_config(args.overrides)  # a bad override is answered here, before anything is submitted
 

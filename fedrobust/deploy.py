@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from .atomic import write_text
-from .config import ConfigError
+from .errors import ConfigError, one_line
 
 __all__ = ["RunFailed", "follow_run", "make_certificates", "make_supernode_keys", "submit_run", "superlink_argv",
            "supernode_argv", "write_connection"]
@@ -145,7 +145,7 @@ def _need_private_key(key: str, path: str | Path) -> str:
 
 
 def _squash(text: str) -> str:
-    return " ".join(str(text).split())
+    return one_line(text)
 
 
 def _first_line(exc: BaseException) -> str:

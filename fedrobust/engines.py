@@ -33,7 +33,7 @@ import torch
 from omegaconf import DictConfig
 
 from .federation import collect_members, peers_of
-from .errors import ConfigError
+from .errors import ConfigError, one_line
 from .interrupt import as_interrupt, deferred, hold
 from .node import MemberUpdate, train_node_round
 from .partition import num_nodes
@@ -88,7 +88,7 @@ class SimulationError(RuntimeError):
 def _root_cause(exc: BaseException) -> str:
     while (exc.__cause__ or exc.__context__) is not None:
         exc = exc.__cause__ or exc.__context__
-    text = " ".join(str(exc).split()) or type(exc).__name__
+    text = one_line(exc)
     return f"{type(exc).__name__}: {text}"[:400]
 
 
@@ -256,7 +256,7 @@ def simulate_in_process(cfg: DictConfig, run_dir: Path, *, num_cpus: int | None 
 
     from clients.client_app import app as client_app
 
-    from .server_app import make_server_app
+    from .rounds import make_server_app
 
     # We call the Python API on purpose (it lets the CLI own the run directory);
     # `flwr run .` is supported as well, so drop Flower's deprecation notice.

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["ConfigError", "DataError", "OneLineFailure", "one_line", "redact"]
+__all__ = ["ConfigError", "DataError", "OneLineFailure", "check", "one_line", "redact"]
 
 # scheme://user:password@  (the user may be empty; the password runs to the last '@' before the host)
 _USERINFO = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.\-]*://[^:/@\s]*:)(?P<password>[^\s]*)(?P<at>@)")
@@ -33,6 +33,14 @@ class OneLineFailure(RuntimeError):
     """A failure whose message is one line that says it all: the command prints it and exits 1."""
 
 
-def one_line(exc: BaseException) -> str:
-    """``exc``'s message with its whitespace collapsed (its type's name if it has none), redacted."""
-    return redact(" ".join(str(exc).split())) or type(exc).__name__
+def one_line(what: BaseException | str) -> str:
+    """A message on one line: ``what``'s text with its whitespace collapsed, redacted (an exception with no
+    message gives its type's name)."""
+    text = redact(" ".join(str(what).split()))
+    return text or ("" if isinstance(what, str) else type(what).__name__)
+
+
+def check(ok: bool, key: str, msg: str) -> None:
+    """Raise ``ConfigError("key: msg")`` unless ``ok``: how every config section's checks read."""
+    if not ok:
+        raise ConfigError(f"{key}: {msg}")

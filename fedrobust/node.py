@@ -26,7 +26,7 @@ from torch import nn
 
 from strategies import build_strategy
 
-from .config import model_spec
+from .models.settings import model_spec
 from .data import ImageDataset, load_dataset
 from .models import build_model
 from .partition import NodeShard, members_per_node, node_shards, num_nodes

@@ -29,11 +29,12 @@ one line naming the entry point and its distribution.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from importlib.metadata import EntryPoint, entry_points
 
-from .config import ConfigError
+from .errors import ConfigError, one_line
 
-__all__ = ["GROUPS", "PluginError", "load_plugins"]
+__all__ = ["GROUPS", "PluginError", "add_group", "load_plugins", "where"]
 
 GROUPS = {"strategies": "fedrobust.strategies", "attacks": "fedrobust.attacks", "losses": "fedrobust.losses"}
 
@@ -44,63 +45,53 @@ class PluginError(ConfigError):
     """An installed plug-in that cannot be used; the message is one line naming it and its distribution."""
 
 
-def _where(ep: EntryPoint) -> str:
+def where(ep: EntryPoint) -> str:
     dist = getattr(ep, "dist", None)
     origin = f"{dist.name} {dist.version}" if dist is not None else "an unknown distribution"
     return f"plug-in '{ep.name}' (entry point {ep.group}: {ep.name} = {ep.value}, from {origin})"
 
 
-def _one_line(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {' '.join(str(exc).split())}"[:300]
-
-
 def _add_strategy(ep: EntryPoint, cls: object) -> None:
     import strategies
 
-    from .config import register_strategy_schema
+    from strategies.settings import register_strategy_schema
 
     if not (isinstance(cls, type) and issubclass(cls, strategies.TrainingStrategy)):
-        raise PluginError(f"{_where(ep)}: {cls!r} is not a strategies.TrainingStrategy subclass")
+        raise PluginError(f"{where(ep)}: {cls!r} is not a strategies.TrainingStrategy subclass")
     if cls.name != ep.name:
-        raise PluginError(f"{_where(ep)}: the entry point's name must be the class's name, '{cls.name}'")
+        raise PluginError(f"{where(ep)}: the entry point's name must be the class's name, '{cls.name}'")
     try:
         strategies.register_strategy(cls, ep.name)
         register_strategy_schema(ep.name, cls.Config, needs_peers=cls.needs_peers)
     except Exception as exc:  # a built-in name, or a Config that OmegaConf cannot type
         if ep.name not in strategies.BUILT_IN and strategies.STRATEGIES.get(ep.name) is cls:
             del strategies.STRATEGIES[ep.name]
-        raise PluginError(f"{_where(ep)}: {' '.join(str(exc).split())}") from None
-
-
-def _add_attack(ep: EntryPoint, cls: object) -> None:
-    from .evaluation.stages import REGISTRY, Stage, register
-
-    if not (isinstance(cls, type) and issubclass(cls, Stage) and getattr(cls, "group", None)):
-        raise PluginError(f"{_where(ep)}: {cls!r} is not a fedrobust.evaluation.stages.Stage subclass with a group")
-    if (cls.name or cls.group) != ep.name:
-        raise PluginError(f"{_where(ep)}: the entry point's name must be the stage's name, '{cls.name or cls.group}'")
-    taken = REGISTRY.get(cls.group, {}).get(cls.name)
-    if taken is not None and taken is not cls:
-        raise PluginError(f"{_where(ep)}: stage {cls.group}:{cls.name} is already registered by "
-                          f"{taken.__module__}.{taken.__qualname__}")
-    register(cls)
+        raise PluginError(f"{where(ep)}: {one_line(exc)}") from None
 
 
 def _add_loss(ep: EntryPoint, obj: object) -> None:
     from .attacks.losses import LOSSES, register_loss
 
     if not (callable(obj) or isinstance(obj, str)):
-        raise PluginError(f"{_where(ep)}: {obj!r} is neither a loss(logits, y) callable nor an expression's text")
+        raise PluginError(f"{where(ep)}: {obj!r} is neither a loss(logits, y) callable nor an expression's text")
     taken = LOSSES.get(ep.name)
     if taken is not None and taken is not obj and getattr(taken, "text", None) != obj:
-        raise PluginError(f"{_where(ep)}: the loss name '{ep.name}' is already taken")
+        raise PluginError(f"{where(ep)}: the loss name '{ep.name}' is already taken")
     try:
         register_loss(ep.name, obj)
     except ValueError as exc:  # a built-in name, or an expression outside the search space
-        raise PluginError(f"{_where(ep)}: {' '.join(str(exc).split())}") from None
+        raise PluginError(f"{where(ep)}: {one_line(exc)}") from None
 
 
-_ADD = {"strategies": _add_strategy, "attacks": _add_attack, "losses": _add_loss}
+# group -> what registers one of its plug-ins; the attack stages' is the stage registry's own, added by
+# fedrobust.evaluation.stages when it is imported (a plug-in stage imports it to subclass Stage), so that this
+# module, which a node imports, never imports the evaluation code
+_ADD: dict[str, Callable[[EntryPoint, object], None]] = {"strategies": _add_strategy, "losses": _add_loss}
+
+
+def add_group(group: str, add: Callable[[EntryPoint, object], None]) -> None:
+    """Have :func:`load_plugins` register each plug-in of ``group`` (a key of :data:`GROUPS`) with ``add``."""
+    _ADD[group] = add
 
 
 def load_plugins(*groups: str) -> list[str]:
@@ -120,8 +111,11 @@ def load_plugins(*groups: str) -> list[str]:
             try:
                 obj = ep.load()
             except Exception as exc:  # any failure of the plug-in's own import
-                raise PluginError(f"{_where(ep)}: cannot import it ({_one_line(exc)})") from None
-            _ADD[group](ep, obj)
+                raise PluginError(f"{where(ep)}: cannot import it ({type(exc).__name__}: {one_line(exc)[:300]})") from None
+            add = _ADD.get(group)
+            if add is None:  # the attack stages' registry was not imported: obj cannot be a Stage subclass
+                raise PluginError(f"{where(ep)}: {obj!r} is not a fedrobust.evaluation.stages.Stage subclass")
+            add(ep, obj)
             loaded.append(f"{ep.group}:{ep.name}")
         _loaded.add(group)
     return loaded

@@ -38,6 +38,7 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from omegaconf import DictConfig
 
+from .errors import one_line
 from .ensemble import InvalidUpdateError
 from .node import MemberUpdate
 from .task import NodeTask, ShardSpec, TaskError, check_task, node_task
@@ -65,7 +66,7 @@ def _record(values: dict, section: str, nulls: list[str]) -> ConfigRecord:
     try:
         return ConfigRecord(kept)
     except (TypeError, ValueError) as exc:
-        raise TaskError(f"malformed task: {section}: {' '.join(str(exc).split())}") from None
+        raise TaskError(f"malformed task: {section}: {one_line(exc)}") from None
 
 
 def encode_task(task: NodeTask | DictConfig, round_idx: int, peers: dict[int, dict] | None = None) -> RecordDict:
@@ -163,7 +164,7 @@ def decode_task(content: RecordDict) -> tuple[NodeTask, int, dict[int, dict]]:
     except TaskError:
         raise
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
-        raise TaskError(f"malformed task: {type(exc).__name__}: {' '.join(str(exc).split())[:200]}") from None
+        raise TaskError(f"malformed task: {type(exc).__name__}: {one_line(exc)[:200]}") from None
     return task, round_idx, peers
 
 

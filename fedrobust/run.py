@@ -22,13 +22,12 @@ import logging
 import os
 import sys
 import time
-import warnings
 from pathlib import Path
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 
-from .config import ConfigError, default_config
+from .errors import ConfigError
+from .config import default_config
 from .atomic import atomic_open, save_torch, write_json, write_text
 from .data import ImageDataset, dataset_of
 from .ensemble import LogitAverageEnsemble
@@ -36,10 +35,12 @@ from .interrupt import deferred
 from .node import MemberUpdate, build_member
 from .partition import class_counts_table
 from .redact import redact, redacted
+from .runs.images import held_out_images
+from .runs.members import INCOMPLETE
 from .training import DivergedError, evaluate_model, resolve_device
 from .views import add_figure, class_mix_figure, run_hparams, write_hparams
 
-__all__ = ["CheckpointError", "finalize_run", "load_ensemble", "load_member", "prepare_run_dir", "settle_run_dir",
+__all__ = ["INCOMPLETE", "check_output_dir", "check_run_dir", "finalize_run", "preflight", "prepare_run_dir", "settle_run_dir",
            "setup_logging"]
 
 log = logging.getLogger("fedrobust")
@@ -53,9 +54,6 @@ def _default_run_dir() -> Path:
         path = Path("runs") / f"{stamp}-{i}"
         i += 1
     return path
-
-
-INCOMPLETE = "INCOMPLETE"
 
 
 def check_run_dir(run_dir: str | None) -> Path:
@@ -85,13 +83,6 @@ def check_output_dir(path: str | Path, key: str) -> Path:
     if not os.access(parent, os.W_OK | os.X_OK):
         raise ConfigError(f"{key}: {parent} is not writable, so {path} cannot be created; choose another path")
     return path
-
-
-def check_complete(run_dir: Path) -> None:
-    """Refuse a run directory whose training did not finish."""
-    if (run_dir / INCOMPLETE).is_file():
-        raise ConfigError(f"run_dir: {run_dir} holds an interrupted or failed training run (marked {INCOMPLETE}); "
-                          "train it again in a new run_dir")
 
 
 def preflight(cfg: DictConfig) -> None:
@@ -174,57 +165,6 @@ def settle_run_dir(run_dir: Path) -> None:
         (run_dir / INCOMPLETE).unlink(missing_ok=True)
 
 
-class CheckpointError(ConfigError):
-    """A member checkpoint that is not one (corrupt, a pickled object, or weights of another model)."""
-
-
-def load_member(path: Path, model: torch.nn.Module) -> torch.nn.Module:
-    """Load the member checkpoint at ``path`` into ``model``: plain tensors only, checked against the model."""
-    from .ensemble import InvalidUpdateError, validate_member_weights
-
-    try:
-        with warnings.catch_warnings():  # torch warns about pickle protocols of foreign files: the error says it all
-            warnings.simplefilter("ignore")
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch's own message advises weights_only=False: never pass it on
-        raise CheckpointError(f"{path}: not a valid member checkpoint (it does not load as plain tensors: "
-                              f"{type(exc).__name__}); replace it with a file written by fedrobust train") from None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError(f"{path}: not a valid member checkpoint (it holds a {type(state).__name__}, "
-                              "not a state dict of tensors)")
-    try:
-        weights = validate_member_weights(state, model.state_dict(), str(path))
-    except InvalidUpdateError as exc:
-        raise CheckpointError(str(exc).replace("rejected update", "not a valid member checkpoint", 1)) from None
-    model.load_state_dict(weights)
-    return model
-
-
-def load_ensemble(
-    run_dir: str | Path, device: torch.device | str = "cpu", cfg: DictConfig | None = None
-) -> LogitAverageEnsemble:
-    """Rebuild a run's ensemble from its member checkpoints (and its config, unless ``cfg`` is given).
-
-    A checkpoint that is not a valid member raises :class:`CheckpointError`, naming the file.
-    """
-    run_dir = Path(run_dir)
-    cfg = cfg if cfg is not None else OmegaConf.load(run_dir / "config.yaml")
-    data = dataset_of(cfg)
-    members = [load_member(path, build_member(cfg, data)) for path in member_files(run_dir)]
-    return LogitAverageEnsemble(members).to(device)
-
-
-def member_files(run_dir: Path) -> list[Path]:
-    """``members/member_M.pt`` in member order."""
-    def number(p: Path) -> int:
-        try:
-            return int(p.stem.split("_")[1])
-        except ValueError:
-            raise CheckpointError(f"{p}: not a member checkpoint name (expected member_<number>.pt)") from None
-
-    return sorted((Path(run_dir) / "members").glob("member_*.pt"), key=number)
-
-
 def _write_tensorboard(run_dir: Path, cfg: DictConfig, members: list[MemberUpdate], results: dict, table: str) -> None:
     from torch.utils.tensorboard import SummaryWriter
 
@@ -280,7 +220,6 @@ def finalize_run(cfg: DictConfig, run_dir: Path, members: list[MemberUpdate], *,
         for node, row in sorted(counts.items()):
             f.write(f"{node}," + ",".join(map(str, row)) + f",{sum(row)}\n")
 
-    from .evaluation.evaluate import held_out_images
     from .stats import interval_of
 
     # the test set, or the nodes' validation splits for a run scored for selection (attack.split=validation:

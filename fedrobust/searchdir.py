@@ -20,8 +20,10 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from conf import CONF_DIR
+
 from .atomic import write_json
-from .config import ConfigError
+from .errors import ConfigError, one_line
 
 __all__ = ["claim_folder", "load_group"]
 
@@ -31,9 +33,7 @@ def _preset(group: str, name: str, presets: tuple[str, ...]) -> DictConfig:
         raise ConfigError(f"{group}: unknown preset '{name}' (choose from {', '.join(presets)})")
     if name == "paper":
         return OmegaConf.create({})
-    import conf
-
-    return OmegaConf.load(Path(conf.__file__).parent / group / f"{name}.yaml")
+    return OmegaConf.load(CONF_DIR / group / f"{name}.yaml")
 
 
 def load_group(schema: type, group: str, presets: tuple[str, ...], overrides: list[str], *, usage: str) -> DictConfig:
@@ -56,7 +56,7 @@ def load_group(schema: type, group: str, presets: tuple[str, ...], overrides: li
         try:
             s = OmegaConf.merge(s, OmegaConf.from_dotlist([f"{key[len(prefix):]}={value}"]))
         except OmegaConfBaseException as exc:
-            msg = " ".join(str(exc).splitlines()[0].split())
+            msg = one_line(str(exc).splitlines()[0])
             raise ConfigError(f"{key}: {msg}") from None
     return s
 

@@ -34,7 +34,7 @@ def main(argv: list[str]) -> int:
         from .plugins import load_plugins
         from .run import setup_logging
 
-        load_plugins()
+        load_plugins("strategies", "losses")  # the nodes' strategies; the evaluation runs in the parent
         cfg = config_from_json(sys.stdin.read())
         setup_logging(run_dir)
         simulate_in_process(cfg, run_dir, num_cpus=cpus or None, temp_dir=temp_dir)

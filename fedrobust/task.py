@@ -27,8 +27,11 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from .config import (DATASETS, DEPLOYMENTS, MODELS, SEARCHED_PREFIX, STRATEGY_SCHEMAS, ConfigError, is_searched,
-                     model_spec, strategy_names, validate_strategy)
+from .data_settings import DATASETS
+from .deployment_settings import DEPLOYMENTS
+from .models.settings import MODELS, SEARCHED_PREFIX, is_searched, model_spec
+from strategies.settings import STRATEGY_SCHEMAS, check_strategy_keys, strategy_names
+from .errors import ConfigError, one_line
 from .training import TrainSettings
 
 __all__ = ["NodeTask", "ShardSpec", "TaskError", "check_task", "node_task", "shard_spec", "train_settings"]
@@ -153,7 +156,7 @@ def _check_genotype(text: str) -> None:
     try:
         parse_genotype(text)
     except GenotypeError as exc:
-        _fail("model", f"searched genotype: {' '.join(str(exc).split())}")
+        _fail("model", f"searched genotype: {one_line(exc)}")
 
 
 def check_task(task: NodeTask) -> None:
@@ -211,9 +214,9 @@ def check_task(task: NodeTask) -> None:
               "a strategy argument is a number, a string, a bool, null or a list of them")
     try:  # the strategy's own schema: no unknown key, every value of its type
         typed = OmegaConf.merge(OmegaConf.structured(STRATEGY_SCHEMAS[task.strategy]), {"name": task.strategy, **args})
-        validate_strategy(typed, "strategy")
+        check_strategy_keys(typed, "strategy")
     except OmegaConfBaseException as exc:
         key = getattr(exc, "full_key", None)
-        _fail(f"strategy.{key}" if key else "strategy", " ".join(str(exc).splitlines()[0].split()))
+        _fail(f"strategy.{key}" if key else "strategy", one_line(str(exc).splitlines()[0]))
     except ConfigError as exc:
         raise TaskError(f"malformed task: {exc}") from None

@@ -29,7 +29,7 @@ from fedrobust.data import load_dataset, to_float
 from fedrobust.attacks import PGD
 from fedrobust.attacks import transferability
 from fedrobust.interrupt import guarded
-from fedrobust.run import load_ensemble
+from fedrobust.runs.members import load_ensemble
 
 EPS = (4 / 255, 8 / 255, 16 / 255, 0.1)
 

@@ -8,57 +8,36 @@ Strategies whose ``needs_peers`` is true also offer ``joint_loss`` for
 members that live on one node, and optional ``begin_epoch`` hooks are called
 by the trainer at the start of each epoch.
 
-:data:`STRATEGIES` holds the built-in strategies; installed packages add
-theirs through the ``fedrobust.strategies`` entry-point group
-(:func:`fedrobust.plugins.load_plugins` calls :func:`register_strategy`).
+:data:`STRATEGIES` holds the built-in strategies (:mod:`.registry`);
+installed packages add theirs through the ``fedrobust.strategies``
+entry-point group (:func:`fedrobust.plugins.load_plugins` calls
+:func:`register_strategy`). The ``strategy`` config section, each
+strategy's keys and their checks, is :mod:`.settings`.
+
+The names below are imported on first use (:mod:`fedrobust.lazy`), so that
+the config section's schema loads without torch.
 """
 
-from collections.abc import Mapping
-from typing import Any
+from __future__ import annotations
 
-from omegaconf import DictConfig
+from typing import TYPE_CHECKING
 
-from .adversarial import Adversarial
-from .base import LossTerms, TrainingStrategy
-from .curvature import Curvature
-from .dispersion import Dispersion
-from .edlcm import EDLCM
-from .plain import Plain
+from fedrobust.lazy import lazy_names
+
+if TYPE_CHECKING:
+    from .adversarial import Adversarial
+    from .base import LossTerms, TrainingStrategy
+    from .curvature import Curvature
+    from .dispersion import Dispersion
+    from .edlcm import EDLCM
+    from .plain import Plain
+    from .registry import STRATEGIES, build_strategy, register_strategy
 
 __all__ = ["Adversarial", "Curvature", "Dispersion", "EDLCM", "LossTerms", "Plain", "STRATEGIES", "TrainingStrategy",
            "build_strategy", "register_strategy"]
 
-STRATEGIES: dict[str, type[TrainingStrategy]] = {
-    "plain": Plain,
-    "curvature": Curvature,
-    "dispersion": Dispersion,
-    "edlcm": EDLCM,
-    "adversarial": Adversarial,
-}
-
-
-BUILT_IN = tuple(STRATEGIES)
-
-
-def register_strategy(cls: type[TrainingStrategy], name: str | None = None) -> type[TrainingStrategy]:
-    """Make ``cls`` buildable as strategy ``name`` (default: ``cls.name``); a built-in name cannot be taken."""
-    name = name or cls.name
-    if not (isinstance(cls, type) and issubclass(cls, TrainingStrategy)):
-        raise TypeError(f"strategy '{name}': {cls!r} is not a TrainingStrategy subclass")
-    if name in BUILT_IN and STRATEGIES.get(name) is not cls:
-        raise ValueError(f"strategy '{name}' is built in; a plug-in needs a name of its own")
-    STRATEGIES[name] = cls
-    return cls
-
-
-def build_strategy(cfg: DictConfig | str, args: Mapping[str, Any] | None = None) -> TrainingStrategy:
-    """The strategy named ``cfg`` with arguments ``args``, or named by ``cfg.name`` and built from the rest of ``cfg``."""
-    if isinstance(cfg, str):
-        name, kwargs = cfg, dict(args or {})
-    else:
-        name, kwargs = cfg.name, {k: v for k, v in cfg.items() if k != "name"}
-    try:
-        cls = STRATEGIES[name]
-    except KeyError:
-        raise ValueError(f"unknown strategy '{name}' (choose from {', '.join(STRATEGIES)})") from None
-    return cls(**kwargs)
+__getattr__, __dir__ = lazy_names(__name__, {
+    "Adversarial": ".adversarial", "LossTerms": ".base", "TrainingStrategy": ".base", "Curvature": ".curvature",
+    "Dispersion": ".dispersion", "EDLCM": ".edlcm", "Plain": ".plain",
+    **dict.fromkeys(["STRATEGIES", "build_strategy", "register_strategy"], ".registry"),
+})

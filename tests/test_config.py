@@ -6,7 +6,8 @@ import sys
 import pytest
 
 from fedrobust.cli import main
-from fedrobust.config import ConfigError, load_config
+from fedrobust.errors import ConfigError
+from fedrobust.config import load_config
 
 BAD = [
     (["optimizer.lr=0"], "optimizer.lr"),
@@ -106,18 +107,24 @@ def test_attack_and_tune_sections_are_checked_with_their_code_and_all_at_once_by
         validate_all(cfg)
 
 
-def test_a_registered_strategy_schema_is_a_typed_strategy_option(monkeypatch):
+def test_a_registered_strategy_schema_is_a_typed_strategy_option(monkeypatch, request):
     """What a plug-in strategy's Config becomes: strategy=<name> composes without a YAML file, typed."""
     from dataclasses import dataclass
 
     from hydra.core.config_store import ConfigStore
 
-    from fedrobust import config
+    from strategies import settings
 
     cs = ConfigStore.instance()  # undone after the test
     monkeypatch.setitem(cs.repo, "strategy", dict(cs.repo["strategy"]))
-    monkeypatch.setattr(config, "STRATEGY_SCHEMAS", dict(config.STRATEGY_SCHEMAS))
-    monkeypatch.setattr(config, "PEER_STRATEGIES", list(config.PEER_STRATEGIES))
+    schemas, peers = dict(settings.STRATEGY_SCHEMAS), list(settings.PEER_STRATEGIES)
+
+    def restore() -> None:  # the registries are shared by reference (fedrobust.config reads the same ones)
+        settings.STRATEGY_SCHEMAS.clear()
+        settings.STRATEGY_SCHEMAS.update(schemas)
+        settings.PEER_STRATEGIES[:] = peers
+
+    request.addfinalizer(restore)
 
     @dataclass
     class ToyParams:
@@ -127,14 +134,14 @@ def test_a_registered_strategy_schema_is_a_typed_strategy_option(monkeypatch):
 
     with pytest.raises(ConfigError, match="strategy: unknown value 'toy'"):
         load_config(["strategy=toy"])
-    config.register_strategy_schema("toy", ToyParams, needs_peers=True)
+    settings.register_strategy_schema("toy", ToyParams, needs_peers=True)
     cfg = load_config(["strategy=toy", "strategy.weight=2", "train.epochs=20"])
     assert dict(cfg.strategy) == {"name": "toy", "weight": 2.0, "mode": "a", "limit": None}
     assert cfg.train.rounds == 10  # it needs peers: the peer strategies' default rounds
-    assert config.strategy_names()[-1] == "toy"
+    assert settings.strategy_names()[-1] == "toy"
     for bad, key in (("strategy.weight=heavy", "strategy.weight"), ("strategy.nope=1", "strategy.nope"),
                      ("strategy.limit=1.5", "strategy.limit")):
         with pytest.raises(ConfigError, match=rf"^{key}"):
             load_config(["strategy=toy", bad])
     with pytest.raises(ConfigError, match="not a valid strategy name"):
-        config.register_strategy_schema("no-dash", ToyParams)
+        settings.register_strategy_schema("no-dash", ToyParams)

@@ -174,7 +174,7 @@ class _LoopbackGrid:
 def test_a_diverged_member_crosses_the_wire_without_weights_and_never_joins(nan_member_2, task_identity):
     from fedrobust.config import load_config
     from fedrobust.federation import collect_members
-    from fedrobust.server_app import FlowerRounds
+    from fedrobust.rounds import FlowerRounds
 
     # epoch 2 is in round 3 of 4: the last finite loss comes through the Flower Context, and in round 4
     # node 2 reports the diverged member again, which the server skips

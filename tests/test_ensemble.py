@@ -15,7 +15,7 @@ from fedrobust.ensemble import InvalidUpdateError, LogitAverageEnsemble, validat
 from fedrobust.federation import collect_members
 from fedrobust.node import build_member, train_node_round
 from fedrobust.protocol import decode_reply, encode_reply
-from fedrobust.server_app import FlowerRounds
+from fedrobust.rounds import FlowerRounds
 
 CFG = load_config(["train.progress=false", "train.epochs=1"])
 REFERENCE = build_member(CFG, load_dataset("digits")).state_dict()

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from fedrobust.cli import main
-from fedrobust.evaluation.evaluate import evaluation_sample
+from fedrobust.runs.images import evaluation_sample
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from fedrobust.cli import main
-from fedrobust.config import ConfigError, load_config
+from fedrobust.errors import ConfigError
+from fedrobust.config import load_config
 from fedrobust.evaluation import stages as st
 from golden_evaluation import ATTACK, TRAIN
 

@@ -19,11 +19,13 @@ from omegaconf import OmegaConf
 from fedrobust.attacks import LOSSES, SearchedLoss, register_loss
 from fedrobust.attacks.expression import MAX_DEPTH
 from fedrobust.cli import main
-from fedrobust.config import ConfigError, load_config
+from fedrobust.errors import ConfigError
+from fedrobust.config import load_config
 from fedrobust.evaluation import stages as st
-from fedrobust.evaluation.cache import content_key
-from fedrobust.evaluation.evaluate import Images, _evaluation_key
-from fedrobust.run import member_files
+from fedrobust.evaluation.evaluate import _evaluation_key
+from fedrobust.runs.cache import content_key
+from fedrobust.runs.images import Images
+from fedrobust.runs.members import member_files
 from test_bad_input import trained  # noqa: F401  (the module's finished one-epoch run, built once)
 
 pytestmark = pytest.mark.xdist_group("loss_config")

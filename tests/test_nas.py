@@ -233,7 +233,7 @@ def test_bad_settings_exit_2_in_one_line_and_write_nothing(tmp_path, capsys, ove
 def test_a_supernet_of_fewer_than_3_cells_is_refused_and_the_halves_are_stratified():
     import numpy as np
 
-    from fedrobust.config import ConfigError
+    from fedrobust.errors import ConfigError
     from fedrobust.data import load_dataset
     from fedrobust.nas.search import split_halves
     from fedrobust.nas.settings import load_settings

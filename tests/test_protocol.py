@@ -9,7 +9,8 @@ from flwr.app import ConfigRecord, RecordDict
 from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
 
 from fedrobust import validation  # noqa: F401  (every section checked, as the CLI does)
-from fedrobust.config import STRATEGY_SCHEMAS, load_config
+from strategies.settings import STRATEGY_SCHEMAS
+from fedrobust.config import load_config
 from fedrobust.node import initial_weights, train_node_round
 from fedrobust.data import load_dataset
 from fedrobust.protocol import decode_task, encode_task

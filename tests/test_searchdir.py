@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from fedrobust.config import ConfigError
+from fedrobust.errors import ConfigError
 from fedrobust.searchdir import claim_folder, load_group
 
 

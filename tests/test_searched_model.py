@@ -19,7 +19,10 @@ import torch
 from omegaconf import OmegaConf
 
 from fedrobust.cli import main
-from fedrobust.config import ConfigError, config_from_json, config_to_json, inline_model_overrides, model_spec
+from fedrobust.errors import ConfigError
+from fedrobust.config import config_from_json, config_to_json
+from fedrobust.overrides import inline_model_overrides
+from fedrobust.models.settings import model_spec
 from fedrobust.models import build_model, count_parameters, resolve_model
 from fedrobust.nas import GenotypeError, Supernet, parse_genotype
 from fedrobust.validation import apply_overrides, load_config
@@ -293,7 +296,7 @@ def test_evaluate_needs_no_genotype_file_and_takes_a_searched_surrogate(searched
 
 
 def test_the_models_command_lists_every_model_and_genotype(tmp_path, capsys):
-    from fedrobust.config import MODELS
+    from fedrobust.models.settings import MODELS
 
     path = write(tmp_path / "g.json", tiny_genotype())
     capsys.readouterr()

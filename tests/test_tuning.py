@@ -20,7 +20,8 @@ from strict_json import assert_strict_json
 
 from fedrobust.cli import main as cli
 from fedrobust.training import DivergedError
-from fedrobust.config import ConfigError, load_config
+from fedrobust.errors import ConfigError
+from fedrobust.config import load_config
 from fedrobust.tuning import SearchSpace, pareto_front
 from fedrobust.tuning.outputs import read_trials_csv
 from fedrobust.tuning.report import report
@@ -347,7 +348,7 @@ def test_a_trial_run_in_process_leaves_torchs_thread_count_as_it_found_it(tmp_pa
 def test_trials_draw_their_selection_sample_from_the_validation_splits():
     """tune.selection images, drawn with a fixed seed from the union of the nodes' validation splits."""
     from fedrobust.data import load_dataset
-    from fedrobust.evaluation.evaluate import evaluation_images, validation_indices
+    from fedrobust.runs.images import evaluation_images, validation_indices
     from fedrobust.tuning.study import _base_cfg_for_trials
 
     data = load_dataset("digits")

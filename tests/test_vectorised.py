@@ -217,7 +217,7 @@ def test_epoch_augmentation_is_drawn_once_and_reproducible():
 
 def test_a_checkpoint_saved_on_a_gpu_loads_on_cpu(tmp_path, monkeypatch):
     """Write a member checkpoint whose storages say ``cuda:0`` (as one saved on a GPU does), then load it here."""
-    from fedrobust.run import load_member
+    from fedrobust.runs.members import load_member
 
     member = _members("cnn", 1)[0]
     path = tmp_path / "member_0.pt"
@@ -264,7 +264,7 @@ def test_cuda_training_with_every_precision(precision):
 
 @cuda
 def test_cuda_checkpoint_loads_on_cpu_and_a_cpu_one_on_cuda(tmp_path):
-    from fedrobust.run import load_member
+    from fedrobust.runs.members import load_member
 
     member = _members("cnn", 1)[0]
     torch.save({k: v.cuda() for k, v in member.state_dict().items()}, tmp_path / "gpu.pt")

@@ -56,6 +56,8 @@ from typing import Union
 import torch
 import torch.nn.functional as F
 
+from ..errors import one_line
+
 __all__ = [
     "GAMMA", "HAND_MADE", "LOSS_FILE_FORMAT", "MAX_DEPTH", "MAX_NODES", "PRIMITIVES", "TERMINALS", "LossExpressionError",
     "SearchedLoss", "Tree", "depth", "infix", "load_loss_file", "parse", "simplify", "size", "to_text",
@@ -410,7 +412,7 @@ def load_loss_file(path: str | os.PathLike) -> SearchedLoss:
         except RecursionError:
             raise LossExpressionError("nested too deeply to be a loss file") from None
         except (UnicodeDecodeError, ValueError) as exc:
-            raise LossExpressionError(f"not JSON ({' '.join(str(exc).split())})") from None
+            raise LossExpressionError(f"not JSON ({one_line(exc)})") from None
         if not isinstance(data, dict) or not isinstance(data.get("expression"), str):
             raise LossExpressionError("expected a JSON object with an 'expression' string (a best.json "
                                       "written by fedrobust search-loss)")

@@ -17,13 +17,14 @@ from __future__ import annotations
 
 from omegaconf import DictConfig
 
-from ..attacks.expression import LossExpressionError, load_loss_file
+from ..attacks.expression import LossExpressionError, load_loss_file, parse
 from ..attacks.gradient import NONFINITE
-from ..attacks.expression import parse
-from ..attacks.losses import EXPR_PREFIX, FILE_PREFIX, LOSSES
-from ..config import ATTACK_LOSSES, MODELS, SPLITS, ConfigError, is_searched, register_check
-from ..models import read_genotype
-from ..nas import GenotypeError
+from ..attacks.losses import BUILTIN, EXPR_PREFIX, FILE_PREFIX, LOSSES
+from ..config import register_check
+from ..errors import ConfigError, check, one_line
+from ..models.settings import MODELS, is_searched, read_genotype
+from ..nas.genotype import GenotypeError
+from .settings import SPLITS
 from .stages import stage_names
 
 __all__ = ["INPUT_SIZES", "check_attack_loss", "check_attack_section", "validate_attack"]
@@ -33,17 +34,13 @@ INPUT_SIZES = {"digits": 1 * 8 * 8, "mnist": 28 * 28, "fashion_mnist": 28 * 28, 
                "cifar100": 3 * 32 * 32}
 
 
-def _check(ok: bool, key: str, msg: str) -> None:
-    if not ok:
-        raise ConfigError(f"{key}: {msg}")
-
 
 def check_attack_loss(key: str, value: str) -> None:
     """``attack.<key>`` names a loss: a built-in or registered name, or ``file:PATH`` of a loss file
     that loads now (a :class:`~fedrobust.attacks.LossExpressionError` becomes a one-line ConfigError)."""
     if isinstance(value, str) and value.startswith(FILE_PREFIX):
         path = value[len(FILE_PREFIX):]
-        _check(bool(path), f"attack.{key}", "file: needs a path, e.g. file:losses/best.json")
+        check(bool(path), f"attack.{key}", "file: needs a path, e.g. file:losses/best.json")
         try:
             load_loss_file(path)
         except LossExpressionError as exc:
@@ -55,41 +52,41 @@ def check_attack_loss(key: str, value: str) -> None:
         except LossExpressionError as exc:
             raise ConfigError(f"attack.{key}: expression: {exc}") from None
         return
-    names = tuple(dict.fromkeys((*ATTACK_LOSSES, *LOSSES)))  # the built-ins first, then registered ones
-    _check(value in names, f"attack.{key}",
+    names = tuple(dict.fromkeys((*BUILTIN, *LOSSES)))  # the built-ins first, then registered ones
+    check(value in names, f"attack.{key}",
            f"unknown value '{value}' (choose from {', '.join(names)}, file:PATH or expr:TEXT)")
 
 
 def validate_attack(a: DictConfig, data_name: str = "digits") -> None:
     def one_of(key: str, value: str, allowed: tuple[str, ...]) -> None:
-        _check(value in allowed, f"attack.{key}", f"unknown value '{value}' (choose from {', '.join(allowed)})")
+        check(value in allowed, f"attack.{key}", f"unknown value '{value}' (choose from {', '.join(allowed)})")
 
-    _check(0 < a.eps < 1, "attack.eps", f"must be in (0, 1): an L-inf budget in [0, 1] pixel units "
+    check(0 < a.eps < 1, "attack.eps", f"must be in (0, 1): an L-inf budget in [0, 1] pixel units "
            f"(8/255 = 0.0314 is the paper's), got {a.eps}")
     l2_max = INPUT_SIZES.get(data_name, 3 * 32 * 32) ** 0.5
-    _check(0 < a.eps_l2 < l2_max, "attack.eps_l2", f"must be in (0, {l2_max:.4g}) for {data_name} "
+    check(0 < a.eps_l2 < l2_max, "attack.eps_l2", f"must be in (0, {l2_max:.4g}) for {data_name} "
            f"(the L2 diameter of its [0, 1] images), got {a.eps_l2}")
-    _check(a.num_samples >= 1, "attack.num_samples", f"must be >= 1, got {a.num_samples}")
+    check(a.num_samples >= 1, "attack.num_samples", f"must be >= 1, got {a.num_samples}")
     one_of("split", a.split, SPLITS)
-    _check(a.batch_size >= 1, "attack.batch_size", f"must be >= 1, got {a.batch_size}")
+    check(a.batch_size >= 1, "attack.batch_size", f"must be >= 1, got {a.batch_size}")
     if a.surrogates is not None:
-        _check(len(a.surrogates) > 0, "attack.surrogates",
+        check(len(a.surrogates) > 0, "attack.surrogates",
                "must name at least one model, or be null for the dataset's default zoo")
         for name in a.surrogates:
             if is_searched(name):  # the genotype file is read now, so that a bad one is refused before anything runs
                 try:
                     read_genotype(name)
                 except GenotypeError as exc:
-                    raise ConfigError(f"attack.surrogates: {' '.join(str(exc).split())}") from None
+                    raise ConfigError(f"attack.surrogates: {one_line(exc)}") from None
             else:
-                _check(name in MODELS, "attack.surrogates",
+                check(name in MODELS, "attack.surrogates",
                        f"unknown value '{name}' (choose from {', '.join(MODELS)}, or searched:PATH)")
-    _check(a.surrogate_epochs >= 1, "attack.surrogate_epochs", f"must be >= 1, got {a.surrogate_epochs}")
+    check(a.surrogate_epochs >= 1, "attack.surrogate_epochs", f"must be >= 1, got {a.surrogate_epochs}")
     # the registered stages (plug-ins included) are what the lists may name
     for group, key in (("transfer", "transfer_attacks"), ("query", "query_attacks"), ("whitebox", "whitebox")):
         names = stage_names(group)
         if key != "whitebox":
-            _check(len(a[key]) > 0, f"attack.{key}", f"must name at least one attack (from {', '.join(names)})")
+            check(len(a[key]) > 0, f"attack.{key}", f"must name at least one attack (from {', '.join(names)})")
         for name in a[key]:
             one_of(key, name, names)
     one_of("transfer", a.transfer, tuple(a.transfer_attacks))
@@ -98,12 +95,12 @@ def validate_attack(a: DictConfig, data_name: str = "digits") -> None:
     check_attack_loss("whitebox_loss", a.whitebox_loss)
     one_of("nonfinite", a.nonfinite, NONFINITE)
     one_of("square_loss", a.square_loss, ("margin", "ce"))
-    _check(a.queries >= 1, "attack.queries", f"must be >= 1, got {a.queries}")
-    _check(0 < a.p_init <= 1, "attack.p_init", f"must be in (0, 1], got {a.p_init}")
+    check(a.queries >= 1, "attack.queries", f"must be >= 1, got {a.queries}")
+    check(0 < a.p_init <= 1, "attack.p_init", f"must be in (0, 1], got {a.p_init}")
     for key in ("transfer_steps", "whitebox_steps", "apgd_steps", "tsr_steps", "power_iters", "restarts",
                 "apgd_targets"):
-        _check(a[key] >= 1, f"attack.{key}", f"must be >= 1, got {a[key]}")
-    _check(a.hessian_samples >= 0, "attack.hessian_samples", f"must be >= 0, got {a.hessian_samples}")
+        check(a[key] >= 1, f"attack.{key}", f"must be >= 1, got {a[key]}")
+    check(a.hessian_samples >= 0, "attack.hessian_samples", f"must be >= 0, got {a.hessian_samples}")
 
 
 def check_attack_section(cfg: DictConfig) -> None:

@@ -30,11 +30,9 @@ evaluation carries its count of images and a 95% Wilson interval
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,85 +42,22 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..atomic import write_json
 from ..attacks import accuracy, loss_identity, predict
-from ..config import ConfigError
+from ..errors import ConfigError
 from ..data import ImageDataset, dataset_of, to_float
 from ..progress import interactive, progress as progress_bar
-from ..run import check_complete, load_ensemble, member_files
+from ..runs.cache import content_key
+from ..runs.images import Images, evaluation_images, held_out_images
+from ..runs.members import check_complete, load_ensemble, member_files, members_digest
 from ..training import resolve_device
 from ..views import Board
 from ..stats import interval_of
-from .cache import content_key
 from .fates import FATES, figure, load_fates, save_fate, unions
 from .stages import REGISTRY, Stage, TransferExamples, Zoo, build_stages
 from .surrogates import load_or_train_zoo, zoo_cache_path
 
-__all__ = ["PARTIAL", "Images", "evaluate_run", "evaluation_images", "evaluation_sample", "held_out_images",
-           "prepare_transfer_artefacts", "read_results", "validation_indices"]
+__all__ = ["PARTIAL", "evaluate_run", "prepare_transfer_artefacts", "read_results"]
 
 log = logging.getLogger("fedrobust")
-
-
-def evaluation_sample(num_test: int, num_samples: int, seed: int) -> np.ndarray:
-    """Fixed test indices: ``num_samples`` drawn without replacement (all of them if fewer), sorted."""
-    if num_samples >= num_test:
-        return np.arange(num_test)
-    return np.sort(np.random.default_rng(seed).choice(num_test, size=num_samples, replace=False))
-
-
-def validation_indices(cfg: DictConfig, data: ImageDataset) -> np.ndarray:
-    """The union of the nodes' validation splits: sorted indices into the training set."""
-    from ..node import shards_for
-
-    return np.unique(np.concatenate([np.asarray(s.val, dtype=np.int64) for s in shards_for(cfg, data)]))
-
-
-_POOLS = {"test": "the test set", "validation": "the union of the nodes' validation splits"}
-
-
-@dataclass(frozen=True)
-class Images:
-    """Held-out images a figure is measured on: the split, the indices into it, how they were drawn.
-
-    ``indices`` index the test set (split ``test``) or the training set (split ``validation``).
-    """
-
-    split: str
-    indices: np.ndarray
-    pool: int  # how many images the split holds
-    seed: int | None = None  # None: the whole split
-
-    def tensors(self, data: ImageDataset) -> tuple[torch.Tensor, torch.Tensor]:
-        """The images (as stored) and their labels."""
-        idx = torch.as_tensor(self.indices)
-        if self.split == "test":
-            return data.x_test[idx], data.y_test[idx]
-        return data.x_train[idx], data.y_train[idx]
-
-    def describe(self) -> dict[str, Any]:
-        """What ``results.json`` records: the split, how many images, and how they were drawn."""
-        n = len(self.indices)
-        if self.seed is None or n == self.pool:
-            text = f"{self.split}: all {n} images of {_POOLS[self.split]}"
-        else:
-            text = f"{self.split}: {n} images drawn with seed {self.seed} from {_POOLS[self.split]} ({self.pool} images)"
-        return {"split": self.split, "num_images": n, "drawn_from": self.pool, "seed": self.seed, "text": text}
-
-
-def held_out_images(cfg: DictConfig, data: ImageDataset, split: str | None = None) -> Images:
-    """All the images of ``split`` (default ``attack.split``): the test set, or the nodes' validation splits."""
-    split = split or cfg.attack.split
-    if split == "test":
-        return Images("test", np.arange(len(data.y_test)), len(data.y_test))
-    idx = validation_indices(cfg, data)
-    return Images("validation", idx, len(idx))
-
-
-def evaluation_images(cfg: DictConfig, data: ImageDataset) -> Images:
-    """The evaluation sample: ``attack.num_samples`` images of ``attack.split``, drawn with ``attack.sample_seed``."""
-    a = cfg.attack
-    whole = held_out_images(cfg, data)
-    pick = evaluation_sample(whole.pool, a.num_samples, a.sample_seed)
-    return Images(whole.split, whole.indices[pick], whole.pool, a.sample_seed)
 
 
 def prepare_transfer_artefacts(cfg: DictConfig, data: ImageDataset | None = None) -> list[Path]:
@@ -191,16 +126,12 @@ def _merge(parts: list[dict], num_members: int) -> dict:
 
 def _evaluation_key(run_dir: Path, cfg: DictConfig, images: Images) -> str:
     """What an evaluation's results depend on: the members' bytes, the attack settings, the sample."""
-    h = hashlib.sha256()
-    for path in member_files(run_dir):
-        h.update(path.name.encode())
-        h.update(path.read_bytes())
     # where the cache lives and which files losses came from change no figure
     attack = {k: v for k, v in OmegaConf.to_container(cfg.attack, resolve=True).items()
               if k not in ("cache_dir", "loss_files")}
     for k in ("transfer_loss", "whitebox_loss"):  # a searched loss's expression, not its file's path
         attack[k] = loss_identity(attack[k])
-    return content_key({"members": h.hexdigest(), "attack": attack, "data": cfg.data.name, "split": images.split,
+    return content_key({"members": members_digest(run_dir), "attack": attack, "data": cfg.data.name, "split": images.split,
                         "indices": images.indices.tolist(), "version": 2})
 
 

@@ -55,6 +55,7 @@ from __future__ import annotations
 import inspect
 import logging
 from collections.abc import Callable
+from importlib.metadata import EntryPoint
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -67,7 +68,8 @@ from ..attacks import (CWA, MIFGSM, PGD, SearchedLoss, SquareAttack, accuracy, a
                        loss_identity, predict, robust_images, transferability)
 from ..attacks.smoothness import gradient_cosine, hessian_lambda_max
 from ..ensemble import LogitAverageEnsemble
-from .cache import cache_root, content_key, load_tensors, save_tensors
+from ..runs.cache import cache_root, content_key, load_tensors, save_tensors
+from ..plugins import PluginError, add_group, where
 from .fates import figure
 
 __all__ = ["REGISTRY", "Stage", "TransferExamples", "Zoo", "build_stages", "register", "stage_names"]
@@ -181,7 +183,7 @@ def stage_names(group: str) -> tuple[str, ...]:
 
 def build_stages(attack: DictConfig, num_members: int) -> list[Stage]:
     """The stages an evaluation runs, in order."""
-    from ..config import ConfigError
+    from ..errors import ConfigError
 
     stages: list[Stage] = []
     for classes in REGISTRY.values():
@@ -470,4 +472,19 @@ class Smoothness(Stage):
                                "smoothness/grad_cosine": cos.cpu().tolist()}}
 
 
-from . import checks  # noqa: E402,F401  (registers the attack section's check, which reads this registry)
+# ------------------------------------------------------------------ plug-ins --
+
+def _add_plugin(ep: EntryPoint, cls: object) -> None:
+    """Register an installed plug-in stage (entry-point group ``fedrobust.attacks``, :mod:`fedrobust.plugins`)."""
+    if not (isinstance(cls, type) and issubclass(cls, Stage) and getattr(cls, "group", None)):
+        raise PluginError(f"{where(ep)}: {cls!r} is not a fedrobust.evaluation.stages.Stage subclass with a group")
+    if (cls.name or cls.group) != ep.name:
+        raise PluginError(f"{where(ep)}: the entry point's name must be the stage's name, '{cls.name or cls.group}'")
+    taken = REGISTRY.get(cls.group, {}).get(cls.name)
+    if taken is not None and taken is not cls:
+        raise PluginError(f"{where(ep)}: stage {cls.group}:{cls.name} is already registered by "
+                          f"{taken.__module__}.{taken.__qualname__}")
+    register(cls)
+
+
+add_group("attacks", _add_plugin)

@@ -37,14 +37,16 @@ from torch import nn
 
 from strategies import Plain
 
-from ..config import DataConfig, DeploymentConfig, OptimizerConfig, TrainConfig
+from ..data_settings import DataConfig
+from ..deployment_settings import DeploymentConfig
+from ..training_settings import OptimizerConfig, TrainConfig
 from ..data import ImageDataset
 from ..ensemble import LogitAverageEnsemble
-from ..config import is_searched
+from ..models.settings import is_searched
 from ..models import build_model, resolve_model
 from ..partition import node_shards
 from ..training import TrainSettings, member_seed, train_member
-from .cache import cache_root, content_key, load_tensors, save_tensors, tensor_fingerprint
+from ..runs.cache import cache_root, content_key, load_tensors, save_tensors, tensor_fingerprint
 
 __all__ = ["DEFAULT_ZOOS", "default_surrogates", "load_or_train_zoo", "zoo_cache_path", "zoo_key"]
 

@@ -28,11 +28,12 @@ from typing import Any
 import numpy as np
 
 from ..atomic import write_json, write_text
+from ..attacks.losses import BUILTIN
 from ..attacks import APGD, PGD, robust_images
 from ..attacks.expression import SearchedLoss
 from ..data import to_float
-from ..evaluation.cache import content_key
-from ..evaluation.evaluate import Images, evaluation_sample, held_out_images
+from ..runs.cache import content_key
+from ..runs.images import Images, evaluation_sample, held_out_images
 from ..stats import paired
 
 __all__ = ["measure_heldout"]
@@ -75,7 +76,7 @@ def measure_heldout(search, fame: list[dict[str, Any]], out: Path) -> dict[str, 
     x, y = to_float(x).to(search.device), y.to(search.device)
     model, eps, bs, seed = search.model, search.eps, a.batch_size, s.attack_seed
     best = SearchedLoss.parse(fame[0]["expression"])
-    losses: dict[str, Any] = {"ce": "ce", "margin": "margin", "dlr": "dlr"}
+    losses: dict[str, Any] = {name: name for name in BUILTIN}
     rows, ce_masks = [], {}
     long, apgd = f"pgd{s.long_steps}", f"apgd{s.apgd_steps}"
     for name, loss in losses.items():

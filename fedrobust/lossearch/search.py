@@ -27,7 +27,6 @@ Everything lives in ``RUN_DIR/loss_search/`` (or ``loss_search.out_dir``):
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import logging
 import statistics
@@ -40,11 +39,12 @@ from omegaconf import DictConfig
 from ..atomic import atomic_open, save_figure, write_json
 from ..attacks.expression import HAND_MADE as HAND_MADE_TREES
 from ..attacks.expression import LOSS_FILE_FORMAT, infix, parse, size, to_text
+from ..attacks.losses import BUILTIN
 from ..data import dataset_of, to_float
-from ..evaluation.cache import content_key
-from ..evaluation.evaluate import Images, evaluation_sample, held_out_images
+from ..runs.cache import content_key
+from ..runs.images import Images, evaluation_sample, held_out_images
 from ..progress import progress
-from ..run import load_ensemble, member_files
+from ..runs.members import load_ensemble, members_digest
 from ..searchdir import claim_folder
 from ..training import resolve_device
 from .fitness import WORST, FitnessCache, Problem, canonical
@@ -54,7 +54,7 @@ __all__ = ["HAND_MADE", "run_search", "search_dir"]
 
 log = logging.getLogger("fedrobust")
 
-HAND_MADE = ("ce", "margin", "dlr")
+HAND_MADE = BUILTIN  # the built-in losses: the search's baselines and, with hand_made_start, its first trees
 _TRAJECTORY = ("generations", "population", "tournament", "selections", "crossover", "mutation", "max_depth",
                "init_min_depth", "init_max_depth", "mutation_depth", "hand_made_start", "seed", "steps", "attack_seed", "split",
                "num_images", "sample_seed", "target")
@@ -62,14 +62,6 @@ _TRAJECTORY = ("generations", "population", "tournament", "selections", "crossov
 
 def search_dir(run_dir: Path, s: DictConfig) -> Path:
     return Path(s.out_dir) if s.out_dir else Path(run_dir) / "loss_search"
-
-
-def _members_digest(run_dir: Path) -> str:
-    h = hashlib.sha256()
-    for path in member_files(run_dir):
-        h.update(path.name.encode())
-        h.update(path.read_bytes())
-    return h.hexdigest()
 
 
 def target_model(ensemble, target: str):
@@ -94,7 +86,7 @@ class _Search:
         self.problem = Problem(self.model, to_float(x).to(self.device), y.to(self.device), self.eps, s.steps,
                                s.attack_seed, cfg.attack.batch_size)
         settings = {k: s[k] for k in _TRAJECTORY}
-        self.key = content_key({"members": _members_digest(self.run_dir), "settings": settings, "eps": self.eps,
+        self.key = content_key({"members": members_digest(self.run_dir), "settings": settings, "eps": self.eps,
                                 "data": cfg.data.name, "images": self.images.indices.tolist(), "version": 1})
         self.description = {"run_dir": str(self.run_dir), "key": self.key, "eps": self.eps, "settings": settings,
                             "images": self.images.describe(), "indices": self.images.indices.tolist()}

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from omegaconf import DictConfig
 
-from ..config import ConfigError
+from ..errors import check
 from ..searchdir import load_group
 
 __all__ = ["PRESETS", "LossSearchConfig", "load_settings", "validate_loss_search"]
@@ -50,8 +50,7 @@ class LossSearchConfig:
 
 
 def _check(ok: bool, key: str, msg: str) -> None:
-    if not ok:
-        raise ConfigError(f"loss_search.{key}: {msg}")
+    check(ok, f"loss_search.{key}", msg)
 
 
 def validate_loss_search(s: DictConfig, num_members: int) -> None:

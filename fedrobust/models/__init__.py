@@ -1,115 +1,29 @@
-"""Model zoo. Every model starts with :class:`Normalize`, so it takes [0, 1] inputs.
+"""Models: the zoo (:mod:`.zoo`) and the ``model`` config section (:mod:`.settings`).
 
+Every model starts with :class:`Normalize`, so it takes [0, 1] inputs;
 ``build_model(name, in_channels, num_classes, mean, std)`` returns a fresh
-model; the input channels, class count and normalisation come from the data.
-The CIFAR variants keep full resolution in the stem (3x3 conv, no max-pool)
-and end in global average pooling, so they also run on small images.
+one. A name is a hand-made model (``MODEL_BUILDERS``) or a searched
+architecture (``searched:PATH`` of a genotype file, or ``searched:{...}``).
 
-Besides the hand-made models (:data:`MODEL_BUILDERS`), a name may be a
-searched architecture (:mod:`fedrobust.nas`): ``searched:PATH`` of a genotype
-file, or ``searched:{...}``, the genotype's JSON itself. :func:`resolve_model`
-turns the first into the second, the form a node receives (it never reads a
-file); a genotype that cannot be built is a one-line
-:class:`~fedrobust.nas.GenotypeError`.
+The names below are imported on first use (:mod:`fedrobust.lazy`), so that
+the config section's schema loads without torch.
 """
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
-import torch
-from torch import nn
+from ..lazy import lazy_names
 
-from ..config import SEARCHED_PREFIX, is_searched
-from ..nas import Genotype, GenotypeError, SearchedNetwork, load_genotype, parse_genotype
-from .cnn import SmallCNN
-from .lenet import ConvNet, LeNet5
-from .mlp import MLP
-from .mobilenet import MobileNetV2
-from .resnet import resnet8, resnet18, resnet34
-from .vgg import vgg7_bn, vgg16_bn
+if TYPE_CHECKING:
+    from .settings import MODELS, SEARCHED_PREFIX, is_searched, read_genotype
+    from .zoo import DATA_SHAPES, MODEL_BUILDERS, Normalize, build_model, count_parameters, resolve_model
 
-__all__ = ["DATA_SHAPES", "MODEL_BUILDERS", "Normalize", "build_model", "count_parameters", "is_searched",
-           "read_genotype", "resolve_model"]
+__all__ = ["DATA_SHAPES", "MODELS", "MODEL_BUILDERS", "Normalize", "SEARCHED_PREFIX", "build_model", "count_parameters",
+           "is_searched", "read_genotype", "resolve_model"]
 
-
-class Normalize(nn.Module):
-    """``(x - mean) / std`` per channel; mean and std are buffers, so they travel with the weights."""
-
-    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
-        super().__init__()
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.mean) / self.std
-
-
-MODEL_BUILDERS: dict[str, Callable[[int, int], nn.Module]] = {
-    "cnn": SmallCNN,
-    "resnet18": resnet18,
-    "resnet34": resnet34,
-    "mobilenetv2": MobileNetV2,
-    "vgg16": vgg16_bn,
-    # small models for 8x8 inputs: the digits surrogate zoo
-    "resnet8": resnet8,
-    "vgg7": vgg7_bn,
-    "mlp": MLP,
-    # 28x28 grey images (MNIST, Fashion-MNIST): the default member and a second convolutional family for the zoo
-    "lenet": LeNet5,
-    "convnet": ConvNet,
-}
-
-
-# (channels, height, width, classes) of each data set's images: a model's size depends on channels and classes
-DATA_SHAPES = {"digits": (1, 8, 8, 10), "mnist": (1, 28, 28, 10), "fashion_mnist": (1, 28, 28, 10),
-               "cifar10": (3, 32, 32, 10), "cifar100": (3, 32, 32, 100)}
-
-
-@functools.lru_cache(maxsize=32)
-def _parsed(text: str) -> Genotype:
-    return parse_genotype(text)
-
-
-def read_genotype(name: str) -> Genotype:
-    """The genotype of a searched model's name: ``searched:{...}`` holds it, ``searched:PATH`` names its
-    file (read now: a path that starts with ``{`` is written ``./{...}``)."""
-    if not is_searched(name):
-        raise GenotypeError(f"'{name:.60}' is not a searched model (searched:PATH or searched:{{...}})")
-    spec = name[len(SEARCHED_PREFIX):]
-    if spec.lstrip().startswith("{"):
-        return _parsed(spec)
-    if not spec:
-        raise GenotypeError("searched: needs a genotype file, e.g. searched:searches/fmnist/genotype.json")
-    return load_genotype(spec)
-
-
-def resolve_model(name: str) -> str:
-    """The model as a node receives it: a hand-made model's name as it is; a searched one as ``searched:``
-    and its genotype's canonical JSON (:meth:`~fedrobust.nas.Genotype.to_json`), whatever file it was in."""
-    return SEARCHED_PREFIX + read_genotype(name).to_json() if is_searched(name) else name
-
-
-def build_model(
-    name: str, in_channels: int, num_classes: int, mean: Sequence[float], std: Sequence[float]
-) -> nn.Sequential:
-    """A model named ``name`` whose first layer normalises its [0, 1] input."""
-    if is_searched(name):
-        body: nn.Module = SearchedNetwork(read_genotype(name), in_channels, num_classes)
-    else:
-        try:
-            body = MODEL_BUILDERS[name](in_channels, num_classes)
-        except KeyError:
-            raise ValueError(f"unknown model '{name}' (choose from {', '.join(MODEL_BUILDERS)}, "
-                             "or searched:PATH)") from None
-    if len(mean) != in_channels or len(std) != in_channels:
-        raise ValueError(f"normalisation has {len(mean)} channels, data has {in_channels}")
-    return nn.Sequential(Normalize(mean, std), body)
-
-
-def count_parameters(name: str, data: str) -> int:
-    """Parameters of model ``name`` built for data set ``data``'s images (built on the CPU, never run)."""
-    channels, _, _, classes = DATA_SHAPES[data]
-    model = build_model(name, channels, classes, [0.0] * channels, [1.0] * channels)
-    return sum(p.numel() for p in model.parameters())
+__getattr__, __dir__ = lazy_names(__name__, {
+    **dict.fromkeys(["DATA_SHAPES", "MODEL_BUILDERS", "Normalize", "build_model", "count_parameters", "resolve_model"],
+                    ".zoo"),
+    **dict.fromkeys(["MODELS", "SEARCHED_PREFIX", "is_searched", "read_genotype"], ".settings"),
+})

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from ..errors import one_line
 from .ops import PRIMITIVES
 
 __all__ = ["FORMAT", "Gene", "Genotype", "GenotypeError", "discretise", "genotype_from_dict", "load_genotype", "parse_genotype"]
@@ -150,7 +151,7 @@ def parse_genotype(text: str | bytes) -> Genotype:
     except RecursionError:
         raise GenotypeError("JSON nested too deeply") from None
     except ValueError as exc:
-        raise GenotypeError(f"not JSON ({' '.join(str(exc).split())})") from None
+        raise GenotypeError(f"not JSON ({one_line(exc)})") from None
     return genotype_from_dict(raw)
 
 

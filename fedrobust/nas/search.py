@@ -42,9 +42,9 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from ..atomic import save_figure, save_torch, write_json
-from ..config import ConfigError
+from ..errors import ConfigError
 from ..data import ImageDataset, to_float
-from ..evaluation.cache import content_key, tensor_fingerprint
+from ..runs.cache import content_key, tensor_fingerprint
 from ..models import Normalize
 from ..progress import progress
 from ..searchdir import claim_folder

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from omegaconf import DictConfig
 
-from ..config import ConfigError
+from ..errors import check
 from ..searchdir import load_group
 from .genotype import MAX_CHANNELS, MAX_LAYERS, MAX_STEM, MAX_STEPS, MIN_CHANNELS
 
@@ -54,8 +54,7 @@ class ArchSearchConfig:
 
 
 def _check(ok: bool, key: str, msg: str) -> None:
-    if not ok:
-        raise ConfigError(f"arch_search.{key}: {msg}")
+    check(ok, f"arch_search.{key}", msg)
 
 
 def validate_arch_search(s: DictConfig) -> None:

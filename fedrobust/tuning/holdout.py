@@ -21,6 +21,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from ..errors import one_line
 from ..stats import interval_of
 
 __all__ = ["TEST_DIR", "evaluate_front", "images_measured", "load_study_config", "test_scores", "trial_dir"]
@@ -77,7 +78,8 @@ def images_measured(run_dir: Path) -> dict[str, str]:
 
 def load_study_config(study_dir: Path) -> DictConfig:
     """The study's configuration (``config.yaml``, written when the study started), typed and validated."""
-    from ..config import ConfigError, structured_base
+    from ..errors import ConfigError
+    from ..config import structured_base
     from ..validation import validate_all as validate
 
     path = Path(study_dir) / "config.yaml"
@@ -90,7 +92,7 @@ def load_study_config(study_dir: Path) -> DictConfig:
     except ConfigError:
         raise
     except Exception as exc:  # OmegaConf's own errors, a damaged file
-        raise ConfigError(f"path: {path} is not a study config ({' '.join(str(exc).split())[:200]})") from None
+        raise ConfigError(f"path: {path} is not a study config ({one_line(exc)[:200]})") from None
     return cfg
 
 

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from ..errors import one_line
 from ..interrupt import OneLineFailure, deferred
 from .pool import EventLog, Finished, TrialPool, short_node
 
@@ -151,7 +152,7 @@ class TrialRunner:
             self.events.write("end", done.key, node=node)
             self.source.completed(launch, done.scores or {}, done.where)
             return
-        reason = " ".join(str(done.error).split())[:500] or type(done.error).__name__
+        reason = one_line(done.error)[:500]
         kind = "lost" if done.lost else "diverged" if is_divergence(done.error) else "error"
         self.counts[kind] += 1
         self.events.write("lost" if kind == "lost" else "fail", done.key, node=node, error=reason[:300],

@@ -21,7 +21,8 @@ from typing import Any
 import optuna
 from omegaconf import DictConfig, OmegaConf
 
-from ..config import ConfigError, is_searched
+from ..errors import ConfigError, one_line
+from ..models.settings import is_searched
 
 __all__ = ["SearchSpace", "SHORT_NAMES"]
 
@@ -60,7 +61,7 @@ def _distribution(path: str, spec: Mapping) -> optuna.distributions.BaseDistribu
     except KeyError as exc:
         raise ConfigError(f"{key}: missing {exc.args[0]!r}") from None
     except ValueError as exc:
-        raise ConfigError(f"{key}: {' '.join(str(exc).split())}") from None
+        raise ConfigError(f"{key}: {one_line(exc)}") from None
     raise ConfigError(f"{key}: unknown type '{kind}' (choose from float, int, categorical)")
 
 
@@ -78,7 +79,7 @@ def _genotypes(dists: dict[str, optuna.distributions.BaseDistribution]) -> dict[
         try:
             out[name] = read_genotype(name).to_json()
         except GenotypeError as exc:
-            raise ConfigError(f"tune.space.model.name: {' '.join(str(exc).split())}") from None
+            raise ConfigError(f"tune.space.model.name: {one_line(exc)}") from None
     return out
 
 

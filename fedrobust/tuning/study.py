@@ -52,7 +52,7 @@ import optuna
 from omegaconf import DictConfig, OmegaConf
 
 from ..atomic import write_json, write_text
-from ..config import ConfigError
+from ..errors import ConfigError
 from ..interrupt import deferred
 from ..progress import progress as progress_bar
 from ..redact import redacted, redacted_container
@@ -255,7 +255,7 @@ def _requeue_stale(study: optuna.Study, trials_dir: Path, min_acc: float, object
 def prepare_zoo(cfg: DictConfig) -> list[str]:
     """Train (or find) the surrogate zoo and its transfer examples once, before trials share them;
     their files, relative to the cache root."""
-    from ..evaluation.cache import cache_root
+    from ..runs.cache import cache_root
     from ..evaluation.evaluate import prepare_transfer_artefacts
 
     root = cache_root(cfg.attack.cache_dir).resolve()
@@ -264,7 +264,7 @@ def prepare_zoo(cfg: DictConfig) -> list[str]:
 
 def share_artefacts(pool, cfg: DictConfig) -> dict[str, Any]:
     """Put the zoo and transfer examples into the object store once, for nodes whose cache lacks them."""
-    from ..evaluation.cache import cache_root
+    from ..runs.cache import cache_root
     from .remote import pack_files
 
     names = prepare_zoo(cfg)

@@ -31,7 +31,7 @@ def apply_values(cfg, values: dict[str, Any]):
 
     A searched ``model.name`` comes with its ``model.genotype`` (:meth:`.space.SearchSpace.config_values`),
     so that a trial on another machine reads no file; without it, the file is read here."""
-    from ..config import resolve_genotype
+    from ..models.settings import resolve_genotype
     from ..validation import validate_all as validate  # every section, also in a fresh Ray worker
 
     cfg = OmegaConf.merge(cfg, {})  # a copy
@@ -83,8 +83,8 @@ def _val_accuracy(cfg, run_dir: Path, data, results: dict[str, Any]) -> tuple[fl
     if clean.get("split") == "validation":
         return results["ensemble"]["clean_accuracy"], clean
 
-    from ..evaluation.evaluate import held_out_images
-    from ..run import load_ensemble
+    from ..runs.images import held_out_images
+    from ..runs.members import load_ensemble
     from ..training import evaluate_model, resolve_device
 
     images = held_out_images(cfg, data, "validation")
@@ -139,7 +139,7 @@ def _execute(cfg_yaml: str, values: dict[str, Any], run_dir: str, threads: int,
     transfer examples); the ones this node's cache lacks are written there before evaluating.
     """
     from ..data import dataset_of
-    from ..evaluation.cache import cache_root
+    from ..runs.cache import cache_root
     from ..evaluation.evaluate import evaluate_run
     from ..run import finalize_run, prepare_run_dir
     from ..node import host_identity
