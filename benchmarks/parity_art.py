@@ -49,7 +49,7 @@ excluded, so no window touches the last row or column (15 of 64 pixels on
 (all 360 test images, eps 0.1, 500 queries, seeds 0 and 1) the authors' code
 leaves 0.636 and 0.639, torchattacks and ART 0.644, the authors' code with
 the bound ``h - s + 1`` 0.561 and 0.550, and ours 0.558 and 0.556 (the
-README's parity section has the details).
+docs' parity section, docs/evaluation.md, has the details).
 
 Usage: python benchmarks/parity_art.py [--setting digits|cifar-random|all] [--n N] [--queries Q]
        [--apgd-steps S] [--pgd-steps S] [--threads 2] [--seed 0]

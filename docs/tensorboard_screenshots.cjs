@@ -1,4 +1,4 @@
-// Screenshots of a running TensorBoard for the README (called by docs/tensorboard_screenshots.sh).
+// Screenshots of a running TensorBoard for the docs (called by docs/tensorboard_screenshots.sh).
 //   NODE_PATH=DIR/node_modules node docs/tensorboard_screenshots.cjs URL OUT_DIR
 // (needs playwright-core, from npm, and /usr/bin/chromium)
 const { chromium } = require("playwright-core");

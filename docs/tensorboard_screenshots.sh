@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The README's TensorBoard screenshots, from real runs and a real TensorBoard in headless Chromium.
+# The docs' TensorBoard screenshots, from real runs and a real TensorBoard in headless Chromium.
 #   bash docs/tensorboard_screenshots.sh [WORK_DIR]
 # Trains and evaluates three digits runs that differ in one override each (attack.eps=0.1, so that the
 # perturbations show on 8x8 images), serves them with TensorBoard, and writes docs/tensorboard_*.png.

@@ -398,7 +398,7 @@ def _compare(run_a: str, run_b: str, out: str) -> int:
 
 
 _DEPLOY_HELP = """\
-A real deployment (see the README's Deployment section):
+A real deployment (see the docs' Deployment page, docs/deployment.md):
   fedrobust deploy certs deploy/certs --host superlink.example.org
   fedrobust deploy keys deploy/keys node0 node1 node2
   fedrobust deploy connection fedrobust --address superlink.example.org:8000 --ca deploy/certs/ca.crt

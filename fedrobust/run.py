@@ -60,7 +60,7 @@ def check_run_dir(run_dir: str | None) -> Path:
     """The run directory to create; an existing non-empty one is refused, never overwritten.
 
     An interrupted or failed training leaves its directory marked ``INCOMPLETE``;
-    training does not resume it (a new run_dir starts afresh; see the README).
+    training does not resume it (a new run_dir starts afresh; see docs/usage.md).
     """
     path = Path(run_dir).expanduser() if run_dir else _default_run_dir()
     if (path / INCOMPLETE).is_file():

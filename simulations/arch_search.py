@@ -1,4 +1,4 @@
-"""AdvRush's claim at our scale (README "Architecture search"): are the genotypes that the smoothness
+"""AdvRush's claim at our scale (docs/arch-search.md): are the genotypes that the smoothness
 penalty searches smoother and more robust than plain DARTS's, and than a hand-made CNN of similar size?
 
 1. Searches (``fedrobust search-arch``, ``arch_search=small``): gamma 0 (DARTS, the paper's baseline) and
@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 from fedrobust.atomic import save_figure, write_text  # noqa: E402
 
 DATA = ["data=fashion_mnist", "data.root=null"]
-# the protocol (README): a fixed stratified subset of 6,000 images, 4 epochs, 100 test images at eps 0.05
+# the protocol (docs/arch-search.md): a fixed stratified subset of 6,000 images, 4 epochs, 100 test images at eps 0.05
 # (as simulations/fashion_mnist.py): sized so that 15 runs take about 40 minutes on 2 cores
 TRAIN = ["data.train_subset=6000", "deployment=centralized", "engine=inline", "strategy=plain", "train.epochs=4",
          "train.progress=false", "evaluate=true", "attack.eps=0.05", "attack.num_samples=100",

@@ -1,4 +1,4 @@
-"""The main paper's two findings, measured on Fashion-MNIST (the README's "Results on Fashion-MNIST").
+"""The main paper's two findings, measured on Fashion-MNIST (docs/results.md, "Results on Fashion-MNIST").
 
 1. RQ1/RQ2, the dichotomy: the learning rate against RA_T (CWA with the
    28x28 surrogate zoo) and RA_Q (Square L-inf), at several seeds, for the

@@ -1,4 +1,4 @@
-"""AutoLoss-AR (paper 004) at several search seeds on one run: the README's "Attack-loss search" tables.
+"""AutoLoss-AR (paper 004) at several search seeds on one run: the tables of docs/loss-search.md.
 
 For each seed, ``fedrobust search-loss RUN_DIR [overrides] loss_search.seed=K
 loss_search.out_dir=OUT/seed_K`` (resumable: a finished seed is read back, its

@@ -9,7 +9,7 @@ figures (the paper's Fig. 3) and the tables.
 
 The full study: ``--params lr weight_decay momentum batch_size --nodes 1 3 5 7
 --seeds 0 1 2`` over all four deployments. Sized down for digits on two
-cores (the README's run): ``--params lr --deployments distributed_dirichlet
+cores (the run in docs/results.md): ``--params lr --deployments distributed_dirichlet
 centralized --nodes 3 --seeds 0 --lr 1e-4 1e-3 5e-3 0.01 0.05 0.1 0.2 0.4``.
 
 Cells train with ``engine=inline`` unless an override says otherwise (the

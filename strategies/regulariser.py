@@ -114,7 +114,7 @@ batch 128, seed 0, float32), alpha 1 and the default h (1.74):
   rose to 51 and the penalty stayed above 500: a step of 4 still tripled
   the penalty. At 2 the step at lr 0.4 is at most 0.8 (before momentum),
   and 10 epochs were finite, the penalty falling from 44 to 1.1
-  (benchmarks/resnet18_stability.py; figures in the README).
+  (benchmarks/resnet18_stability.py; figures in docs/strategies.md).
 * The digits CNN is never clipped at 2: its whole gradient stayed below 1.22
   over 10 epochs at lr 0.1 (1,200 images), so its runs are unchanged.
 

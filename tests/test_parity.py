@@ -64,7 +64,7 @@ pytestmark = pytest.mark.xdist_group("parity")
 
 TOLERANCE = 0.02
 # Digits have 17 grey levels: 8/255 is half a level and leaves about 0.99 robust accuracy on this
-# ensemble, so L-inf uses the README's digits budget 0.1; L2 keeps the project default 0.5.
+# ensemble, so L-inf uses the docs' digits budget 0.1; L2 keeps the project default 0.5.
 DIGITS_EPS_LINF = 0.1
 EPS_L2 = 0.5
 ATTACKS = ("square_linf", "square_l2", "apgd", "pgd")

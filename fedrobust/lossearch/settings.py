@@ -26,7 +26,7 @@ class LossSearchConfig:
     mutation: float = 0.3  # mp
     max_depth: int = 25  # md (DEAP's height: a lone terminal is 0)
     init_min_depth: int = 1  # ramped half-and-half initialisation
-    init_max_depth: int = 4
+    init_max_depth: int = 4  # ... up to this height
     mutation_depth: int = 2  # height of a mutation's new subtree (at most)
     # start the population from ce, margin and DLR written as trees (the rest random); the paper starts at random
     hand_made_start: bool = False
@@ -36,14 +36,14 @@ class LossSearchConfig:
     attack_seed: int = 0  # PGD's random start, the same for every candidate
     split: str = "validation"  # search images: the union of the nodes' validation splits (never the test set)
     num_images: int = 1000  # drawn with sample_seed (all of them if fewer)
-    sample_seed: int = 0
+    sample_seed: int = 0  # the seed the search images are drawn with
     target: str = "ensemble"  # ensemble | member:K (the K-th member alone)
-    hall_of_fame: int = 10
+    hall_of_fame: int = 10  # the best distinct losses kept (hall_of_fame.json), each scored on the held-out images
     # held-out measurement on test images no search saw: attack.num_samples drawn with attack.sample_seed
     test: bool = True
     test_images: int | None = None  # null: attack.num_samples
-    long_steps: int = 100  # PGD-100
-    apgd_steps: int = 100
+    long_steps: int = 100  # PGD-100 in the held-out table
+    apgd_steps: int = 100  # APGD-100 in the held-out table
     test_eps: list[float] | None = None  # other budgets for the transfer table; null: eps/2 and 2 eps
     ray_address: str | None = None  # evaluate candidates on Ray: "local", "auto" or host:port; null: in process
     out_dir: str | None = None  # null: RUN_DIR/loss_search

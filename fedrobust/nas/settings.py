@@ -24,33 +24,33 @@ __all__ = ["PRESETS", "ArchSearchConfig", "load_settings", "validate_arch_search
 
 @dataclass
 class ArchSearchConfig:
-    epochs: int = 60
+    epochs: int = 60  # search epochs
     warmup: int = 50  # epochs without the penalty (Alg. 1); the penalty from epoch warmup + 1 on
     gamma: float = 0.01  # eq. 10's strength; 0: plain DARTS
     h: float = 1.5  # eq. 10's step along z*, in [0, 1]-pixel L2 units
-    batch_size: int = 32
-    w_lr: float = 0.025
-    w_lr_min: float = 0.001
-    w_momentum: float = 0.9
-    w_weight_decay: float = 3e-4
-    grad_clip: float = 5.0
-    alpha_lr: float = 3e-4
-    alpha_betas: list[float] = field(default_factory=lambda: [0.5, 0.999])
-    alpha_weight_decay: float = 1e-3
+    batch_size: int = 32  # images per step, on each half
+    w_lr: float = 0.025  # the weights' SGD learning rate, cosine-annealed ...
+    w_lr_min: float = 0.001  # ... down to this
+    w_momentum: float = 0.9  # the weights' SGD momentum
+    w_weight_decay: float = 3e-4  # the weights' weight decay
+    grad_clip: float = 5.0  # bound on the L2 norm of the weights' gradient
+    alpha_lr: float = 3e-4  # the architecture parameters' (alpha) Adam learning rate
+    alpha_betas: list[float] = field(default_factory=lambda: [0.5, 0.999])  # alpha's Adam betas
+    alpha_weight_decay: float = 1e-3  # alpha's weight decay
     layers: int = 8  # the supernet's cells
     channels: int = 16  # the supernet's first cells' width
     steps: int = 4  # intermediate nodes per cell
-    stem_multiplier: int = 3
+    stem_multiplier: int = 3  # the stem's width, in multiples of channels
     stem_stride: int = 1  # 2: the stem halves the images (28x28 -> 14x14), for the supernet and the genotype
     net_layers: int | None = None  # the genotype's network; null: as the supernet
-    net_channels: int | None = None
+    net_channels: int | None = None  # the genotype's network's first cells' width; null: as the supernet
     images: int | None = None  # training images used (both halves together, stratified); null: all
     split_seed: int = 0  # which half updates w and which alpha
     seed: int = 0  # initialisation and batch order
     probe_images: int = 32  # fixed alpha-half images for lambda_max and the penalty's value per epoch
-    power_iters: int = 10
-    device: str = "auto"
-    progress: bool = True
+    power_iters: int = 10  # power iterations for lambda_max, the Hessian's largest eigenvalue
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    progress: bool = True  # progress bars on a terminal
 
 
 def _check(ok: bool, key: str, msg: str) -> None:
