@@ -61,7 +61,7 @@ def _train(overrides: list[str]) -> int:
     try:
         from .config import load_config
 
-        cfg = load_config(overrides)  # before torch is imported: a bad override is answered at once
+        cfg = load_config(overrides)  # before anything is written: a bad override is answered at once
         from .run import INCOMPLETE, check_run_dir, preflight, prepare_run_dir
 
         check_run_dir(cfg.run_dir)
@@ -338,7 +338,7 @@ def _tune(overrides: list[str]) -> int:
             overrides = ["engine=inline", *overrides]
         from .config import load_config
 
-        cfg = load_config(overrides)  # before torch is imported
+        cfg = load_config(overrides)  # before anything is written
         if not cfg.study_dir:
             raise ConfigError("study_dir: required, e.g. fedrobust tune study_dir=studies/demo")
         from .run import check_output_dir, preflight, setup_logging

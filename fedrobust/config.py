@@ -45,7 +45,8 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from conf import CONF_DIR
-from strategies.settings import PEER_ROUNDS, PEER_STRATEGIES, STRATEGY_SCHEMAS, StrategyConfig, check_strategy, strategy_names
+from strategies.settings import (PEER_ROUNDS, PEER_STRATEGIES, STRATEGY_SCHEMAS, StrategyConfig, check_strategy,
+                                 strategy_names)
 
 from .data_settings import DataConfig, check_data
 from .deployment_settings import DeploymentConfig, check_deployment

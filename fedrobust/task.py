@@ -27,11 +27,12 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from strategies.settings import STRATEGY_SCHEMAS, check_strategy_keys, strategy_names
+
 from .data_settings import DATASETS
 from .deployment_settings import DEPLOYMENTS
-from .models.settings import MODELS, SEARCHED_PREFIX, is_searched, model_spec
-from strategies.settings import STRATEGY_SCHEMAS, check_strategy_keys, strategy_names
 from .errors import ConfigError, one_line
+from .models.settings import MODELS, SEARCHED_PREFIX, is_searched, model_spec
 from .training import TrainSettings
 
 __all__ = ["NodeTask", "ShardSpec", "TaskError", "check_task", "node_task", "shard_spec", "train_settings"]

@@ -8,9 +8,10 @@ expression checked here, so that a bad one is refused before anything runs;
 so is a searched surrogate's genotype file (``attack.surrogates=[cnn,searched:PATH]``).
 The attack lists (``attack.transfer_attacks``, ``attack.query_attacks``,
 ``attack.whitebox``) may name any stage in the registry, plug-ins included.
-Importing this module (or the stage registry, which imports it) registers
-the check with :func:`fedrobust.config.register_check`, so that a config
-loaded in a process that knows the stages is checked against them.
+Importing this module registers the check with
+:func:`fedrobust.config.register_check` (:mod:`fedrobust.validation` imports
+it), so that every config loaded in that process is checked against the
+stages it knows.
 """
 
 from __future__ import annotations
