@@ -62,6 +62,7 @@ def _train(overrides: list[str]) -> int:
         from .config import load_config
 
         cfg = load_config(overrides)  # before anything is written: a bad override is answered at once
+        _check_all(cfg)
         from .run import INCOMPLETE, check_run_dir, preflight, prepare_run_dir
 
         check_run_dir(cfg.run_dir)
@@ -143,14 +144,23 @@ def _run_evaluation(run_dir, cfg, train_seconds: float | None = None) -> int:
     return 0
 
 
+def _check_all(cfg) -> None:
+    """The attack section's checks, which need the stage and loss registries (so torch): run after the
+    config's own sections were checked without them, so that a bad key or value there is answered at once."""
+    from .validation import validate_all
+
+    validate_all(cfg)
+
+
 def _load_run(path, overrides: list[str]):
     """A completed run's saved config with ``overrides`` applied, every member checkpoint checked;
     ConfigError (one line) for anything else."""
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    from .config import apply_overrides, structured_base
+    from .config import structured_base
     from .run import preflight
+    from .validation import apply_overrides  # every section checked
     from .runs.members import check_complete, load_ensemble
 
     if not path.is_dir():
@@ -249,7 +259,7 @@ def _search_arch(out_dir: str, overrides: list[str]) -> int:
             if not sep or not (key == "arch_search" or (key.startswith("arch_search.") and len(key) > 12)):
                 raise ConfigError(f"{item}: search-arch takes data=NAME, data.KEY=VALUE, arch_search=PRESET "
                                   "and arch_search.KEY=VALUE")
-        from .config import load_config
+        from .validation import load_config
 
         cfg = load_config(data_overrides)
         from .nas.settings import load_settings
@@ -339,6 +349,7 @@ def _tune(overrides: list[str]) -> int:
         from .config import load_config
 
         cfg = load_config(overrides)  # before anything is written
+        _check_all(cfg)
         if not cfg.study_dir:
             raise ConfigError("study_dir: required, e.g. fedrobust tune study_dir=studies/demo")
         from .run import check_output_dir, preflight, setup_logging
@@ -452,6 +463,7 @@ def _deploy_run(args: argparse.Namespace) -> int:
         from .config import load_config
 
         cfg = load_config(args.overrides)  # a bad override is answered here, before anything is submitted
+        _check_all(cfg)
 
         # a searched model's genotype travels as JSON: the ServerApp's machine need not have its file
         run_id = deploy.submit_run(args.connection, inline_model_overrides(args.overrides, cfg), cfg.run_dir, args.app)
@@ -571,8 +583,7 @@ def _main(argv: list[str] | None) -> int:
     rn.add_argument("--app", default=".", help="the Flower app to submit: this repository (default: .)")
     args = parser.parse_args(argv)
     if args.command in ("train", "evaluate", "tune", "search-loss", "search-arch") or getattr(args, "what", None) == "run":
-        try:  # installed plug-ins' strategies and attacks, and every section's checks, before any config is read
-            from . import validation  # noqa: F401
+        try:  # installed plug-ins' strategies, losses and attack stages, before any config is read
             from .plugins import load_plugins
 
             load_plugins()

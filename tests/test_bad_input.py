@@ -355,3 +355,21 @@ def test_the_console_script_prints_exactly_one_line(name, trained, tmp_path):
     assert done.returncode == code, done.stderr
     assert done.stderr.count("\n") == 1 and done.stderr.startswith("fedrobust: error: ") and needle in done.stderr, done.stderr
     assert done.stdout == ""
+
+
+@pytest.mark.parametrize("args", [["train", "optimizer.lr=-1"], ["train", "nosuch=1"],
+                                  ["tune", "study_dir=s", "tune.population_size=1"]], ids=" ".join)
+def test_a_bad_override_outside_the_attack_section_is_answered_without_torch(args, tmp_path):
+    """Every section but the attack's is checked next to its schema without torch, before the attack
+    checks (which need the stage registry) import it: the answer takes half a second, not three."""
+    import subprocess
+
+    work = tmp_path / "work"
+    work.mkdir()
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "fedrobust.cli", *args], capture_output=True,
+                          text=True, timeout=120, cwd=work, env={**os.environ, "PYTHONPATH": str(Path.cwd())})
+    lines = [ln for ln in proc.stderr.splitlines() if not ln.startswith("import time:")]
+    imported = {ln.rsplit("|", 1)[-1].strip() for ln in proc.stderr.splitlines() if ln.startswith("import time:")}
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("fedrobust: error:"), proc.stderr[-2000:]
+    assert "fedrobust.config" in imported and "torch" not in imported
+    assert not list(work.iterdir())
