@@ -1,5 +1,5 @@
-"""The ``tune`` and ``ray`` config sections: a study's trials, its NSGA-II sampler, its constraint, its
-search space, and the Ray instance its trials run on.
+"""The ``tune`` and ``ray`` config sections: a study's trials, its sampler (NSGA-II, as the paper, or a
+sample-efficient one), its constraint, its search space, and the Ray instance its trials run on.
 
 Their schemas, defaults and checks, next to the tuner that reads them. This
 module imports nothing of the tuner (the package names its contents lazily),
@@ -15,9 +15,12 @@ from omegaconf import DictConfig
 
 from ..errors import check
 
-__all__ = ["TUNE_OBJECTIVES", "RayConfig", "TuneConfig", "check_tune", "paper_space"]
+__all__ = ["SAMPLERS", "TUNE_OBJECTIVES", "RayConfig", "TuneConfig", "check_tune", "paper_space"]
 
 TUNE_OBJECTIVES = ("robustness", "accuracy")
+# nsga2: the paper's; tpe: Optuna's multi-objective TPE; gp: Optuna's Gaussian-process sampler (log expected
+# hypervolume improvement, constrained). Each reads the accuracy constraint a trial records.
+SAMPLERS = ("nsga2", "tpe", "gp")
 
 
 def paper_space() -> dict[str, Any]:
@@ -35,9 +38,11 @@ def paper_space() -> dict[str, Any]:
 @dataclass
 class TuneConfig:
     n_trials: int = 100  # completed trials the study ends with
-    population_size: int = 20  # NSGA-II population (the paper: 20 x 5 generations)
+    sampler: str = "nsga2"  # nsga2 (the paper) | tpe (multi-objective TPE) | gp (Gaussian process, log EHVI)
+    # NSGA-II's population (the paper: 20 x 5 generations); tpe and gp: their random start-up trials
+    population_size: int = 20
     max_concurrent: int = 2  # trials running at once
-    seed: int = 0  # NSGA-II sampler seed
+    seed: int = 0  # the sampler's seed
     objectives: str = "robustness"  # robustness: max (RA_T, RA_Q) | accuracy: max (val accuracy, min(RA_T, RA_Q))
     max_accuracy_drop: float = 0.05  # constraint: CA >= baseline CA - drop
     baseline_accuracy: float | None = None  # None: train the centralized baseline once per study
@@ -61,6 +66,7 @@ class RayConfig:
 def check_tune(cfg: DictConfig) -> None:
     t = cfg.tune
     check(t.n_trials >= 1, "tune.n_trials", f"must be >= 1, got {t.n_trials}")
+    check(t.sampler in SAMPLERS, "tune.sampler", f"unknown value '{t.sampler}' (choose from {', '.join(SAMPLERS)})")
     check(t.population_size >= 2, "tune.population_size", f"must be >= 2, got {t.population_size}")
     check(t.max_concurrent >= 1, "tune.max_concurrent", f"must be >= 1, got {t.max_concurrent}")
     check(t.objectives in TUNE_OBJECTIVES, "tune.objectives",

@@ -1,5 +1,9 @@
 """``fedrobust tune``: an NSGA-II study (Optuna) whose trials run in parallel on Ray.
 
+``tune.sampler`` picks the sampler: ``nsga2`` (the paper's, the default), or
+Optuna's sample-efficient multi-objective ones, ``tpe`` and ``gp``
+(:func:`make_sampler`); everything else below holds for each.
+
 The study lives in Optuna storage (SQLite in ``study_dir`` unless
 ``tune.storage`` names an RDB URL), so running the same command again
 resumes it: completed trials are kept; a trial that was running when the
@@ -89,9 +93,24 @@ def storage_url(cfg: DictConfig, study_dir: Path) -> str:
     return cfg.tune.storage or f"sqlite:///{(study_dir / 'study.db').resolve()}"
 
 
+def make_sampler(tune: DictConfig) -> optuna.samplers.BaseSampler:
+    """``tune.sampler``, seeded with ``tune.seed``. Each one reads the accuracy constraint a trial records
+    (``Trial.set_constraint``): NSGA-II ranks infeasible trials behind feasible ones, TPE puts them in its
+    "above" group, the GP sampler models the constraint and weights its acquisition by the chance of
+    feasibility. ``tune.population_size`` is NSGA-II's population and the others' random start-up trials;
+    TPE counts asked, unfinished trials as the worst (constant liar), so trials asked ahead while others
+    run do not repeat them."""
+    t = tune
+    if t.sampler == "tpe":
+        return optuna.samplers.TPESampler(n_startup_trials=t.population_size, multivariate=True, constant_liar=True,
+                                          seed=t.seed)
+    if t.sampler == "gp":
+        return optuna.samplers.GPSampler(n_startup_trials=t.population_size, seed=t.seed)
+    return optuna.samplers.NSGAIISampler(population_size=t.population_size, seed=t.seed)
+
+
 def open_study(cfg: DictConfig, study_dir: Path) -> optuna.Study:
-    sampler = optuna.samplers.NSGAIISampler(
-        population_size=cfg.tune.population_size, seed=cfg.tune.seed)
+    sampler = make_sampler(cfg.tune)
     return optuna.create_study(
         storage=storage_url(cfg, study_dir), study_name=cfg.tune.study_name, sampler=sampler,
         directions=["maximize", "maximize"], load_if_exists=True,
