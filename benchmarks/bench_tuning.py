@@ -4,7 +4,10 @@ Both studies get the same 8 configurations (drawn once from the default
 search space with a seeded random sampler and queued in each study), 1 CPU
 per trial, digits, inline training, and share the surrogate zoo trained
 beforehand. Each study starts its own local Ray instance, inside the timing.
-Goal: 2 at a time <= 0.65x the wall time of 1 at a time.
+Goal: 2 at a time <= 0.55x the wall time of 1 at a time (issue 41). Besides the
+whole study, it prints the trials' own makespan (first start to last end, from
+``executions.jsonl``) and the rest: the Ray start before the trials and the
+front's test evaluation after them, which both studies pay in full.
 
 Usage: python benchmarks/bench_tuning.py [--epochs 10] [--trials 8] [--out /tmp/bench_tuning]
 """
@@ -48,6 +51,16 @@ def timed_study(run_cfg, study_dir: Path, fixed: list[dict]) -> float:
     return time.perf_counter() - t0
 
 
+def makespan(study_dir: Path) -> float:
+    """First trial start to last trial end, from the study's execution log."""
+    import json
+
+    events = [json.loads(line) for line in (study_dir / "executions.jsonl").read_text().splitlines()]
+    starts = [e["time"] for e in events if e["event"] == "start"]
+    ends = [e["time"] for e in events if e["event"] == "end"]
+    return max(ends) - min(starts)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--epochs", type=int, default=10)
@@ -63,13 +76,15 @@ def main() -> None:
     cfg = load_config(base)
     prepare_zoo(cfg)  # the zoo is shared; train it outside the timing
     fixed = draw_fixed(SearchSpace.from_config(cfg), args.trials)
-    times = {}
+    times, spans = {}, {}
     for k in (1, 2):
         d = out / f"concurrent{k}"
         times[k] = timed_study(load_config([*base, f"study_dir={d}", f"tune.max_concurrent={k}"]), d, fixed)
+        spans[k] = makespan(d)
     print(f"{args.trials} fixed trials (digits, {args.epochs} epochs, 1 CPU each), studies in {out}")
-    print(f"1 at a time: {times[1]:7.1f} s")
-    print(f"2 at a time: {times[2]:7.1f} s   ratio {times[2] / times[1]:.2f}x   (goal <= 0.65x)")
+    for k in (1, 2):
+        print(f"{k} at a time: {times[k]:7.1f} s (trials {spans[k]:6.1f} s, the rest {times[k] - spans[k]:5.1f} s)")
+    print(f"ratio 2/1: {times[2] / times[1]:.2f}x the study (goal <= 0.55x), {spans[2] / spans[1]:.2f}x its trials")
 
 
 if __name__ == "__main__":

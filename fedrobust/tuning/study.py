@@ -378,9 +378,10 @@ def _count(study: optuna.Study, state: optuna.trial.TrialState) -> int:
 class _StudyTrials:
     """The study as the runner's source (:class:`.runner.TrialSource`): Optuna's ask and tell.
 
-    It asks up to one window ahead, then launches the costliest asked trial into each free slot
-    (longest first shortens the tail where few trials are left; NSGA-II assigns generations from
-    completed trials only, so asking a little ahead does not change its populations).
+    It asks up to one window ahead (twice the trials that run at once, plus every enqueued trial, whose
+    parameters are fixed already), then launches the costliest asked trial into each free slot (longest
+    first shortens the tail where few trials are left; NSGA-II assigns generations from completed trials
+    only, so asking a little ahead does not change its populations).
     """
 
     def __init__(self, cfg, base, study, space, study_dir, trials_dir, baseline, min_acc, bar) -> None:
@@ -401,7 +402,10 @@ class _StudyTrials:
         from .runner import Launch
 
         t = self.cfg.tune
-        while len(self.pending) + running < 2 * t.max_concurrent and self.complete + running + len(self.pending) < t.n_trials:
+        # enqueued trials (a user's, or lost ones queued again) are fixed already: asking them early costs the
+        # sampler nothing, and lets the longest of them start first
+        window = 2 * t.max_concurrent + _count(self.study, optuna.trial.TrialState.WAITING)
+        while len(self.pending) + running < window and self.complete + running + len(self.pending) < t.n_trials:
             trial = self.study.ask()
             values = self.space.suggest(trial)
             trial.set_user_attr("run_dir", str(self.trials_dir / f"trial_{trial.number:04d}"))
