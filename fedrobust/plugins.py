@@ -15,8 +15,11 @@ The entry point's name is the name a config uses (``strategy=l2ce``,
 ``attack.whitebox=[...,fgsm_rand]``) and must be the class's ``name``. A
 strategy's parameters are the fields of its ``Config`` dataclass (see
 :class:`strategies.TrainingStrategy`); they become the typed keys of
-``strategy=<name>`` (:func:`fedrobust.config.register_strategy_schema`). An
-attack stage joins the evaluation registry like a built-in one. A loss
+``strategy=<name>`` (:func:`strategies.settings.register_strategy_schema`).
+An attack stage joins the evaluation registry like a built-in one: the
+registry adds that group's handler when it is imported (:func:`add_group`),
+which a plug-in stage's module does to subclass ``Stage``, so this module,
+which a node imports too, never imports the evaluation. A loss
 becomes a name ``attack.whitebox_loss`` and ``attack.transfer_loss`` take
 (:func:`fedrobust.attacks.register_loss`); an expression's text is checked
 and compiled as a searched loss is (:mod:`fedrobust.attacks.expression`).

@@ -31,13 +31,13 @@ if TYPE_CHECKING:
     from .dispersion import Dispersion
     from .edlcm import EDLCM
     from .plain import Plain
-    from .registry import STRATEGIES, build_strategy, register_strategy
+    from .registry import BUILT_IN, STRATEGIES, build_strategy, register_strategy
 
-__all__ = ["Adversarial", "Curvature", "Dispersion", "EDLCM", "LossTerms", "Plain", "STRATEGIES", "TrainingStrategy",
-           "build_strategy", "register_strategy"]
+__all__ = ["BUILT_IN", "Adversarial", "Curvature", "Dispersion", "EDLCM", "LossTerms", "Plain", "STRATEGIES",
+           "TrainingStrategy", "build_strategy", "register_strategy"]
 
 __getattr__, __dir__ = lazy_names(__name__, {
     "Adversarial": ".adversarial", "LossTerms": ".base", "TrainingStrategy": ".base", "Curvature": ".curvature",
     "Dispersion": ".dispersion", "EDLCM": ".edlcm", "Plain": ".plain",
-    **dict.fromkeys(["STRATEGIES", "build_strategy", "register_strategy"], ".registry"),
+    **dict.fromkeys(["BUILT_IN", "STRATEGIES", "build_strategy", "register_strategy"], ".registry"),
 })

@@ -190,6 +190,17 @@ def test_plugin_names_and_keys_are_checked_before_anything_runs(plugin, tmp_path
         assert not run.exists()
 
 
+def test_a_plugin_strategy_that_takes_a_built_in_name_fails_in_one_line(tmp_path):
+    taker = _distribution(tmp_path / "site", {"strategy": STRATEGY.replace('name = "l2ce"', 'name = "plain"')},
+                          "[fedrobust.strategies]\nplain = fedrobust_toyplug.strategy:L2CrossEntropy\n",
+                          name="fedrobust-taker")
+    proc = fedrobust("train", "engine=inline", f"run_dir={tmp_path / 'run'}", plugins=(taker,))
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
+    assert "plug-in 'plain'" in lines[0] and "is built in; a plug-in needs a name of its own" in lines[0]
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_broken_plugin_fails_in_one_line_naming_it_and_its_distribution(tmp_path):
     broken = _distribution(tmp_path / "site", {"strategy": "import no_such_module_here\n"},
                            "[fedrobust.strategies]\nbroken = fedrobust_toyplug.strategy:Nothing\n", name="fedrobust-broken")
