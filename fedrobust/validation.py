@@ -22,6 +22,6 @@ __all__ = ["apply_overrides", "load_config", "validate_all", "validate_attack"]
 
 
 def validate_all(cfg: DictConfig) -> None:
-    """Every check of every section; a :class:`~fedrobust.config.ConfigError` names the first key at fault."""
+    """Every check of every section; a :class:`~fedrobust.errors.ConfigError` names the first key at fault."""
     config.validate(cfg, sections=False)
     check_attack_section(cfg)

@@ -46,7 +46,7 @@ class TrainingStrategy(ABC):
         dataclass whose typed fields, with their defaults, are the keys of
         ``strategy=<name>`` and the keyword arguments of the constructor. None:
         the strategy takes no arguments. The built-in strategies' schemas live
-        in :mod:`fedrobust.config` and ``conf/strategy/``.
+        in :mod:`strategies.settings` and ``conf/strategy/``.
     """
 
     name: str = "base"

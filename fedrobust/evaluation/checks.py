@@ -1,7 +1,7 @@
 """Checks of the ``attack`` config section, next to the stages that read it.
 
 :func:`validate_attack` rejects values that are well-typed but impossible,
-with a one-line :class:`~fedrobust.config.ConfigError` naming the key. The
+with a one-line :class:`~fedrobust.errors.ConfigError` naming the key. The
 attack losses (``attack.transfer_loss``, ``attack.whitebox_loss``) may be a
 built-in or registered name, or ``file:PATH``: the file is read and its
 expression checked here, so that a bad one is refused before anything runs;

@@ -90,7 +90,7 @@ class Zoo:
 
 def loss_entry(attack: DictConfig, key: str) -> dict[str, str]:
     """A result entry's loss (``attack.<key>``): the name as configured and, for a searched one, the expression
-    it stood for and the file it was read from, if any (:func:`fedrobust.config.resolve_loss_files`)."""
+    it stood for and the file it was read from, if any (:func:`fedrobust.evaluation.settings.resolve_loss_files`)."""
     loss = attack[key]
     fn = attack_loss(loss)
     if not isinstance(fn, SearchedLoss):
