@@ -113,14 +113,27 @@ def _end_at_once(signum: int) -> None:
     os.kill(os.getpid(), signum)
 
 
+def _redeliver(signum: int) -> None:
+    time.sleep(0.001)  # the hook that started this thread has returned by now
+    _thread.interrupt_main(signum)
+
+
 def _on_unraisable(unraisable) -> None:
     """An interruption raised where it cannot propagate (a finaliser, an at-fork hook) is delivered
-    again, at the main thread's next bytecode, instead of being printed and lost."""
+    again to the main thread, instead of being printed and lost.
+
+    Not from inside this hook: ``_thread.interrupt_main`` trips the signal, and Python runs its handler
+    as soon as the call returns, still inside the hook, where the handler's exception is printed and
+    dropped ("Exception ignored in sys.unraisablehook": the stop was lost). A helper thread trips it once
+    the hook has returned, so the handler runs in the main thread's own code."""
     global _again
     intr = as_interrupt(unraisable.exc_value)
     if intr is not None and threading.current_thread() is threading.main_thread():
         _again = intr.signum == _first
-        _thread.interrupt_main(intr.signum)
+        try:
+            threading.Thread(target=_redeliver, args=(intr.signum,), name="fedrobust-redeliver", daemon=True).start()
+        except RuntimeError:  # no new thread at interpreter shutdown: deliver it from here, as best it can be
+            _thread.interrupt_main(intr.signum)
         return
     sys.__unraisablehook__(unraisable)
 
