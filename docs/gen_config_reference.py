@@ -161,7 +161,6 @@ wrong type or out of range, is refused with one line naming the key, before anyt
 Each section's schema and checks live next to the code that reads it (the module named under each heading);
 `fedrobust/config.py` composes them.
 """]
-    top = [f for f in dataclasses.fields(Config) if not dataclasses.is_dataclass(typing.get_type_hints(Config)[f.name])]
     parts.append("## Top-level keys\n\n" + _table(Config, ""))
     for name, (schema, _) in SECTIONS.items():
         module = schema.__module__
@@ -178,7 +177,6 @@ Each section's schema and checks live next to the code that reads it (the module
         if presets:
             head.append(presets)
         parts.append("\n".join(head))
-    assert top  # the top-level keys table above
     for title, schema, command, group in (
             ("Loss search", LossSearchConfig, "fedrobust search-loss RUN_DIR", "loss_search"),
             ("Architecture search", ArchSearchConfig, "fedrobust search-arch OUT_DIR", "arch_search")):

@@ -135,7 +135,8 @@ def import_graph(modules: dict[str, Path]) -> dict[str, dict[str, int]]:
     for name, path in modules.items():
         edges: dict[str, int] = {}
         own = set(_ancestors(name))
-        for line, target in imported_modules(path, known=known):
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        for line, target in imported_modules(path, package, known):
             while target and target not in known:  # from fedrobust.config import X: the module, not X
                 target = target.rpartition(".")[0]
             if not target:
@@ -235,22 +236,6 @@ def _package(tmp_path: Path, files: dict[str, str]) -> dict[str, Path]:
     return out
 
 
-def _graph_of(tmp_path: Path, modules: dict[str, Path]) -> dict[str, dict[str, int]]:
-    known = set(modules)
-    graph = {}
-    for name, path in modules.items():
-        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-        edges: dict[str, int] = {}
-        for line, target in imported_modules(path, package, known):
-            while target and target not in known:
-                target = target.rpartition(".")[0]
-            for t in [*_ancestors(target), target] if target else []:
-                if t != name and t not in _ancestors(name) and t in known:
-                    edges.setdefault(t, line)
-        graph[name] = edges
-    return graph
-
-
 def test_the_parser_sees_relative_function_level_and_literal_dynamic_imports(tmp_path):
     probe = tmp_path / "probe.py"  # read as a module of fedrobust, never imported
     probe.write_text("def f():\n    from .evaluation.stages import stage_names\n    from . import tuning\n"
@@ -267,7 +252,7 @@ def test_a_reintroduced_cycle_is_found(tmp_path):
         "pkg/config.py": "def f():\n    from .models import read_genotype\n",
         "pkg/models/__init__.py": "from ..config import SEARCHED_PREFIX\n",
     })
-    cycle = find_cycle(_graph_of(tmp_path, modules))
+    cycle = find_cycle(import_graph(modules))
     assert cycle is not None and set(cycle) == {"pkg.config", "pkg.models"}
 
 
@@ -280,7 +265,7 @@ def test_importing_a_submodule_begins_its_package(tmp_path):
         "pkg/low/schema.py": "X = 1\n",
         "pkg/high.py": "Y = 2\n",
     })
-    graph = _graph_of(tmp_path, modules)
+    graph = import_graph(modules)
     assert "pkg.low" in graph["pkg.base"] and "pkg.low.schema" in graph["pkg.base"]
     layers = [("bottom", ["pkg", "pkg.base", "pkg.low*"]), ("top", ["pkg.high"])]
     bad = upward_imports(graph, modules, layers)
@@ -297,7 +282,7 @@ def test_an_import_against_the_layers_is_found(tmp_path):
         "fedrobust/evaluation/__init__.py": "",
         "fedrobust/evaluation/evaluate.py": "from ..runs.images import f\n",
     })
-    bad = upward_imports(_graph_of(tmp_path, modules), modules)
+    bad = upward_imports(import_graph(modules), modules)
     assert [b.split(": ", 1)[1] for b in bad] == [
         "fedrobust.runs.images (runs) imports fedrobust.evaluation.evaluate (evaluation)"]
 
