@@ -113,8 +113,12 @@ def _end_at_once(signum: int) -> None:
     os.kill(os.getpid(), signum)
 
 
+_in_hook = False  # the main thread is inside _on_unraisable
+
+
 def _redeliver(signum: int) -> None:
-    time.sleep(0.001)  # the hook that started this thread has returned by now
+    while _in_hook:  # trip the signal only once the hook has returned (a loaded machine may keep it there)
+        time.sleep(0.001)
     _thread.interrupt_main(signum)
 
 
@@ -125,15 +129,19 @@ def _on_unraisable(unraisable) -> None:
     Not from inside this hook: ``_thread.interrupt_main`` trips the signal, and Python runs its handler
     as soon as the call returns, still inside the hook, where the handler's exception is printed and
     dropped ("Exception ignored in sys.unraisablehook": the stop was lost). A helper thread trips it once
-    the hook has returned, so the handler runs in the main thread's own code."""
-    global _again
+    the hook has returned (``_in_hook`` cleared: the main thread lets no other thread run between that
+    and its return), so the handler runs in the main thread's own code."""
+    global _again, _in_hook
     intr = as_interrupt(unraisable.exc_value)
     if intr is not None and threading.current_thread() is threading.main_thread():
         _again = intr.signum == _first
+        _in_hook = True
         try:
             threading.Thread(target=_redeliver, args=(intr.signum,), name="fedrobust-redeliver", daemon=True).start()
         except RuntimeError:  # no new thread at interpreter shutdown: deliver it from here, as best it can be
+            _in_hook = False
             _thread.interrupt_main(intr.signum)
+        _in_hook = False  # the last bytecode that can let another thread run before the hook returns
         return
     sys.__unraisablehook__(unraisable)
 
