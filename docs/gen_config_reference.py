@@ -43,7 +43,8 @@ INTRO = {
     "train": "Local training of each member.",
     "engine": "Where the nodes run, and what a run does when one does not answer.",
     "attack": "The evaluation: which images, which attacks, their budgets and losses.",
-    "tune": "A study (`fedrobust tune`): its trials, NSGA-II, the accuracy constraint, the search space.",
+    "tune": "A study (`fedrobust tune`): its trials, its sampler (NSGA-II by default), its multi-fidelity scheduler, "
+            "the accuracy constraint, the search space.",
     "ray": "The Ray instance a study's trials run on.",
 }
 
@@ -115,8 +116,13 @@ def _rows(cls: type, prefix: str, skip: tuple[str, ...] = ()) -> tuple[list[str]
     for f in dataclasses.fields(cls):
         if f.name in skip:
             continue
-        if dataclasses.is_dataclass(hints[f.name]):
-            continue  # a section: its own table
+        if dataclasses.is_dataclass(hints[f.name]) and not prefix:
+            continue  # a section: its own heading
+        if dataclasses.is_dataclass(hints[f.name]):  # a group of keys inside a section: its own table
+            doc = docs.get(f.name, "").replace("|", "\\|")
+            rows.append(f"| `{prefix}{f.name}` | group | (below) | {doc} |")
+            long.append(f"`{prefix}{f.name}`, its keys:\n\n" + _table(hints[f.name], f"{prefix}{f.name}."))
+            continue
         kind = _type_name(hints[f.name])
         value = _default(f)
         shown = _yaml(value)

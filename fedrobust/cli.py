@@ -331,8 +331,11 @@ Hydra overrides plus study_dir=PATH, e.g.:
   fedrobust tune study_dir=studies/cluster ray.address=auto tune.cpus_per_trial=4 tune.gpus_per_trial=1
 Running the same command again resumes the study. Trials train inline (engine=inline) unless the
 command names an engine, e.g. engine=simulation.
-keys: tune.{n_trials,sampler,population_size,max_concurrent,seed,objectives,max_accuracy_drop,baseline_accuracy,
-      storage,study_name,cpus_per_trial,gpus_per_trial,max_failures,selection,space}  ray.address  study_dir
+Multi-fidelity (MO-ASHA): tune.scheduler=moasha trains each trial to a low budget first and promotes the best
+1 in tune.fidelity.reduction_factor to the next rung, resuming its checkpoint.
+keys: tune.{n_trials,sampler,scheduler,population_size,max_concurrent,seed,objectives,max_accuracy_drop,
+      baseline_accuracy,storage,study_name,cpus_per_trial,gpus_per_trial,max_failures,selection,space}
+      tune.fidelity.{rungs,reduction_factor,min_epochs,min_images}  ray.address  study_dir
 """
 
 

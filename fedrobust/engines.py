@@ -37,6 +37,7 @@ from .errors import ConfigError, one_line
 from .interrupt import as_interrupt, deferred, hold
 from .node import MemberUpdate, train_node_round
 from .partition import num_nodes
+from .resume import TrainingStage
 from .sessions import import_path
 from .task import node_task
 
@@ -55,13 +56,19 @@ def torch_threads(n: int):
         torch.set_num_threads(before)
 
 
-def run_inline(cfg: DictConfig, missing: dict | None = None) -> list[MemberUpdate]:
+def run_inline(cfg: DictConfig, missing: dict | None = None, stage: TrainingStage | None = None) -> list[MemberUpdate]:
     """Train every node's members in this process and return the validated members.
 
     Members left out under ``engine.on_missing=min_members`` (diverged ones)
     are recorded in ``missing``, for :func:`fedrobust.run.finalize_run`.
+    With a ``stage`` (:mod:`fedrobust.resume`), training goes from its start to its stop, and the stage
+    is left holding the trainers as they are at its stop.
     """
-    states: dict[int, dict] = {node: {} for node in range(num_nodes(cfg.deployment.name, cfg.deployment.num_nodes))}
+    nodes = range(num_nodes(cfg.deployment.name, cfg.deployment.num_nodes))
+    states: dict[int, dict] = {node: {} for node in nodes}
+    if stage is not None:
+        states = stage.states = {node: stage.states.get(node, {}) for node in nodes}
+    until = stage.stop if stage is not None else None
     task = node_task(cfg)  # what a ClientApp is sent, so both engines train from the same task
 
     def train_round(round_idx: int, current: dict[int, dict]) -> Iterator[MemberUpdate]:
@@ -69,10 +76,10 @@ def run_inline(cfg: DictConfig, missing: dict | None = None) -> list[MemberUpdat
         # come, so a divergence fails the run before the next node trains.
         peers = {node: peers_of(cfg, node, current) for node in states}
         for node, state in states.items():
-            yield from train_node_round(task, node, round_idx, state, peers=peers[node])
+            yield from train_node_round(task, node, round_idx, state, peers=peers[node], until=until)
 
     with torch_threads(int(cfg.engine.num_cpus)):
-        return collect_members(cfg, train_round, missing)
+        return collect_members(cfg, train_round, missing, stage)
 
 
 class _DropRunSimulationNotice(logging.Filter):

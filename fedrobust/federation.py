@@ -20,8 +20,9 @@ from .data import dataset_of
 from .ensemble import InvalidUpdateError, validate_member_weights
 from strategies import build_strategy
 
-from .node import MemberUpdate, build_member, initial_weights, members_of_node
+from .node import MemberUpdate, build_member, epochs_per_round, initial_weights, members_of_node
 from .partition import num_nodes
+from .resume import TrainingStage
 from .training import DivergedError
 
 __all__ = ["collect_members", "peers_of", "TrainRound"]
@@ -39,8 +40,13 @@ def peers_of(cfg: DictConfig, node: int, current: dict[int, dict]) -> dict[int, 
     return {m: w for m, w in current.items() if m not in own}
 
 
-def collect_members(cfg: DictConfig, train_round: TrainRound, missing: dict | None = None) -> list[MemberUpdate]:
+def collect_members(cfg: DictConfig, train_round: TrainRound, missing: dict | None = None,
+                    stage: TrainingStage | None = None) -> list[MemberUpdate]:
     """Run ``cfg.train.rounds`` rounds and return the validated members, ordered by index.
+
+    With a ``stage`` (:mod:`fedrobust.resume`), only the rounds that overlap its epochs run: those
+    ended by its start are skipped, the members' peers and histories start from the stage's, and the
+    stage is left with the members' current weights and whole histories at its stop.
 
     Members that do not arrive in a round, or that diverged, fail the run
     (:class:`RuntimeError`; :class:`~fedrobust.training.DivergedError` for a
@@ -59,7 +65,14 @@ def collect_members(cfg: DictConfig, train_round: TrainRound, missing: dict | No
     needs_peers = build_strategy(cfg.strategy).needs_peers
     # Members as they are now; nodes receive their peers from here each round.
     current = initial_weights(cfg, data, sorted(expected)) if needs_peers and n_nodes > 1 else {}
+    earlier: dict[int, list] = {}  # a resumed stage's histories, joined to the members' first updates
+    if stage is not None and stage.start > 0:
+        current = {m: w for m, w in stage.current.items() if m in current}
+        earlier = dict(stage.history)
+    bounds = _round_bounds(cfg)
     for r in range(cfg.train.rounds):
+        if stage is not None and (bounds[r][1] <= stage.start or bounds[r][0] >= stage.stop):
+            continue  # trained in an earlier stage, or left to a later one
         log.info("round %d/%d: training %d member(s) on %d node(s)", r + 1, cfg.train.rounds, len(expected), n_nodes)
         seen: set[int] = set()
         for u in train_round(r, current):
@@ -79,6 +92,8 @@ def collect_members(cfg: DictConfig, train_round: TrainRound, missing: dict | No
                 u.weights = u.current = None
                 if u.member in latest:
                     u.history = latest.pop(u.member).history + u.history
+                else:
+                    u.history = earlier.pop(u.member, []) + u.history
                 _drop_diverged(cfg, u, len(expected) - 1, missing)
                 diverged[u.member] = u
                 expected.pop(u.member)
@@ -91,6 +106,8 @@ def collect_members(cfg: DictConfig, train_round: TrainRound, missing: dict | No
                     current[u.member] = u.current
             if u.member in latest:
                 u.history = latest[u.member].history + u.history
+            else:
+                u.history = earlier.pop(u.member, []) + u.history
             latest[u.member] = u
         absent = sorted(set(expected) - seen)
         if absent:
@@ -110,7 +127,20 @@ def collect_members(cfg: DictConfig, train_round: TrainRound, missing: dict | No
                 missing.setdefault("nodes", []).extend(nodes)
                 missing.setdefault("members", []).extend(absent)
                 missing.setdefault("events", []).append(what)
-    return [latest[m] for m in sorted(latest)]
+    members = [latest[m] for m in sorted(latest)]
+    if stage is not None:
+        stage.current = {u.member: u.current for u in members if u.current is not None}
+        stage.history = {u.member: u.history for u in members}
+    return members
+
+
+def _round_bounds(cfg: DictConfig) -> list[tuple[int, int]]:
+    """Each round's first epoch and the epoch after its last."""
+    bounds, start = [], 0
+    for n in epochs_per_round(cfg):
+        bounds.append((start, start + n))
+        start += n
+    return bounds
 
 
 def _drop_diverged(cfg: DictConfig, u: MemberUpdate, remaining: int, missing: dict | None) -> None:

@@ -148,8 +148,12 @@ def train_node_round(
     *,
     peers: dict[int, dict[str, torch.Tensor]] | None = None,
     device: torch.device | None = None,
+    until: int | None = None,
 ) -> list[MemberUpdate]:
     """Train ``node``'s members for round ``round_idx``; ``state`` carries trainers between rounds.
+
+    With ``until``, training stops at that epoch of the schedule, also inside the round; a trainer
+    resumed from ``state`` past the round's start trains only the rest of it (:mod:`fedrobust.resume`).
 
     ``task`` is what the node was sent (a run config is turned into it).
     ``peers`` holds the current weights of members on other nodes (used by
@@ -166,7 +170,9 @@ def train_node_round(
     shard = shards_for(task, data)[node]
     strategy = build_strategy(task.strategy, task.strategy_args)
     settings = task.train
-    epochs = epochs_per_round(task)[round_idx]
+    split = epochs_per_round(task)
+    epochs = split[round_idx]
+    round_start = sum(split[:round_idx])
     x_tr, y_tr = data.x_train[shard.train], data.y_train[shard.train]
     x_va, y_va = data.x_train[shard.val], data.y_train[shard.val]
     class_counts = np.bincount(y_tr.numpy(), minlength=data.num_classes).tolist()
@@ -188,9 +194,12 @@ def train_node_round(
         key = "joint" if joint else f"member-{group[0]}"
         if key in state:
             trainer.load_state_dict(state[key])
+        todo = epochs
+        if until is not None:  # up to the stop, from where the trainer stands (a resumed one: past the start)
+            todo = max(0, min(round_start + epochs, until) - max(round_start, trainer.epoch))
         who = f"members {group[0]}-{group[-1]}" if joint else f"member {group[0]}"
         desc = f"node {node} {who} r{round_idx + 1}/{task.rounds}"
-        history = trainer.run(epochs, peers=peer_models, progress=task.progress, desc=desc)
+        history = trainer.run(todo, peers=peer_models, progress=task.progress, desc=desc)
         state[key] = trainer.state_dict()
         diverged = trainer.divergence is not None
         for k, m in enumerate(group):

@@ -300,8 +300,8 @@ def test_bad_input_is_one_line_exit_2_and_touches_nothing(name, trained, tmp_pat
 
 
 def _poison(how):
-    def train_node_round(cfg, node, round_idx, state, peers=None):
-        updates = original(cfg, node, round_idx, state, peers=peers)
+    def train_node_round(cfg, node, round_idx, state, peers=None, **kwargs):
+        updates = original(cfg, node, round_idx, state, peers=peers, **kwargs)
         if node == 1:
             w = updates[0].weights
             if how == "nan":

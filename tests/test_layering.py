@@ -53,7 +53,8 @@ LAYERS: list[tuple[str, list[str]]] = [
     # the whole config: the sections composed, overrides, the plug-ins that add strategies, losses, stages
     ("config", ["fedrobust.overrides", "fedrobust.config", "fedrobust.plugins"]),
     # what a node runs: its task, its training round, the messages
-    ("node", ["fedrobust.task", "fedrobust.node", "fedrobust.protocol", "fedrobust.federation", "clients",
+    ("node", ["fedrobust.task", "fedrobust.resume", "fedrobust.node", "fedrobust.protocol", "fedrobust.federation",
+              "clients",
               "clients.*"]),
     # a trained run as everything above reads it: members, digests, held-out images, content keys
     ("runs", ["fedrobust.runs", "fedrobust.runs.*"]),

@@ -33,8 +33,9 @@ TEST_DIR = "test"  # a trial's evaluation on the test sample, under its run dire
 
 
 def trial_dir(study_dir: Path, number: int, recorded: str | None = None) -> Path:
-    """A trial's run directory: under ``study_dir/trials`` (where the tuner writes it), else as recorded."""
-    here = Path(study_dir) / "trials" / f"trial_{number:04d}"
+    """A trial's run directory: under ``study_dir/trials`` (where the tuner writes it; a study moved since
+    still finds it), else as recorded. A promoted trial's is its top rung's (``trial_NNNN_rK``)."""
+    here = Path(study_dir) / "trials" / (Path(recorded).name if recorded else f"trial_{number:04d}")
     return here if here.is_dir() or not recorded else Path(recorded)
 
 

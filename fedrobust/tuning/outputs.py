@@ -41,9 +41,12 @@ def _fmt(v: Any) -> Any:
 
 def write_trials_csv(path: Path, rows: list[dict[str, Any]], param_names: list[str]) -> None:
     """One row per trial: ca, val_accuracy, ra_t and ra_q on validation images (what the study selected on), and
-    for the front's trials ca_test, ra_t_test and ra_q_test on the test sample (empty elsewhere)."""
+    for the front's trials ca_test, ra_t_test and ra_q_test on the test sample (empty elsewhere). A multi-fidelity
+    study has a row per trial and rung, with its budget (rung, budget_epochs, images; partial below the top)."""
     cols = ["number", "state", *param_names, "ca", "val_accuracy", "ra_t", "ra_q", *TEST_COLUMNS, *INTERVAL_COLUMNS,
             "feasible", "best_epoch", "duration_s", "requeued_from", "failure", "node", "run_dir"]
+    if any(r.get("rung") is not None for r in rows):  # a multi-fidelity study: each row's budget
+        cols[1:1] = ["rung", "budget_epochs", "images", "partial"]
     with atomic_open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
         w.writeheader()
@@ -98,7 +101,8 @@ def measured_on(study_dir: Path, rows: list[dict[str, Any]], objectives: str) ->
 
 
 def front_rows(rows: list[dict[str, Any]], objectives: str) -> list[dict[str, Any]]:
-    feasible = [r for r in rows if r["state"] == "COMPLETE" and r.get("feasible")]
+    """The feasible non-dominated rows at the full budget (a multi-fidelity study's lower rungs never count)."""
+    feasible = [r for r in rows if r["state"] == "COMPLETE" and r.get("feasible") and not r.get("partial")]
     return [feasible[i] for i in pareto_front([objective_values(r, objectives) for r in feasible])]
 
 
@@ -219,8 +223,12 @@ def plot_front(study_dir: Path, rows: list[dict[str, Any]], objectives: str, tit
     done = [r for r in rows if r["state"] == "COMPLETE"]
     front = front_rows(rows, objectives)
     fig, ax = plt.subplots(figsize=(5.2, 4.2))
+    low = [objective_values(r, objectives) for r in done if r.get("partial")]
+    done = [r for r in done if not r.get("partial")]
     feas = [objective_values(r, objectives) for r in done if r.get("feasible")]
     infeas = [objective_values(r, objectives) for r in done if not r.get("feasible")]
+    if low:  # a multi-fidelity study's lower rungs: less trained, fewer images; never in the front
+        ax.scatter(*zip(*low), marker=".", color="0.75", label="below the full budget")
     if infeas:
         ax.scatter(*zip(*infeas), marker="x", color="0.6", label="infeasible (validation accuracy too low)")
     if feas:

@@ -70,6 +70,9 @@ class Launch:
     values: dict[str, Any] = field(default_factory=dict)  # config keys changed from the base config
     cfg_yaml: str = ""  # the base config, as YAML
     label: str = ""  # for messages: "trial 3", "cell lr-0.1"
+    fidelity: dict[str, int] | None = None  # a multi-fidelity study's budget: rung, rungs, epochs, images
+    resume: Path | None = None  # the checkpoint a promoted trial resumes (resume.CHECKPOINT of its last rung)
+    promotion: tuple[int, int] | None = None  # (trial number, rung) of a promoted trial
 
 
 class TrialSource(Protocol):
@@ -120,8 +123,13 @@ class TrialRunner:
                         if launch is None:
                             break
                         self.launches[launch.key] = launch
+                        extra = {}
+                        if launch.fidelity is not None:
+                            extra["fidelity"] = launch.fidelity
+                        if launch.resume is not None:  # through the object store: the trial may run elsewhere
+                            extra["resume"] = self.pool.put(launch.resume.read_bytes())
                         self.pool.submit(launch.key, launch.dest, launch.cfg_yaml, launch.values, launch.name,
-                                         self.threads, self.artefacts)
+                                         self.threads, self.artefacts, **extra)
                 if not self.pool.running:
                     raise RuntimeError("the trial source has work left but launched none")
                 with deferred() as held:

@@ -61,6 +61,7 @@ from ..interrupt import deferred
 from ..progress import progress as progress_bar
 from ..redact import redacted, redacted_container
 from . import holdout, outputs
+from .fidelity import Ladder, rung_dir_name, rung_row
 from .space import SHORT_NAMES, SearchSpace
 from .trial import apply_values, load_scores, trial_task
 
@@ -209,13 +210,21 @@ def baseline_accuracy(cfg: DictConfig, study_dir: Path) -> float:
     return float(results["ensemble"]["clean_accuracy"])
 
 
-def trial_rows(study: optuna.Study, param_names: list[str], study_dir: Path | None = None) -> list[dict[str, Any]]:
-    """One row per trial; with ``study_dir``, a front trial's test figures (:mod:`.holdout`) once it has them."""
+def trial_rows(study: optuna.Study, param_names: list[str], study_dir: Path | None = None,
+               min_acc: float | None = None) -> list[dict[str, Any]]:
+    """One row per trial; with ``study_dir``, a front trial's test figures (:mod:`.holdout`) once it has them.
+
+    A multi-fidelity study's trial has a row per rung it reached (``rung``, ``budget_epochs``, ``images``);
+    ``partial`` marks a row below the full budget, which never enters the front. ``min_acc`` decides a
+    promoted rung's feasibility (rung 0's is the trial's recorded constraint)."""
     rows = []
-    for t in study.get_trials(deepcopy=False):
+    trials = study.get_trials(deepcopy=False)
+    for t in trials:
         u = t.user_attrs
         duration = u.get("seconds")  # the trial's own train + evaluate time (asked trials may wait in the queue)
-        row = {"number": t.number, "state": t.state.name, **{p: t.params.get(p) for p in param_names},
+        row = {"number": t.number, "rung": u.get("rung"), "budget_epochs": u.get("budget_epochs"),
+               "images": u.get("images"), "partial": u.get("partial", False),
+               "state": t.state.name, **{p: t.params.get(p) for p in param_names},
                "ca": u.get("ca"), "val_accuracy": u.get("val_accuracy"), "ra_t": u.get("ra_t"), "ra_q": u.get("ra_q"),
                "feasible": (u.get(CONSTRAINT_ATTR, math.inf) <= 0) if t.state.name == "COMPLETE" else None,
                "best_epoch": u.get("best_epoch"), "duration_s": round(duration, 2) if duration is not None else None,
@@ -227,14 +236,37 @@ def trial_rows(study: optuna.Study, param_names: list[str], study_dir: Path | No
         if study_dir is not None and t.state.name == "COMPLETE":
             row |= holdout.test_scores(holdout.trial_dir(study_dir, t.number, u.get("run_dir"))) or {}
         rows.append(row)
+    for key, record in sorted(study.user_attrs.items()):  # promoted trials' higher rungs (.fidelity)
+        parts = key.split(".")
+        if len(parts) != 3 or parts[0] != "rung":
+            continue
+        number, rung = int(parts[1]), int(parts[2])
+        row = rung_row(number, rung, record) | {p: trials[number].params.get(p) for p in param_names}
+        row["partial"] = bool(record.get("partial"))
+        for key2, ci in row.pop("intervals").items():
+            if ci:
+                row[f"{key2}_low"], row[f"{key2}_high"] = ci
+        if row["state"] == "COMPLETE":
+            row["feasible"] = min_acc is None or row["val_accuracy"] >= min_acc
+            if study_dir is not None:
+                row |= holdout.test_scores(holdout.trial_dir(study_dir, number, row["run_dir"])) or {}
+        rows.append(row)
+    rows.sort(key=lambda r: (r["number"], r.get("rung") or 0))
     return rows
 
 
 def _tell_complete(study: optuna.Study, trial: optuna.Trial, scores: dict[str, Any], min_acc: float, objectives: str) -> None:
     """Record a finished trial. Its constraint is on its validation accuracy (the union of the nodes' validation
-    splits), as the baseline's is; no test figure exists yet."""
+    splits), as the baseline's is; no test figure exists yet. A multi-fidelity trial's budget comes with its
+    scores (``fidelity``)."""
     for key in ("ca", "val_accuracy", "ra_t", "ra_q", "best_epoch", "seconds"):
         trial.set_user_attr(key, scores[key])
+    f = scores.get("fidelity")
+    if f:
+        trial.set_user_attr("rung", f["rung"])
+        trial.set_user_attr("budget_epochs", f["epochs"])
+        trial.set_user_attr("images", f["images"])
+        trial.set_user_attr("partial", f["rung"] < f["rungs"] - 1)
     trial.set_user_attr("intervals", scores.get("intervals") or {})
     trial.set_user_attr(CONSTRAINT_ATTR, min_acc - scores["val_accuracy"])
     trial.set_constraint("clean_accuracy", min_acc - scores["val_accuracy"])
@@ -273,12 +305,23 @@ def _requeue_stale(study: optuna.Study, trials_dir: Path, min_acc: float, object
 
 def prepare_zoo(cfg: DictConfig) -> list[str]:
     """Train (or find) the surrogate zoo and its transfer examples once, before trials share them;
-    their files, relative to the cache root."""
+    their files, relative to the cache root. A multi-fidelity study's rungs attack samples of their own
+    sizes: the transfer examples of each."""
     from ..runs.cache import cache_root
     from ..evaluation.evaluate import prepare_transfer_artefacts
 
     root = cache_root(cfg.attack.cache_dir).resolve()
-    return [str(p.resolve().relative_to(root)) for p in prepare_transfer_artefacts(cfg)]
+    sizes = [cfg.attack.num_samples]
+    if cfg.get("tune") is not None and cfg.tune.scheduler == "moasha":
+        from .settings import rung_images
+
+        f = cfg.tune.fidelity
+        sizes = sorted(set(rung_images(cfg.attack.num_samples, f.rungs, f.reduction_factor, f.min_images)))
+    names: list[str] = []
+    for n in sizes:
+        sized = OmegaConf.merge(cfg, {"attack": {"num_samples": int(n)}})
+        names += [str(p.resolve().relative_to(root)) for p in prepare_transfer_artefacts(sized)]
+    return list(dict.fromkeys(names))
 
 
 def share_artefacts(pool, cfg: DictConfig) -> dict[str, Any]:
@@ -315,11 +358,11 @@ def write_outputs(study_dir: Path, cfg: DictConfig, study: optuna.Study, space: 
                   *, final: bool) -> list[dict[str, Any]]:
     """trials.csv and pareto.json; with ``final``, the front evaluated once on the test sample (:mod:`.holdout`),
     recommended.md and the plots."""
-    rows = trial_rows(study, space.names, study_dir)
     min_acc = baseline - cfg.tune.max_accuracy_drop
+    rows = trial_rows(study, space.names, study_dir, min_acc)
     if final:
         holdout.evaluate_front(study_dir, cfg, outputs.front_rows(rows, cfg.tune.objectives))
-        rows = trial_rows(study, space.names, study_dir)
+        rows = trial_rows(study, space.names, study_dir, min_acc)
     measured = outputs.measured_on(study_dir, rows, cfg.tune.objectives)
     outputs.write_trials_csv(study_dir / "trials.csv", rows, space.names)
     front = outputs.write_pareto(study_dir / "pareto.json", rows, space.names, cfg.tune.objectives, baseline, min_acc,
@@ -331,14 +374,14 @@ def write_outputs(study_dir: Path, cfg: DictConfig, study: optuna.Study, space: 
     return rows
 
 
-def _hparams(study_dir: Path, number: int, values: dict[str, Any], scores: dict[str, Any], feasible: bool) -> None:
+def _hparams(study_dir: Path, run_name: str, values: dict[str, Any], scores: dict[str, Any], feasible: bool) -> None:
     from torch.utils.tensorboard import SummaryWriter
 
     hp = {SHORT_NAMES.get(k, k): v for k, v in values.items()}
     with SummaryWriter(str(study_dir / "tensorboard")) as w:
         w.add_hparams(hp, {"hparam/ca": scores["ca"], "hparam/ra_t": scores["ra_t"], "hparam/ra_q": scores["ra_q"],
                            "hparam/val_accuracy": scores["val_accuracy"], "hparam/feasible": float(feasible)},
-                      run_name=f"trial_{number:04d}")
+                      run_name=run_name)
 
 
 def run_study(cfg: DictConfig) -> list[dict[str, Any]]:
@@ -382,6 +425,9 @@ class _StudyTrials:
     parameters are fixed already), then launches the costliest asked trial into each free slot (longest
     first shortens the tail where few trials are left; NSGA-II assigns generations from completed trials
     only, so asking a little ahead does not change its populations).
+
+    With ``tune.scheduler=moasha`` (:mod:`.fidelity`) a free slot goes first to a promotion that is due;
+    new trials start at the lowest budget, and ``tune.n_trials`` counts them.
     """
 
     def __init__(self, cfg, base, study, space, study_dir, trials_dir, baseline, min_acc, bar) -> None:
@@ -394,13 +440,20 @@ class _StudyTrials:
         self.handles: dict[int, tuple[optuna.Trial, dict[str, Any]]] = {}
         self.lost: dict[int, dict[str, Any]] = {}  # a lost trial's parameters, until it is queued again
         self.runner = None  # set by run_study, for the progress bar's counts
+        self.ladder = Ladder(base, study, min_acc) if cfg.tune.scheduler == "moasha" else None
+        self.promoted = 0
 
     def finished(self) -> bool:
-        return self.complete >= self.cfg.tune.n_trials
+        return self.complete >= self.cfg.tune.n_trials and (self.ladder is None or not self.ladder.due())
 
     def next(self, running: int):
         from .runner import Launch
 
+        if self.ladder is not None:
+            launch = self._promotion()
+            if launch is not None:
+                return launch
+            running = sum(isinstance(k, int) for k in self.handles)  # new trials only, not promotions
         t = self.cfg.tune
         # enqueued trials (a user's, or lost ones queued again) are fixed already: asking them early costs the
         # sampler nothing, and lets the longest of them start first
@@ -419,35 +472,104 @@ class _StudyTrials:
         log.info("trial %d queued: %s", trial.number,
                  ", ".join(f"{SHORT_NAMES.get(k, k)}={outputs._value(v)}" for k, v in values.items()))
         return Launch(trial.number, name, self.trials_dir / name, self.space.config_values(values), self.cfg_yaml,
-                      f"trial {trial.number}")
+                      f"trial {trial.number}", fidelity=self.ladder.budget(0) if self.ladder is not None else None)
+
+    def _promotion(self):
+        """The first promotion due (:mod:`.fidelity`), as a launch that resumes the trial's last checkpoint;
+        one that had ended before the tuner stopped is recorded instead."""
+        import shutil
+
+        from ..resume import CHECKPOINT
+        from .runner import Launch
+
+        ladder = self.ladder
+        for number, rung in ladder.due():
+            name = rung_dir_name(number, rung)
+            dest = self.trials_dir / name
+            record = {"epochs": ladder.epochs[rung], "images": ladder.images[rung], "run_dir": str(dest),
+                      "partial": rung < ladder.top}
+            scores = load_scores(dest)
+            if scores is not None:
+                log.info("trial %d at rung %d had finished before the tuner stopped: recorded", number, rung)
+                ladder.record(number, rung, record | {"scores": scores})
+                return self._promotion()
+            checkpoint = self.trials_dir / rung_dir_name(number, rung - 1) / CHECKPOINT
+            if not checkpoint.is_file():
+                log.warning("trial %d: no checkpoint at %s to resume; not promoted", number, checkpoint)
+                ladder.record(number, rung, record | {"failure": "error", "error": f"no checkpoint at {checkpoint}"})
+                return self._promotion()
+            if dest.exists():
+                shutil.rmtree(dest)  # a copy the tuner stopped while writing
+            frozen = self.study.get_trials(deepcopy=False)[number]
+            values = {p: frozen.params[p] for p in self.space.names}
+            key = f"{number}.r{rung}"
+            ladder.running.add((number, rung))
+            self.handles[key] = (None, values)
+            log.info("trial %d promoted to rung %d (%d epochs, %d images): resumes from epoch %d", number, rung,
+                     ladder.epochs[rung], ladder.images[rung], ladder.epochs[rung - 1])
+            return Launch(key, name, dest, self.space.config_values(values), self.cfg_yaml,
+                          f"trial {number} (rung {rung})", fidelity=ladder.budget(rung), resume=checkpoint,
+                          promotion=(number, rung))
+        return None
+
+    def _rung_ended(self, launch, record: dict[str, Any]) -> None:
+        number, rung = launch.promotion
+        self.handles.pop(launch.key)
+        self.ladder.running.discard((number, rung))
+        if record:
+            b = self.ladder.budget(rung)
+            self.ladder.record(number, rung, {"epochs": b["epochs"], "images": b["images"], "run_dir": str(launch.dest),
+                                              "partial": rung < self.ladder.top} | record)
 
     def started(self, launch, where: dict[str, Any]) -> None:
         from .pool import short_node
 
         node = short_node(where)
-        self.handles[launch.key][0].set_user_attr("node", node)
-        log.info("trial %d running on %s (%s)", launch.key, node, where.get("host", ""))
+        trial = self.handles[launch.key][0]
+        if trial is not None:  # a promotion's node is recorded with its scores
+            trial.set_user_attr("node", node)
+        log.info("%s running on %s (%s)", launch.label, node, where.get("host", ""))
 
     def completed(self, launch, scores: dict[str, Any], where: dict[str, Any]) -> None:
         from .pool import short_node
 
-        trial, values = self.handles.pop(launch.key)
         t = self.cfg.tune
+        if launch.promotion is not None:  # a promoted trial, at a higher rung
+            number, rung = launch.promotion
+            values = self.handles[launch.key][1]
+            self._rung_ended(launch, {"scores": scores, "node": short_node(where)})
+            self.promoted += 1
+            feasible = scores["val_accuracy"] >= self.min_acc
+            _hparams(self.study_dir, launch.name, values, scores, feasible)
+            rows = write_outputs(self.study_dir, self.cfg, self.study, self.space, self.baseline, final=False)
+            log.info("trial %d done at rung %d (%d epochs) on %s: CA %.4f%s, RA_T %.4f, RA_Q %.4f | front: %s",
+                     number, rung, self.ladder.epochs[rung], short_node(where), scores["ca"],
+                     "" if feasible else " (infeasible)", scores["ra_t"], scores["ra_q"], _front_text(rows, t.objectives))
+            return
+        trial, values = self.handles.pop(launch.key)
         _tell_complete(self.study, trial, scores, self.min_acc, t.objectives)
         self.complete += 1
         feasible = scores["val_accuracy"] >= self.min_acc
-        _hparams(self.study_dir, launch.key, values, scores, feasible)
+        _hparams(self.study_dir, launch.name, values, scores, feasible)
         rows = write_outputs(self.study_dir, self.cfg, self.study, self.space, self.baseline, final=False)
         log.info("trial %d done on %s (validation images): CA %.4f%s, RA_T %.4f, RA_Q %.4f | front: %s", launch.key,
                  short_node(where), scores["ca"], "" if feasible else " (infeasible)", scores["ra_t"],
                  scores["ra_q"], _front_text(rows, t.objectives))
         c = self.runner.counts if self.runner is not None else {}
+        promoted = f"promoted {self.promoted}, " if self.ladder is not None else ""
         self.bar.set_postfix_str(f"running {self.runner.running if self.runner else 0}, queued {len(self.pending)}, "
+                                 f"{promoted}"
                                  f"failed {c.get('error', 0)}, diverged {c.get('diverged', 0)}, lost {c.get('lost', 0)}, "
                                  f"front {len(outputs.front_rows(rows, t.objectives))}", refresh=False)
         self.bar.update(1)
 
     def failed(self, launch, reason: str, kind: str, where: dict[str, Any]) -> None:
+        if launch.promotion is not None:  # lost: due again (no record); diverged or failed: recorded, not again
+            from .pool import short_node
+
+            self._rung_ended(launch, {} if kind == "lost" else {"failure": kind, "error": reason,
+                                                               "node": short_node(where)})
+            return
         trial, _ = self.handles.pop(launch.key)
         if kind == "lost":
             self.lost[launch.key] = trial.params
@@ -460,12 +582,18 @@ class _StudyTrials:
                                "narrow the search space (e.g. a lower optimizer.lr high)")
 
     def retry(self, launch) -> None:
-        """A lost trial's parameters, queued again: the next ask runs them."""
+        """A lost trial's parameters, queued again: the next ask runs them (a lost promotion is due again)."""
+        if launch.promotion is not None:
+            return
         self.study.enqueue_trial(self.lost.pop(launch.key), user_attrs={"requeued_from": launch.key},
                                  skip_if_exists=False)
 
     def cancelled(self, launch) -> None:
-        """A trial stopped as the tuner stops: failed now (kind ``cancelled``), its parameters queued again."""
+        """A trial stopped as the tuner stops: failed now (kind ``cancelled``), its parameters queued again
+        (a cancelled promotion is not recorded: it is due again when the study resumes)."""
+        if launch.promotion is not None:
+            self._rung_ended(launch, {})
+            return
         trial, _ = self.handles.pop(launch.key)
         self._cancel(trial)
 

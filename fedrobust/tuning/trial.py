@@ -8,6 +8,7 @@ usable in-process.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import time
@@ -66,6 +67,7 @@ def load_scores(run_dir: Path) -> dict[str, Any] | None:
         "ra_q": ra["query"],
         "best_epoch": sum(m.get("best_epoch", 0) for m in members) / max(len(members), 1) + 1,
         "seconds": results.get("trial_seconds"),
+        "fidelity": results.get("fidelity"),  # a multi-fidelity study's rung, else None
         # 95% Wilson intervals, over the images each figure was measured on
         "intervals": {
             "ca": interval_of(ens["clean_accuracy"], images.get("clean_accuracy", {}).get("num_images")),
@@ -111,12 +113,17 @@ def _simulate_in_child(cfg, run_path: Path, threads: int) -> None:
 
 
 def execute(cfg_yaml: str, values: dict[str, Any], run_dir: str, threads: int = 1,
-            artefacts: dict[str, Any] | None = None) -> dict[str, Any]:
+            artefacts: dict[str, Any] | None = None, fidelity: dict[str, int] | None = None,
+            resume: bytes | None = None) -> dict[str, Any]:
     """Train and evaluate one configuration in a new ``run_dir``; return its scores.
 
     The run is scored on the images ``attack.split`` names: a study's trials
     (``validation``) classify and attack no test image; sweeps (``test``)
     report test figures.
+
+    With ``fidelity`` (a multi-fidelity study's rung: ``epochs``, ``images``) the trial trains to that
+    epoch of its schedule, from ``resume`` (the checkpoint of its last rung, :mod:`fedrobust.resume`) if
+    given, attacks that many images, and saves its own checkpoint below the full budget.
 
     torch runs on ``threads`` threads for the trial, and on as many as before once it returns (a
     trial run in the caller's process must not change the caller's thread count).
@@ -126,13 +133,14 @@ def execute(cfg_yaml: str, values: dict[str, Any], run_dir: str, threads: int = 
     before = torch.get_num_threads()
     torch.set_num_threads(max(1, int(threads)))
     try:
-        return _execute(cfg_yaml, values, run_dir, threads, artefacts)
+        return _execute(cfg_yaml, values, run_dir, threads, artefacts, fidelity, resume)
     finally:
         torch.set_num_threads(before)
 
 
 def _execute(cfg_yaml: str, values: dict[str, Any], run_dir: str, threads: int,
-             artefacts: dict[str, Any] | None) -> dict[str, Any]:
+             artefacts: dict[str, Any] | None, fidelity: dict[str, int] | None = None,
+             resume: bytes | None = None) -> dict[str, Any]:
     """:func:`execute`'s body, at the trial's thread count.
 
     ``artefacts`` (``{"names": [...], "ref": [object ref]}``) are the tuner's cache files (zoo,
@@ -150,6 +158,15 @@ def _execute(cfg_yaml: str, values: dict[str, Any], run_dir: str, threads: int,
     load_plugins()  # a plug-in strategy or attack stage named by the trial's config (this is a fresh worker)
     cfg = apply_values(OmegaConf.create(cfg_yaml), values)
     cfg.train.progress = False
+    stage = None
+    if fidelity is not None:
+        from ..resume import TrainingStage, load_stage, training_digest
+
+        cfg.attack.num_samples = int(fidelity["images"])
+        if resume is None:
+            stage = TrainingStage(stop=int(fidelity["epochs"]), digest=training_digest(cfg))
+        else:
+            stage = load_stage(io.BytesIO(resume), cfg).resumed_to(int(fidelity["epochs"]))
     t0 = time.perf_counter()
     run_path = prepare_run_dir(cfg, str(run_dir))
     where = host_identity()
@@ -165,7 +182,13 @@ def _execute(cfg_yaml: str, values: dict[str, Any], run_dir: str, threads: int,
         from ..engines import run_inline
 
         missing: dict = {}
-        finalize_run(cfg, run_path, run_inline(cfg, missing), missing=missing or None, data=data)
+        finalize_run(cfg, run_path, run_inline(cfg, missing, stage), missing=missing or None, data=data)
+        if stage is not None and stage.stop < cfg.train.epochs:
+            from ..resume import CHECKPOINT, save_stage
+
+            save_stage(run_path / CHECKPOINT, stage)  # what a promotion to the next rung resumes
+    elif stage is not None:
+        raise ValueError("a multi-fidelity trial trains inline (engine=inline)")
     else:
         _simulate_in_child(cfg, run_path, threads)
     evaluate_run(run_path, cfg, data)
@@ -177,6 +200,8 @@ def _execute(cfg_yaml: str, values: dict[str, Any], run_dir: str, threads: int,
     results["trial_seconds"] = round(time.perf_counter() - t0, 2)
     results["trial_values"] = values
     results["trial_node"] = where
+    if fidelity is not None:
+        results["fidelity"] = dict(fidelity) | {"resumed_from_epoch": stage.start}
     write_json(results_path, results)  # the trial counts as done only once this file is whole
     scores = load_scores(run_path)
     assert scores is not None
@@ -184,7 +209,8 @@ def _execute(cfg_yaml: str, values: dict[str, Any], run_dir: str, threads: int,
 
 
 def trial_task(cfg_yaml: str, values: dict[str, Any], name: str, threads: int = 1,
-               artefacts: dict[str, Any] | None = None) -> Iterator[dict[str, Any] | bytes]:
+               artefacts: dict[str, Any] | None = None, fidelity: dict[str, int] | None = None,
+               resume: bytes | None = None) -> Iterator[dict[str, Any] | bytes]:
     """A trial as a Ray streaming generator: where it runs, its scores, then its run directory.
 
     Yields ``{"event": "start", host, node_ip, node_id, work_dir}`` as soon as it
@@ -200,7 +226,7 @@ def trial_task(cfg_yaml: str, values: dict[str, Any], name: str, threads: int = 
     work.mkdir(parents=True)
     try:
         yield {"event": "start", **host_identity(), "work_dir": str(work)}
-        scores = execute(cfg_yaml, values, str(work / name), threads, artefacts)
+        scores = execute(cfg_yaml, values, str(work / name), threads, artefacts, fidelity, resume)
         yield {"event": "result", "scores": scores}
         yield from send_dir(work / name)
     finally:  # also on a cancel (KeyboardInterrupt) or an error: the child's group is stopped before
