@@ -264,6 +264,12 @@ def test_promoted_trials_resume_their_checkpoints_and_train_no_epoch_twice(tmp_p
     # the front, from the top rung, evaluated once on the test sample
     doc = json.loads((out / "pareto.json").read_text())
     assert doc["trials"] and all(t["run_dir"].endswith("_r2") and t["test"] is not None for t in doc["trials"])
+    # fedrobust report reads the study back: the front's test figures are there, nothing is evaluated again
+    from fedrobust.tuning.report import report
+
+    text = report(out)
+    assert all(f"| {t['number']} |" in text for t in doc["trials"]), text
+    assert "Completed per rung (lowest budget first): 4 at 1 epochs" in text, text
 
 
 # ----------------------------------------------------------------------- stopped, and resumed --

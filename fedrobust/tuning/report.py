@@ -146,8 +146,16 @@ def _study_report(d: Path) -> str:
     states = defaultdict(int)
     for r in rows:
         states[r["state"]] += 1
-    lines = [f"# Study {title}", "", "Trials: " + ", ".join(f"{n} {s.lower()}" for s, n in sorted(states.items())) + ".", "",
-             "![Pareto front](pareto.png)", "", rec.split("\n", 2)[2]]
+    counts = "Trials: " + ", ".join(f"{n} {s.lower()}" for s, n in sorted(states.items())) + "."
+    if "rung" in header:  # a multi-fidelity study: a row per trial and rung
+        by_rung, epochs = defaultdict(int), {}
+        for r in rows:
+            if r["state"] == "COMPLETE":
+                by_rung[r["rung"] or 0] += 1
+                epochs[r["rung"] or 0] = r["budget_epochs"]
+        counts += " Completed per rung (lowest budget first): " + ", ".join(
+            f"{by_rung[k]} at {epochs[k]} epochs" for k in sorted(by_rung)) + "; only the full budget's can be on the front."
+    lines = [f"# Study {title}", "", counts, "", "![Pareto front](pareto.png)", "", rec.split("\n", 2)[2]]
     if note:
         lines += [note, ""]
     text = "\n".join(lines)
