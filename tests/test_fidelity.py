@@ -22,6 +22,7 @@ from fedrobust.config import load_config
 from fedrobust.tuning.fidelity import Scored, crowding_distance, nondominated_fronts, promotions, ranked
 from fedrobust.tuning.outputs import read_trials_csv
 from fedrobust.tuning.settings import rung_epochs, rung_images
+from test_tuning import _FakePool
 
 TINY = [
     "engine=inline", "train.progress=false", "attack.num_samples=60", "attack.surrogates=[cnn]",
@@ -77,24 +78,14 @@ def test_promotion_takes_the_best_one_in_eta_by_nondominated_sorting_feasible_fi
 
 
 # ---------------------------------------------------------------------------- a study, scores made up --
-class _RungPool:
+class _RungPool(_FakePool):
     """TrialPool's interface in this process. A trial's scores depend on its learning rate and on its
     budget: the fewer its epochs, the higher both robustnesses (a lower rung would dominate every
     full-budget trial if it were let into the front). It leaves the checkpoint a promotion resumes."""
 
-    def __init__(self, fn, *, address, cpus, gpus, max_concurrent, on_start=None):
-        self.max_concurrent, self.on_start, self.running = max_concurrent, on_start, {}
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
         self.submitted: list[tuple] = []
-
-    def start(self):
-        return self
-
-    @property
-    def free(self):
-        return self.max_concurrent - len(self.running)
-
-    def put(self, value):
-        return value
 
     def submit(self, key, dest, cfg_yaml, values, name, threads, artefacts, fidelity=None, resume=None):
         self.running[key] = (Path(dest), values, fidelity, resume)
@@ -114,11 +105,6 @@ class _RungPool:
                   "ra_q": 0.3 + lr + 0.1 * values["optimizer.momentum"] + 1 / epochs, "best_epoch": 1,
                   "seconds": 0.1 * epochs, "fidelity": fidelity}
         return [Finished(key, scores=scores, where={"host": "here"})]
-
-    def close(self):
-        cancelled = list(self.running)
-        self.running.clear()
-        return cancelled
 
 
 def test_a_multi_fidelity_study_promotes_by_the_rule_and_keeps_lower_rungs_out_of_the_front(tmp_path, monkeypatch):
