@@ -9,15 +9,25 @@ asynchronous successive halving with several objectives:
 
 * a trial scored at rung k may go on to rung k+1 once it is among the best
   floor(n_k / eta) of the n_k trials scored at rung k so far;
-* "best" is NSGA-II's order: constrained non-dominated sorting (a feasible
-  trial before an infeasible one, infeasible ones by their violation of the
-  accuracy floor), then, inside a front, the larger crowding distance first;
+* "best" is NSGA-II's order: non-dominated sorting, then, inside a front,
+  the larger crowding distance first, over the objectives and the validation
+  accuracy (with ``tune.objectives=accuracy`` that is one of them already);
 * whenever a slot is free the promotion from the highest rung goes first; with
   none due, the sampler proposes a new trial at rung 0.
 
 A promoted trial resumes its own checkpoint (:mod:`fedrobust.resume`): it
 trains only the epochs from its last budget to the next, under the same
 schedule, so at the top rung it has the members a full-budget trial would.
+
+The accuracy floor (``tune.max_accuracy_drop`` below the baseline) is about
+a trained ensemble, and it decides only at the full budget: which trials may
+enter the front. Below it, the floor would call nearly every trial
+infeasible (on digits, 9 epochs, all 48 trials after their first epoch), and
+constrained sorting would then rank them by accuracy alone, never by their
+robustness; so a lower rung ranks on accuracy as a third objective instead,
+and the sampler is told the rung-0 objectives without the constraint.
+:func:`ranked` and :func:`promotions` still take a violation, for callers
+that have a floor that means something at their budget.
 
 The sampler (NSGA-II, TPE or GP) is told every trial's rung-0 scores, so its
 model sees one fidelity throughout; the higher rungs' scores are the study's
@@ -102,7 +112,9 @@ def crowding_distance(points: Sequence[Sequence[float]]) -> list[float]:
 
 def ranked(results: Sequence[Scored]) -> list[int]:
     """Trial numbers, best first: feasible ones by front then crowding distance (larger first), then the
-    infeasible ones by their violation (smaller first); ties by trial number."""
+    infeasible ones by their violation (smaller first); ties by trial number. The order of ``results`` does not
+    matter (equal points share the crowding distance of their place in trial-number order)."""
+    results = sorted(results, key=lambda r: r.number)
     feasible = [r for r in results if r.violation <= 0]
     order: list[int] = []
     for front in nondominated_fronts([r.values for r in feasible]):
@@ -179,19 +191,24 @@ class Ladder:
         self.study.set_user_attr(f"rung.{number}.{rung}", record)
 
     def scored(self) -> list[list[Scored]]:
-        """Each rung's results so far."""
+        """Each rung's results so far, as the promotions rank them: the objectives and the validation
+        accuracy (already one of them with ``tune.objectives=accuracy``), all maximised, and no accuracy
+        floor (see the module's docstring)."""
         import optuna
 
         from .outputs import objective_values
 
+        def point(scores: dict[str, Any]) -> tuple[float, ...]:
+            values = tuple(objective_values(scores, self.objectives))
+            return values if self.objectives == "accuracy" else (*values, scores["val_accuracy"])
+
         rungs: list[list[Scored]] = [[] for _ in self.epochs]
         for t in self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
-            rungs[0].append(Scored(t.number, tuple(t.values), t.user_attrs.get("constraint", 0.0)))
+            rungs[0].append(Scored(t.number, point(t.user_attrs)))
         for (number, k), rec in self.records().items():
             s = rec.get("scores")
             if s and k < len(rungs):
-                rungs[k].append(Scored(number, tuple(objective_values(s, self.objectives)),
-                                       self.min_acc - s["val_accuracy"]))
+                rungs[k].append(Scored(number, point(s)))
         return rungs
 
     def due(self) -> list[tuple[int, int]]:

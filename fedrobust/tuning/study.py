@@ -262,14 +262,16 @@ def _tell_complete(study: optuna.Study, trial: optuna.Trial, scores: dict[str, A
     for key in ("ca", "val_accuracy", "ra_t", "ra_q", "best_epoch", "seconds"):
         trial.set_user_attr(key, scores[key])
     f = scores.get("fidelity")
+    partial = bool(f) and f["rung"] < f["rungs"] - 1
     if f:
         trial.set_user_attr("rung", f["rung"])
         trial.set_user_attr("budget_epochs", f["epochs"])
         trial.set_user_attr("images", f["images"])
-        trial.set_user_attr("partial", f["rung"] < f["rungs"] - 1)
+        trial.set_user_attr("partial", partial)
     trial.set_user_attr("intervals", scores.get("intervals") or {})
     trial.set_user_attr(CONSTRAINT_ATTR, min_acc - scores["val_accuracy"])
-    trial.set_constraint("clean_accuracy", min_acc - scores["val_accuracy"])
+    if not partial:  # below the full budget the floor says nothing of the trained ensemble (.fidelity)
+        trial.set_constraint("clean_accuracy", min_acc - scores["val_accuracy"])
     study.tell(trial, list(outputs.objective_values(scores, objectives)))
 
 
