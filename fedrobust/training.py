@@ -220,8 +220,8 @@ class MemberTrainer:
     ) -> None:
         self.device = torch.device(device)
         self.models = [m.to(self.device) for m in ([model] if isinstance(model, nn.Module) else model)]
-        # channels-last on CUDA: the layout its convolution kernels (and tensor cores) prefer
-        self.channels_last = self.device.type == "cuda" and x_train.dim() == 4
+        # channels-last, the layout build_model gives and the convolution kernels prefer on CPU and CUDA alike
+        self.channels_last = x_train.dim() == 4
         if self.channels_last:
             self.models = [m.to(memory_format=torch.channels_last) for m in self.models]
         if len(self.models) > 1 and not hasattr(strategy, "joint_loss"):

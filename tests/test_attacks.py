@@ -234,7 +234,10 @@ def test_an_image_broken_on_the_way_is_reported_broken(name):
     n = 64
     x, y = torch.full((n, 1, 1, 1), 0.5), torch.zeros(n, dtype=torch.long)
     rec = _Record(_Detour(), n)
-    res = WORST_CASE_ATTACKS[name](rec).run(x, y)
+    attack = WORST_CASE_ATTACKS[name](rec)
+    attack.drop_broken = False  # the record needs every image at every step
+    res = attack.run(x, y)
+    assert torch.equal(WORST_CASE_ATTACKS[name](_Detour()).run(x, y).success, res.success)
     seen_wrong = torch.stack(rec.wrong).any(0)
     assert int(seen_wrong.sum()) >= n // 4, "the attack never crossed the misclassified stretch: the test says nothing"
     with torch.no_grad():
@@ -261,3 +264,52 @@ def test_square_with_ce_loss_returns_its_first_success():
     with torch.no_grad():
         answer_wrong = model(res.x_adv).argmax(1) != y
     assert bool(res.success.all()) and bool(answer_wrong.all()), f"{int((~answer_wrong).sum())} images left robust"
+
+
+def _digits_cnn():
+    from fedrobust.data import load_dataset, to_float
+    from fedrobust.models import build_model
+
+    d = load_dataset("digits")
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        m = build_model("cnn", 1, 10, d.mean, d.std)
+    w, _ = train_member(m, d.x_train[:1000], d.y_train[:1000], d.x_train[1000:1200], d.y_train[1000:1200], Plain(),
+                        TrainSettings(epochs=5), seed=0, progress=False)
+    m.load_state_dict(w)
+    return m.eval(), to_float(d.x_test[:200]), d.y_test[:200]
+
+
+def test_images_found_broken_leave_the_batch_and_nothing_else_changes():
+    """BIM, PGD (with a restart), APGD (CE, DLR, L2) and APGD-T stop computing on an image once it is found
+    broken: the images still attacked follow the same path as in the whole batch, so every answer and every
+    verdict is the same, bit for bit, as with drop_broken=False; and fewer images are computed on."""
+    from fedrobust.attacks.gradient import APGDT
+
+    m, x, y = _digits_cnn()
+    seen_rows = []
+
+    def counting(z):
+        seen_rows.append(len(z))
+        return m(z)
+
+    attacks = {
+        "bim": lambda f: BIM(f, 0.1, steps=10),
+        "pgd": lambda f: PGD(f, 0.1, steps=10, seed=1, restarts=2),
+        "apgd": lambda f: APGD(f, 0.1, steps=40, seed=1, restarts=2),
+        "apgd_dlr": lambda f: APGD(f, 0.1, steps=40, loss="dlr", seed=1),
+        "apgd_l2": lambda f: APGD(f, 0.5, steps=40, seed=1, norm="l2"),
+        "apgd_t": lambda f: APGDT(f, 0.1, steps=20, targets=3, seed=1),
+    }
+    for name, make in attacks.items():
+        runs = {}
+        for drop in (False, True):
+            seen_rows.clear()
+            attack = make(counting)
+            attack.drop_broken = drop
+            runs[drop] = attack.run(x, y), sum(seen_rows)
+        (whole, cost_whole), (dropped, cost_dropped) = runs[False], runs[True]
+        assert 0 < int(whole.success.sum()) < len(y), f"{name}: every or no image broken, the test says nothing"
+        assert torch.equal(whole.success, dropped.success), name
+        assert torch.equal(whole.x_adv, dropped.x_adv), name
+        assert cost_dropped < cost_whole, name

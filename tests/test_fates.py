@@ -72,7 +72,9 @@ def _nan_on_even(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 def test_a_nan_gradient_stops_the_attack_unless_cross_entropy_stands_in():
     model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
-    x, y = torch.rand(6, 1, 8, 8), torch.arange(6)
+    with torch.no_grad():
+        model[1].bias[0] = 100.0  # every image classified 0, right, and robust: none leaves the batch
+    x, y = torch.rand(6, 1, 8, 8), torch.zeros(6, dtype=torch.long)
     with pytest.raises(NonFiniteLoss, match="non-finite value or gradient on 3 of 6"):
         PGD(model, 0.05, steps=2, loss=_nan_on_even)(x, y)
     res = PGD(model, 0.05, steps=2, loss=_nan_on_even, nonfinite="ce").run(x, y)

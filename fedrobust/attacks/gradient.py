@@ -24,6 +24,16 @@ iterate). ``run`` also returns which images the attack saw misclassified.
 ``worst_case=False`` gives the plain last iterate, which is what a transfer
 attack on surrogates and adversarial training want.
 
+Broken images leave the batch: with the worst case on, BIM, PGD and APGD
+stop computing on an image once some point they evaluated was
+misclassified. Its fate is then settled (``run`` answers with that point),
+and every quantity of these attacks is per image (the step size, APGD's
+checkpoint conditions and momentum; the model runs in eval mode), so the
+images still attacked follow the same path as in the whole batch, while the
+cost falls with the robust accuracy: APGD's 100 steps on an ensemble that
+keeps 1 image in 1,000 cost a few steps' worth, not 100. AutoAttack's APGD
+runs every step on every image of the batch it was given.
+
 The clean point first: with the worst case on, ``run`` classifies the clean
 images before the attack's first step, so that an image the model gets
 wrong at ``x`` itself counts as broken even when the attack starts from a
@@ -183,6 +193,25 @@ class _GradientAttack:
     def attack(self, x: torch.Tensor, y: torch.Tensor, seen: WorstCase | None) -> torch.Tensor:
         raise NotImplementedError
 
+    def _grad_on(self, x: torch.Tensor, y: torch.Tensor, seen, active: torch.Tensor | None):
+        """:meth:`grad` on the images ``active`` of the running batch (all of them if None): ``seen`` and the
+        fallback record are indexed through it."""
+        if active is None:
+            return self.grad(x, y, seen)
+        outer = self._rows
+        self._rows = active if outer is None else outer[active]
+        try:
+            return self.grad(x, y, _Rows(seen, active))
+        finally:
+            self._rows = outer
+
+    def _restrict(self, active: torch.Tensor | None) -> None:
+        """The running batch narrowed to ``active`` (None: whole again); an attack whose loss holds per-image
+        state (APGD-T's target classes) narrows it here."""
+
+    # BIM, PGD, APGD: stop computing on an image once the worst case found it broken (False: every step on every
+    # image, as AutoAttack; the answers are the same)
+    drop_broken: bool = True
     restarts: int = 1  # runs from fresh random starts, each on the images still robust (PGD, APGD)
 
     def run(self, x: torch.Tensor, y: torch.Tensor) -> AttackResult:
@@ -229,6 +258,29 @@ class _Rows:
         self.seen.observe(x_eval, logits, self.rows if rows is None else self.rows[rows])
 
 
+class _Live:
+    """The images of a running batch still attacked: those ``seen`` has not found broken (all, without a
+    worst case). :meth:`drop` narrows them; ``rows`` is None while the batch is whole."""
+
+    def __init__(self, seen, n: int, device, enabled: bool = True) -> None:
+        self.seen = seen if enabled else None
+        self.active = torch.arange(n, device=device)
+        self.rows: torch.Tensor | None = None
+        self.gone = self.active[:0]
+
+    def drop(self) -> torch.Tensor | None:
+        """The mask of the active images to keep, if some were found broken since the last call (they are then
+        ``gone``); None when nothing changed."""
+        if self.seen is None:
+            return None
+        keep = ~self.seen.found[self.active]
+        if bool(keep.all()):
+            return None
+        self.gone, self.active = self.active[~keep], self.active[keep]
+        self.rows = self.active
+        return keep
+
+
 class FGSM(_GradientAttack):
     """One step of size eps along the gradient sign (Goodfellow et al. 2015)."""
 
@@ -252,10 +304,20 @@ class BIM(_GradientAttack):
 
     def attack(self, x, y, seen):
         x_adv = self.start(x, self.generator, on_sphere=False) if self.random_start else x.clone()
+        out, live = x_adv, _Live(seen, len(x), x.device, self.drop_broken)
         for _ in range(self.steps):
-            g, _ = self.grad(x_adv, y, seen)
+            keep = live.drop()
+            if keep is not None:
+                out[live.gone] = x_adv[~keep]
+                if live.active.numel() == 0:
+                    return out
+                x, y, x_adv = x[keep], y[keep], x_adv[keep]
+            g, _ = self._grad_on(x_adv, y, seen, live.rows)
             x_adv = self.project(x_adv + self.alpha * self.direction(g), x)
-        return x_adv
+        if live.rows is None:
+            return x_adv
+        out[live.active] = x_adv
+        return out
 
 
 class PGD(BIM):
@@ -373,6 +435,7 @@ class APGD(_GradientAttack):
         n = x.shape[0]
         shape = (n,) + (1,) * (x.dim() - 1)
         x_cur = self.start(x, self.generator, on_sphere=True)
+        out, live = x_cur.clone(), _Live(seen, n, x.device, self.drop_broken)
         g, loss = self.grad(x_cur, y, seen)
         eta = torch.full(shape, 2 * self.eps, device=x.device, dtype=x.dtype)
         x_best, loss_best, g_best = x_cur.clone(), loss.clone(), g.clone()
@@ -384,8 +447,20 @@ class APGD(_GradientAttack):
         last_ckpt, eta_at_ckpt, best_at_ckpt = 0, eta.clone(), loss_best.clone()
         ckpts = set(self.checkpoints[1:])
         for k in range(1, self.steps + 1):
+            keep = live.drop()
+            if keep is not None:  # images found broken leave the batch with their best point
+                out[live.gone] = x_best[~keep]
+                if live.active.numel() == 0:
+                    self._restrict(None)
+                    return out
+                x, y, x_cur, x_next, x_best, g_best = x[keep], y[keep], x_cur[keep], x_next[keep], x_best[keep], g_best[keep]
+                eta, eta_at_ckpt = eta[keep], eta_at_ckpt[keep]
+                loss_best, best_at_ckpt, loss_prev, successes = loss_best[keep], best_at_ckpt[keep], loss_prev[keep], successes[keep]
+                n = len(x)
+                shape = (n,) + shape[1:]
+                self._restrict(live.active)
             x_prev, x_cur = x_cur, x_next
-            g, loss = self.grad(x_cur, y, seen)
+            g, loss = self._grad_on(x_cur, y, seen, live.rows)
             improved = loss > loss_best
             successes += (loss > loss_prev).float()  # condition 1 counts increases over the previous iterate
             loss_prev = loss
@@ -408,7 +483,9 @@ class APGD(_GradientAttack):
                 break
             z = self.project(x_cur + eta * self.direction(g), x)
             x_next = self.project(x_cur + self.alpha * (z - x_cur) + (1 - self.alpha) * (x_cur - x_prev), x)
-        return x_best
+        out[live.active] = x_best
+        self._restrict(None)
+        return out
 
 
 def targeted_dlr(target: torch.Tensor):
@@ -436,6 +513,11 @@ class APGDT(APGD):
         super().__init__(model, eps, steps, "dlr", rho, alpha, seed, worst_case, nonfinite, restarts, norm)
         self.loss_name = "dlr-targeted"
         self.targets = int(targets)
+        self._target: torch.Tensor | None = None  # the target class per image of the running APGD
+
+    def _restrict(self, active):
+        if self._target is not None:
+            self.loss_fn = targeted_dlr(self._target if active is None else self._target[active])
 
     def attack(self, x, y, seen):
         with torch.no_grad():
@@ -454,7 +536,8 @@ class APGDT(APGD):
                 if rows.numel() == 0:
                     break
                 view = _Rows(seen, rows)  # a view of a view observes through both
-            self.loss_fn = targeted_dlr(target[rows])
+            self._target = target[rows]
+            self.loss_fn = targeted_dlr(self._target)
             outer = self._rows
             self._rows = rows if outer is None else outer[rows]
             try:
