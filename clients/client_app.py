@@ -13,6 +13,7 @@ kept in ``context.state`` between rounds.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
 import torch
 from flwr.app import ArrayRecord, Context, Message
@@ -26,15 +27,31 @@ from fedrobust.protocol import decode_task, encode_reply
 
 log = logging.getLogger("fedrobust")
 
-app = ClientApp()
 
 
-@app.train()
-def train(msg: Message, context: Context) -> Message:
+def make_app(launch_order: Sequence[int] | None = None) -> ClientApp:
+    """The ClientApp. With ``launch_order`` (the simulation engine's), the virtual SuperNode of partition id
+    ``k`` trains node ``launch_order[k]``: Flower's simulation queues its SuperNodes' tasks by partition id, so
+    the nodes it starts first are the ones the order puts first. A real SuperNode's partition id is its node."""
+    order = None if launch_order is None else [int(n) for n in launch_order]
+    app = ClientApp()
+
+    @app.train()
+    def train_message(msg: Message, context: Context) -> Message:
+        return train(msg, context, order)
+
+    return app
+
+
+def train(msg: Message, context: Context, launch_order: Sequence[int] | None = None) -> Message:
     load_plugins("strategies")  # a node needs no attack stage: the evaluation code is never imported here
     task, round_idx, peers = decode_task(msg.content)
     node = int(context.node_config["partition-id"])
     partitions = int(context.node_config["num-partitions"])
+    if launch_order is not None:
+        if sorted(launch_order) != list(range(partitions)):
+            raise ValueError(f"launch order {launch_order} is not an order of the {partitions} partition(s)")
+        node = launch_order[node]
     expected = num_nodes(task.shard.deployment, task.shard.num_nodes)
     if partitions != expected:
         raise ValueError(f"node {node}: num-partitions={partitions} but the run expects {expected} node(s)")
@@ -53,3 +70,6 @@ def train(msg: Message, context: Context) -> Message:
     for key, value in state.items():
         context.state[f"trainer.{key}"] = ArrayRecord(value)
     return Message(encode_reply(updates), reply_to=msg)
+
+
+app = make_app()

@@ -41,7 +41,8 @@ from .resume import TrainingStage
 from .sessions import import_path
 from .task import node_task
 
-__all__ = ["SimulationError", "backend_config", "run_inline", "run_simulation", "simulate_in_process", "torch_threads"]
+__all__ = ["SimulationError", "backend_config", "launch_order", "run_inline", "run_simulation", "simulate_in_process",
+           "torch_threads"]
 
 log = logging.getLogger("fedrobust")
 
@@ -80,6 +81,23 @@ def run_inline(cfg: DictConfig, missing: dict | None = None, stage: TrainingStag
 
     with torch_threads(int(cfg.engine.num_cpus)):
         return collect_members(cfg, train_round, missing, stage)
+
+
+def launch_order(cfg: DictConfig) -> list[int]:
+    """The nodes, the largest training shard first (ties by index): the order the simulation engine starts
+    them in. With fewer CPUs than nodes, the longest training then starts first instead of waiting for a
+    slot (longest processing time first). The Fashion-MNIST demo's three nodes (18,742, 8,983 and 20,274
+    images) on 2 CPUs: the last member came in at 122 s in index order (the largest shard started when the
+    smallest had ended)."""
+    from .data import DataError
+    from .node import dataset_of_task, shards_for
+
+    task = node_task(cfg)
+    try:
+        sizes = [len(s.train) for s in shards_for(task, dataset_of_task(task))]
+    except DataError:  # the data only on the cluster's other machines: index order
+        return list(range(num_nodes(cfg.deployment.name, cfg.deployment.num_nodes)))
+    return sorted(range(len(sizes)), key=lambda n: (-sizes[n], n))
 
 
 class _DropRunSimulationNotice(logging.Filter):
@@ -261,7 +279,7 @@ def simulate_in_process(cfg: DictConfig, run_dir: Path, *, num_cpus: int | None 
     import ray
     from flwr.simulation import run_simulation as flwr_run_simulation
 
-    from clients.client_app import app as client_app
+    from clients.client_app import make_app
 
     from .rounds import make_server_app
 
@@ -287,6 +305,7 @@ def simulate_in_process(cfg: DictConfig, run_dir: Path, *, num_cpus: int | None 
         raise SimulationError(f"simulation runtime failed: {_root_cause(exc)}") from None
     try:
         try:
+            client_app = make_app(launch_order(cfg))
             flwr_run_simulation(server_app=make_server_app(cfg, run_dir, errors, stop), client_app=client_app,
                                 num_supernodes=num_nodes(cfg.deployment.name, cfg.deployment.num_nodes),
                                 backend_config=backend)

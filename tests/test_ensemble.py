@@ -94,7 +94,7 @@ def task_identity(monkeypatch):
 class _LoopbackGrid:
     """A Grid that hands each message to the real ClientApp in this process, optionally poisoning replies."""
 
-    def __init__(self, n, poison=None, lose=None):
+    def __init__(self, n, poison=None, lose=None, app=None):
         self.lose = lose  # this partition's client "dies": its reply is an error, as Flower's engine sends then
         self.contexts = {
             100 + i: Context(run_id=1, node_id=100 + i, node_config={"partition-id": i, "num-partitions": n},
@@ -102,6 +102,7 @@ class _LoopbackGrid:
             for i in range(n)
         }
         self.poison = poison
+        self.app = app or client_app
         self.replies = {}  # message id -> the reply waiting to be pulled
 
     def get_node_ids(self):
@@ -126,13 +127,38 @@ class _LoopbackGrid:
             reply = Message(Error(code=0, reason="<class 'ActorDiedError'>: the actor died"), reply_to=msg)
             reply.metadata.__dict__["_src_node_id"] = 1
             return reply
-        reply = client_app(msg, self.contexts[nid])
+        reply = self.app(msg, self.contexts[nid])
         if self.poison is not None and self.contexts[nid].node_config["partition-id"] == self.poison:
             rec = reply.content["weights.%d" % self.poison]
             arr = rec["1.classifier.bias"].numpy().copy()
             arr[:] = np.nan
             rec["1.classifier.bias"] = Array(arr)
         return reply
+
+
+def test_the_simulation_starts_the_largest_shard_first_and_trains_the_same_members(task_identity):
+    """The simulation engine's ClientApp maps the k-th virtual SuperNode to the k-th node of the launch order
+    (largest training shard first); the server learns the mapping from the replies, and each node's members
+    are the ones it trains in index order, bit for bit."""
+    from clients.client_app import make_app
+    from fedrobust.engines import launch_order
+    from fedrobust.node import dataset_of_task, shards_for
+    from fedrobust.task import node_task
+
+    task = node_task(CFG)
+    sizes = [len(s.train) for s in shards_for(task, dataset_of_task(task))]
+    order = launch_order(CFG)
+    assert sorted(order) == [0, 1, 2] and order != [0, 1, 2], "the shards are in size order already: nothing tested"
+    assert [sizes[n] for n in order] == sorted(sizes, reverse=True)
+    grid = _LoopbackGrid(3, app=make_app(order))
+    ordered = collect_members(CFG, FlowerRounds(grid, CFG, node_wait_s=1))
+    plain = collect_members(CFG, FlowerRounds(_LoopbackGrid(3), CFG, node_wait_s=1))
+    assert [m.node for m in ordered] == [m.node for m in plain] == [0, 1, 2]
+    for a, b in zip(ordered, plain):
+        assert a.weights.keys() == b.weights.keys()
+        assert all(np.array_equal(a.weights[k], b.weights[k]) for k in a.weights)
+    with pytest.raises(ValueError, match="not an order of the 3 partition"):
+        collect_members(CFG, FlowerRounds(_LoopbackGrid(3, app=make_app([0, 1])), CFG, node_wait_s=1))
 
 
 def test_flower_messages_round_trip_through_the_client_app(task_identity):
