@@ -54,7 +54,8 @@ METHODS = {
 }
 DATA = {
     "digits": ["data=digits"],
-    "fashion_mnist": ["data=fashion_mnist", "data.train_subset=6000", "attack.eps=0.1"],
+    # the zoo's 5 epochs: the protocol the published figures were measured with (attack=fashion_mnist trains 1 since)
+    "fashion_mnist": ["data=fashion_mnist", "data.train_subset=6000", "attack.eps=0.1", "attack.surrogate_epochs=5"],
 }
 COMMON = ["engine=inline", "train.epochs=9", "train.progress=false", "attack.num_samples=180",
           "attack.surrogates=[cnn]", "attack.whitebox=[]", "attack.tsr=false", "attack.hessian_samples=0",
