@@ -261,18 +261,23 @@ def test_with_min_members_a_simulation_finishes_without_a_member_that_diverged_i
     # Its trainer state (and last finite loss) comes from the Flower Context of round 1.
     from flwr.server.superlink.fleet.vce.backend import raybackend
 
+    from fedrobust.config import load_config
+    from fedrobust.engines import launch_order
+
     original = raybackend.RayBackend.process_message
+    overrides = [*FAST, "train.rounds=2", "engine.on_missing=min_members"]
+    node_2 = launch_order(load_config(overrides)).index(2)  # the virtual SuperNode that trains node 2
 
     def infinite_lr_for_node_2(self, message, context):
         task = message.content["task"]
-        if int(context.node_config["partition-id"]) == 2 and int(task["round"]) == 1:
+        if int(context.node_config["partition-id"]) == node_2 and int(task["round"]) == 1:
             message.content["task.train"]["lr"] = 1e30  # finite, so the task passes validation; the first step blows up
         return original(self, message, context)
 
     monkeypatch.setattr(raybackend.RayBackend, "process_message", infinite_lr_for_node_2)
     from in_process import simulate_here  # where the patch reaches the simulation
 
-    run = simulate_here([*FAST, "train.rounds=2", "engine.on_missing=min_members"], tmp_path / "run")
+    run = simulate_here(overrides, tmp_path / "run")
     assert_strict_json(run)
     results = json.loads((run / "results.json").read_text())
     assert [m["member"] for m in results["members"]] == [0, 1]

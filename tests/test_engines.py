@@ -156,16 +156,20 @@ def test_a_node_lost_mid_simulation_is_dropped_with_min_members(tmp_path, monkey
 
     from in_process import simulate_here
 
+    from fedrobust.config import load_config
+    from fedrobust.engines import launch_order
+
     original = raybackend.RayBackend.process_message
+    overrides = ["train.progress=false", "train.epochs=1", "engine.on_missing=min_members", "engine.min_members=2"]
+    node_2 = launch_order(load_config(overrides)).index(2)  # the virtual SuperNode that trains node 2
 
     def lose_node_2(self, message, context):  # as when the machine running node 2's client dies
-        if int(context.node_config["partition-id"]) == 2:
+        if int(context.node_config["partition-id"]) == node_2:
             raise raybackend.ray.exceptions.ActorDiedError()
         return original(self, message, context)
 
     monkeypatch.setattr(raybackend.RayBackend, "process_message", lose_node_2)
-    run = simulate_here(["train.progress=false", "train.epochs=1", "engine.on_missing=min_members",
-                         "engine.min_members=2"], tmp_path / "run")
+    run = simulate_here(overrides, tmp_path / "run")
     results = json.loads((run / "results.json").read_text())
     assert [m["node"] for m in results["members"]] == [0, 1]
     assert results["missing"]["nodes"] == [2] and results["missing"]["members"] == [2]
