@@ -98,7 +98,11 @@ class LogitAverageEnsemble(nn.Module):
         """Every member's parameters and buffers, stacked along a new leading axis (a copy, made per call)."""
         def stack(named) -> dict[str, torch.Tensor]:
             per_member = [dict(named(m)) for m in self.members]
-            return {name: torch.stack([state[name] for state in per_member]) for name in per_member[0]}
+            # row-major: the members' convolution weights are channels-last, and under vmap that layout sends
+            # pooling to a slow fallback (as_strided_ has no batching rule); clone, as .contiguous() keeps the
+            # strides of a weight with a dimension of size 1 (a 1x1 or depthwise convolution)
+            return {name: torch.stack([state[name] for state in per_member]).clone(memory_format=torch.contiguous_format)
+                    for name in per_member[0]}
 
         return stack(nn.Module.named_parameters), stack(nn.Module.named_buffers)
 
