@@ -453,9 +453,10 @@ class APGD(_GradientAttack):
                 if live.active.numel() == 0:
                     self._restrict(None)
                     return out
-                x, y, x_cur, x_next, x_best, g_best = x[keep], y[keep], x_cur[keep], x_next[keep], x_best[keep], g_best[keep]
-                eta, eta_at_ckpt = eta[keep], eta_at_ckpt[keep]
-                loss_best, best_at_ckpt, loss_prev, successes = loss_best[keep], best_at_ckpt[keep], loss_prev[keep], successes[keep]
+                x, y, x_cur, x_next = x[keep], y[keep], x_cur[keep], x_next[keep]
+                x_best, g_best, eta, eta_at_ckpt = x_best[keep], g_best[keep], eta[keep], eta_at_ckpt[keep]
+                loss_best, best_at_ckpt = loss_best[keep], best_at_ckpt[keep]
+                loss_prev, successes = loss_prev[keep], successes[keep]
                 n = len(x)
                 shape = (n,) + shape[1:]
                 self._restrict(live.active)
