@@ -277,7 +277,7 @@ def _digits_cnn():
     w, _ = train_member(m, d.x_train[:1000], d.y_train[:1000], d.x_train[1000:1200], d.y_train[1000:1200], Plain(),
                         TrainSettings(epochs=5), seed=0, progress=False)
     m.load_state_dict(w)
-    return m.eval(), to_float(d.x_test[:200]), d.y_test[:200]
+    return m.eval(), to_float(d.x_test[:60]), d.y_test[:60]
 
 
 def test_images_found_broken_leave_the_batch_and_nothing_else_changes():
@@ -290,15 +290,17 @@ def test_images_found_broken_leave_the_batch_and_nothing_else_changes():
     seen_rows = []
 
     def counting(z):
+        # one image per call: no kernel sees a batch, so no rounding can depend on the batch's size on any CPU,
+        # and the comparison tests the attacks alone
         seen_rows.append(len(z))
-        return m(z)
+        return torch.cat([m(z[i : i + 1]) for i in range(len(z))])
 
     attacks = {
         "bim": lambda f: BIM(f, 0.1, steps=10),
         "pgd": lambda f: PGD(f, 0.1, steps=10, seed=1, restarts=2),
-        "apgd": lambda f: APGD(f, 0.1, steps=40, seed=1, restarts=2),
-        "apgd_dlr": lambda f: APGD(f, 0.1, steps=40, loss="dlr", seed=1),
-        "apgd_l2": lambda f: APGD(f, 0.5, steps=40, seed=1, norm="l2"),
+        "apgd": lambda f: APGD(f, 0.1, steps=25, seed=1, restarts=2),
+        "apgd_dlr": lambda f: APGD(f, 0.1, steps=25, loss="dlr", seed=1),
+        "apgd_l2": lambda f: APGD(f, 0.5, steps=25, seed=1, norm="l2"),
         "apgd_t": lambda f: APGDT(f, 0.1, steps=20, targets=3, seed=1),
     }
     for name, make in attacks.items():
