@@ -22,8 +22,9 @@ The stacked weights are a copy made on every vectorised call with
 detached leaves): a member changed in place (``load_state_dict``, an
 optimiser step, ``.data``) is never served stale, and with weights that
 require gradients the copy is part of the graph, so gradients still reach
-the members. The copy costs one pass over the weights, a small fraction of a
-forward pass over a batch. Logits agree with the loop's to float32 round-off
+the members. The copy costs two passes over the weights (the stack, then a
+row-major clone: see ``_stacked``), a small fraction of a forward pass over a
+batch. Logits agree with the loop's to float32 round-off
 (the grouped convolution sums in another order): ``tests/test_vectorised.py``.
 """
 

@@ -29,7 +29,8 @@ stop computing on an image once some point they evaluated was
 misclassified. Its fate is then settled (``run`` answers with that point),
 and every quantity of these attacks is per image (the step size, APGD's
 checkpoint conditions and momentum; the model runs in eval mode), so the
-images still attacked follow the same path as in the whole batch, while the
+images still attacked follow the same path as in the whole batch (up to the
+rounding of a kernel whose result depends on the batch's size), while the
 cost falls with the robust accuracy: APGD's 100 steps on an ensemble that
 keeps 1 image in 1,000 cost a few steps' worth, not 100. AutoAttack's APGD
 runs every step on every image of the batch it was given.
