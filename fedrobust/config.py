@@ -10,6 +10,7 @@ next to the code that reads it:
 ``strategy``              :mod:`strategies.settings` (plug-ins add theirs)
 ``optimizer``, ``train``  :mod:`fedrobust.training_settings`
 ``engine``                :mod:`fedrobust.engine_settings`
+``ensemble``              :mod:`fedrobust.ensemble_settings`
 ``attack``                :mod:`fedrobust.evaluation.settings`; the checks
                           that need the stage registry are
                           :mod:`fedrobust.evaluation.checks`
@@ -51,6 +52,7 @@ from strategies.settings import (PEER_ROUNDS, PEER_STRATEGIES, STRATEGY_SCHEMAS,
 from .data_settings import DataConfig, check_data
 from .deployment_settings import DeploymentConfig, check_deployment
 from .engine_settings import EngineConfig, check_engine
+from .ensemble_settings import EnsembleConfig, check_ensemble
 from .errors import ConfigError, one_line
 from .evaluation.settings import AttackConfig, resolve_loss_files
 from .models.settings import ModelConfig, check_model, resolve_genotype
@@ -71,6 +73,7 @@ class Config:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
+    ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
     attack: AttackConfig = field(default_factory=AttackConfig)
     evaluate: bool = False  # evaluate the ensemble at the end of training
     run_dir: str | None = None  # where a run is written; null: runs/<timestamp>
@@ -88,6 +91,7 @@ SECTIONS: dict[str, tuple[type, Callable[[DictConfig], None]]] = {
     "optimizer": (OptimizerConfig, check_optimizer),
     "train": (TrainConfig, check_train),
     "engine": (EngineConfig, check_engine),
+    "ensemble": (EnsembleConfig, check_ensemble),
     "attack": (AttackConfig, lambda cfg: None),  # its checks need the stage registry: fedrobust.validation
     "tune": (TuneConfig, check_tune),
     "ray": (RayConfig, lambda cfg: None),

@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
+from .behaviours import build_behaviour, malicious_nodes
 from .federation import collect_members, peers_of
 from .errors import ConfigError, one_line
 from .interrupt import as_interrupt, deferred, hold
@@ -71,13 +72,21 @@ def run_inline(cfg: DictConfig, missing: dict | None = None, stage: TrainingStag
         states = stage.states = {node: stage.states.get(node, {}) for node in nodes}
     until = stage.stop if stage is not None else None
     task = node_task(cfg)  # what a ClientApp is sent, so both engines train from the same task
+    cheats = malicious_nodes(cfg.deployment.malicious)  # simulated cheating nodes (fedrobust.behaviours)
+    behaviours = {}
+    if cheats:
+        from .node import dataset_of_task
+
+        classes = dataset_of_task(task).num_classes
+        behaviours = {n: build_behaviour(name, options, classes) for n, (name, options) in cheats.items()}
 
     def train_round(round_idx: int, current: dict[int, dict]) -> Iterator[MemberUpdate]:
         # Every node gets the peers of the round's start; the server checks each node's members as they
         # come, so a divergence fails the run before the next node trains.
         peers = {node: peers_of(cfg, node, current) for node in states}
         for node, state in states.items():
-            yield from train_node_round(task, node, round_idx, state, peers=peers[node], until=until)
+            yield from train_node_round(task, node, round_idx, state, peers=peers[node], until=until,
+                                        behaviour=behaviours.get(node))
 
     with torch_threads(int(cfg.engine.num_cpus)):
         return collect_members(cfg, train_round, missing, stage)
@@ -305,7 +314,7 @@ def simulate_in_process(cfg: DictConfig, run_dir: Path, *, num_cpus: int | None 
         raise SimulationError(f"simulation runtime failed: {_root_cause(exc)}") from None
     try:
         try:
-            client_app = make_app(launch_order(cfg))
+            client_app = make_app(launch_order(cfg), malicious_nodes(cfg.deployment.malicious))
             flwr_run_simulation(server_app=make_server_app(cfg, run_dir, errors, stop), client_app=client_app,
                                 num_supernodes=num_nodes(cfg.deployment.name, cfg.deployment.num_nodes),
                                 backend_config=backend)

@@ -1,8 +1,34 @@
-"""The logit-averaged ensemble, and the checks a member passes before it joins.
+"""The ensemble, and the checks a member passes before it joins.
 
 Members live in an ``nn.ModuleList``, so ``.to()``, ``.eval()`` and attack
-code see them. Inference averages logits before the softmax (no weight
-averaging). The ensemble is kept in eval mode: ``train()`` is refused.
+code see them. By default inference averages logits before the softmax (no
+weight averaging: :class:`LogitAverageEnsemble`). The ensemble is kept in
+eval mode: ``train()`` is refused.
+
+How members combine (``ensemble.combine``). One member that scales its
+logits by 100 decides every prediction of a logit average; the other rules
+bound what one member can do. Every rule but the first returns the log of the
+combined probabilities, normalised to sum to 1 (logits to every attack):
+
+=======================  ======================================================
+``mean_logits``          the mean of the members' logits (the default)
+``mean_probs``           log of the mean of the members' softmax probabilities
+``median_probs``         log of the per-class median of the probabilities
+``trimmed_mean_probs``   log of the per-class mean after dropping the ``trim``
+                         highest and lowest members' probabilities
+``majority_vote``        the class most members predict; ties go to the class
+                         with the highest mean probability
+=======================  ======================================================
+
+All but ``majority_vote`` are differentiable almost everywhere, so gradient
+attacks run through them as they are. A vote's gradient is zero almost
+everywhere; its output is ``log((votes + lam * mean_probs) / (1 + lam))``,
+with ``votes`` the fraction of members for each class and ``lam = 1e-3``: the
+same prediction as the vote (``lam * mean_probs < 1 / M`` only decides ties),
+and a gradient, through the tie-break term, that points where the members'
+mean probability goes. Sign-based and step-size-adaptive attacks (FGSM, PGD,
+APGD) depend on its direction only. Transfer and query attacks use the
+outputs as they are. Probabilities are clamped at 1e-30 before the log.
 
 Vectorised forward. When every member has the same architecture (the same
 module classes, parameter and buffer names, shapes, dtypes and device), the
@@ -38,7 +64,43 @@ import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
-__all__ = ["InvalidUpdateError", "LogitAverageEnsemble", "validate_member_weights"]
+from .ensemble_settings import COMBINE
+
+__all__ = ["COMBINE", "Ensemble", "InvalidUpdateError", "LogitAverageEnsemble", "combine_logits",
+           "validate_member_weights"]
+
+VOTE_TIE_BREAK = 1e-3  # majority_vote: the weight of the mean probability that breaks ties and carries gradients
+_TINY = 1e-30
+
+
+def _median(p: torch.Tensor) -> torch.Tensor:
+    """The median over dim 0 (the mean of the two middle values for an even count)."""
+    s = p.sort(0).values
+    m = s.shape[0]
+    return s[m // 2] if m % 2 else 0.5 * (s[m // 2 - 1] + s[m // 2])
+
+
+def combine_logits(logits: torch.Tensor, rule: str = "mean_logits", trim: int = 1) -> torch.Tensor:
+    """The ensemble's output from its members' logits ``(M, N, C)``: see the module docstring."""
+    if rule == "mean_logits":
+        return logits.mean(0)
+    probs = logits.softmax(-1)
+    if rule == "mean_probs":
+        out = probs.mean(0)
+    elif rule == "median_probs":
+        out = _median(probs)
+    elif rule == "trimmed_mean_probs":
+        m = probs.shape[0]
+        if 2 * trim >= m:
+            raise ValueError(f"trimmed_mean_probs: trimming {trim} from each side leaves none of {m} member(s)")
+        out = probs.sort(0).values[trim:m - trim].mean(0)
+    elif rule == "majority_vote":
+        votes = torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).to(probs.dtype).mean(0)
+        out = (votes + VOTE_TIE_BREAK * probs.mean(0)) / (1.0 + VOTE_TIE_BREAK)
+    else:
+        raise ValueError(f"unknown combination rule '{rule}' (choose from {', '.join(COMBINE)})")
+    out = out.clamp_min(_TINY)
+    return (out / out.sum(-1, keepdim=True)).log()  # a median's or a trimmed mean's sum is not 1
 
 
 class InvalidUpdateError(ValueError):
@@ -53,29 +115,37 @@ def _structure(m: nn.Module) -> tuple:
     return modules, tensors
 
 
-class LogitAverageEnsemble(nn.Module):
-    """Mean of the members' logits, always in eval mode.
+class Ensemble(nn.Module):
+    """The members combined by ``combine`` (a rule of :data:`COMBINE`; ``trim`` for ``trimmed_mean_probs``),
+    always in eval mode.
 
     ``vectorise``: ``"auto"`` (vectorised on CUDA when the members share an
     architecture, the loop otherwise), ``True`` (vectorised whenever they
     share one) or ``False`` (always the loop). See the module docstring.
     """
 
-    def __init__(self, members: Iterable[nn.Module], vectorise: bool | str = "auto") -> None:
+    def __init__(self, members: Iterable[nn.Module], vectorise: bool | str = "auto", combine: str = "mean_logits",
+                 trim: int = 1) -> None:
         super().__init__()
         self.members = nn.ModuleList(members)
         if len(self.members) == 0:
             raise ValueError("an ensemble needs at least one member")
         if vectorise not in ("auto", True, False):
             raise ValueError(f"vectorise must be 'auto', True or False, got {vectorise!r}")
+        if combine not in COMBINE:
+            raise ValueError(f"unknown combination rule '{combine}' (choose from {', '.join(COMBINE)})")
+        if combine == "trimmed_mean_probs" and 2 * trim >= len(self.members):
+            raise ValueError(f"trimmed_mean_probs: trimming {trim} from each side leaves none of "
+                             f"{len(self.members)} member(s)")
+        self.combine, self.trim = combine, int(trim)
         self.vectorise = vectorise
         self._shared: bool | None = None  # whether the members share one architecture (and device), once known
         self._template: list[nn.Module] = []  # a list, so that the template is no submodule (no state, no .to())
         super().train(False)
 
-    def train(self, mode: bool = True) -> LogitAverageEnsemble:
+    def train(self, mode: bool = True) -> Ensemble:
         if mode:
-            raise RuntimeError("LogitAverageEnsemble is an inference model; train its members instead")
+            raise RuntimeError(f"{type(self).__name__} is an inference model; train its members instead")
         return super().train(False)
 
     def _apply(self, fn, recurse: bool = True):
@@ -113,13 +183,23 @@ class LogitAverageEnsemble(nn.Module):
             self._template.append(template.eval())
         template = self._template[0]
         params, buffers = self._stacked()
-        logits = vmap(lambda p, b: functional_call(template, (p, b), (x,)), randomness="error")(params, buffers)
-        return logits.mean(0)
+        return vmap(lambda p, b: functional_call(template, (p, b), (x,)), randomness="error")(params, buffers)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def member_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Every member's logits, ``(M, N, C)``."""
         if self.vectorised:
             return self._forward_vectorised(x)
-        return torch.stack([m(x) for m in self.members]).mean(0)
+        return torch.stack([m(x) for m in self.members])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return combine_logits(self.member_logits(x), self.combine, self.trim)
+
+
+class LogitAverageEnsemble(Ensemble):
+    """Mean of the members' logits (``combine="mean_logits"``), always in eval mode."""
+
+    def __init__(self, members: Iterable[nn.Module], vectorise: bool | str = "auto") -> None:
+        super().__init__(members, vectorise)
 
 
 def validate_member_weights(

@@ -30,6 +30,7 @@ from .models.settings import model_spec
 from .data import ImageDataset, load_dataset
 from .models import build_model
 from .partition import NodeShard, members_per_node, node_shards, num_nodes
+from .behaviours import Behaviour
 from .task import NodeTask, ShardSpec, node_task, shard_spec, train_settings
 from .training import Divergence, EpochRecord, MemberTrainer, member_seed, resolve_device
 
@@ -131,13 +132,19 @@ def build_member(spec: RunSpec, data: ImageDataset, seed: int | None = None) -> 
 
 def shards_for(spec: RunSpec, data: ImageDataset) -> tuple[NodeShard, ...]:
     s = _shard_of(spec)
-    return node_shards(data.y_train.numpy(), s.deployment, s.num_nodes, s.alpha, s.partition_seed, s.val_fraction)
+    return node_shards(data.y_train.numpy(), s.deployment, s.num_nodes, s.alpha, s.partition_seed, s.val_fraction,
+                       s.server_images)
 
 
 def initial_weights(spec: RunSpec, data: ImageDataset, members: list[int]) -> dict[int, dict[str, torch.Tensor]]:
     """Every member's initialisation, exactly as its node builds it (the server sends these as round-1 peers)."""
     seed = spec.seed if isinstance(spec, NodeTask) else spec.train.seed
     return {m: build_member(spec, data, member_seed(seed, m)).state_dict() for m in members}
+
+
+def _sent(weights: dict[str, torch.Tensor], behaviour: Behaviour | None) -> dict[str, torch.Tensor]:
+    """A member's weights as the node sends them (a cheating node's rewritten)."""
+    return weights if behaviour is None else behaviour.poison_weights(weights)
 
 
 def train_node_round(
@@ -149,6 +156,7 @@ def train_node_round(
     peers: dict[int, dict[str, torch.Tensor]] | None = None,
     device: torch.device | None = None,
     until: int | None = None,
+    behaviour: Behaviour | None = None,
 ) -> list[MemberUpdate]:
     """Train ``node``'s members for round ``round_idx``; ``state`` carries trainers between rounds.
 
@@ -159,6 +167,10 @@ def train_node_round(
     ``peers`` holds the current weights of members on other nodes (used by
     strategies that need peers). Members that share a node train jointly
     under such a strategy, and independently otherwise.
+
+    ``behaviour`` (simulation only: :mod:`fedrobust.behaviours`) makes the node cheat: it poisons the
+    shard it trains on, skips training (its members are sent as initialised), or rewrites the members
+    it sends.
     """
     if not isinstance(task, NodeTask):
         task = node_task(task)
@@ -175,7 +187,10 @@ def train_node_round(
     round_start = sum(split[:round_idx])
     x_tr, y_tr = data.x_train[shard.train], data.y_train[shard.train]
     x_va, y_va = data.x_train[shard.val], data.y_train[shard.val]
-    class_counts = np.bincount(y_tr.numpy(), minlength=data.num_classes).tolist()
+    class_counts = np.bincount(y_tr.numpy(), minlength=data.num_classes).tolist()  # the shard's, as partitioned
+    if behaviour is not None:
+        x_tr, y_tr = behaviour.poison_data(x_tr, y_tr, train=True, seed=member_seed(task.seed, node))
+        x_va, y_va = behaviour.poison_data(x_va, y_va, train=False, seed=member_seed(task.seed, node))
     own = members_of_node(task, node)
     peer_models = []
     if strategy.needs_peers:
@@ -197,6 +212,8 @@ def train_node_round(
         todo = epochs
         if until is not None:  # up to the stop, from where the trainer stands (a resumed one: past the start)
             todo = max(0, min(round_start + epochs, until) - max(round_start, trainer.epoch))
+        if behaviour is not None and not behaviour.trains:
+            todo = 0  # a free rider: its members as initialised
         who = f"members {group[0]}-{group[-1]}" if joint else f"member {group[0]}"
         desc = f"node {node} {who} r{round_idx + 1}/{task.rounds}"
         history = trainer.run(todo, peers=peer_models, progress=task.progress, desc=desc)
@@ -207,7 +224,7 @@ def train_node_round(
                 MemberUpdate(
                     node=node,
                     member=m,
-                    weights=None if diverged else trainer.best_weights(k),
+                    weights=None if diverged else _sent(trainer.best_weights(k), behaviour),
                     num_train_samples=len(shard.train),
                     num_val_samples=len(shard.val),
                     class_counts=class_counts,
@@ -216,7 +233,8 @@ def train_node_round(
                     epochs_trained=trainer.epoch,
                     stopped=trainer.stopped,
                     history=history,
-                    current=trainer.current_weights(k) if strategy.needs_peers and not diverged else None,
+                    current=(_sent(trainer.current_weights(k), behaviour) if strategy.needs_peers and not diverged
+                             else None),
                     trained_on=host_identity(),
                     divergence=trainer.divergence,
                 )

@@ -9,6 +9,11 @@ stay fixed across training seeds.
 Every shard is then split into train/validation (``data.val_fraction``) with
 the same seed.
 
+With ``deployment.server_images`` > 0, that many training images are drawn
+first (:func:`server_indices`, seeded by the partition seed) and kept by the
+server to screen members (:mod:`fedrobust.screening`); the nodes are
+partitioned from the rest, so no node ever holds one of them.
+
 Importing flwr-datasets costs about 3.6 s per process (it imports the
 ``datasets`` library, seaborn and scipy.stats for its plots), and every node,
 Ray worker and trial process partitions. So IID and Dirichlet partitions are
@@ -39,6 +44,7 @@ __all__ = [
     "num_nodes",
     "partition_indices",
     "node_shards",
+    "server_indices",
     "class_counts_table",
 ]
 
@@ -139,11 +145,23 @@ def _partition(labels: np.ndarray, deployment: str, n: int, alpha: float, seed: 
         raise PartitionError(f"deployment: cannot partition {len(labels)} samples into {n} nodes ({exc}){hint}") from None
 
 
+def server_indices(num_images: int, n: int, seed: int) -> np.ndarray:
+    """The ``n`` training images the server keeps for itself (sorted indices), drawn with the partition seed."""
+    if n <= 0:
+        return np.zeros(0, dtype=np.int64)
+    if n >= num_images:
+        raise PartitionError(f"deployment.server_images: {n} server images but the training split has {num_images}")
+    return np.sort(np.random.default_rng([seed, 0x5E4]).choice(num_images, size=n, replace=False)).astype(np.int64)
+
+
 @lru_cache(maxsize=16)
-def _cached_shards(labels_bytes: bytes, deployment: str, n: int, alpha: float, seed: int, val_fraction: float):
+def _cached_shards(labels_bytes: bytes, deployment: str, n: int, alpha: float, seed: int, val_fraction: float,
+                   server_images: int = 0):
     labels = np.frombuffer(labels_bytes, dtype=np.int64)
+    rest = np.setdiff1d(np.arange(len(labels), dtype=np.int64), server_indices(len(labels), server_images, seed))
     shards = []
-    for node, idx in enumerate(partition_indices(labels, deployment, n, alpha, seed)):
+    for node, idx in enumerate(partition_indices(labels[rest], deployment, n, alpha, seed)):
+        idx = rest[idx]  # indices into the whole training split
         if len(idx) < 2:
             raise PartitionError(f"deployment.num_nodes: node {node} gets {len(idx)} samples, too few to split train/validation")
         rng = np.random.default_rng([seed, node])
@@ -154,11 +172,13 @@ def _cached_shards(labels_bytes: bytes, deployment: str, n: int, alpha: float, s
 
 
 def node_shards(
-    labels: np.ndarray, deployment: str, n: int, alpha: float, seed: int, val_fraction: float = 0.2
+    labels: np.ndarray, deployment: str, n: int, alpha: float, seed: int, val_fraction: float = 0.2,
+    server_images: int = 0,
 ) -> tuple[NodeShard, ...]:
-    """Every node's train/validation split (cached per process by content)."""
+    """Every node's train/validation split (cached per process by content), none holding a server image."""
     labels = np.ascontiguousarray(labels, dtype=np.int64)
-    return _cached_shards(labels.tobytes(), deployment, n, float(alpha), int(seed), float(val_fraction))
+    return _cached_shards(labels.tobytes(), deployment, n, float(alpha), int(seed), float(val_fraction),
+                          int(server_images))
 
 
 def class_counts_table(counts: dict[int, list[int]], title: str = "samples per class") -> str:

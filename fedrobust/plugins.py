@@ -11,6 +11,9 @@ An installed distribution declares them in its ``pyproject.toml``::
     [project.entry-points."fedrobust.losses"]
     found = "mypkg.losses:FOUND"               # a loss(logits, y) -> (N,) callable, or an expression's text
 
+    [project.entry-points."fedrobust.behaviours"]
+    sign_flip = "mypkg.cheat:SignFlip"         # a fedrobust.behaviours.Behaviour subclass (simulation only)
+
 The entry point's name is the name a config uses (``strategy=l2ce``,
 ``attack.whitebox=[...,fgsm_rand]``) and must be the class's ``name``. A
 strategy's parameters are the fields of its ``Config`` dataclass (see
@@ -22,10 +25,13 @@ which a plug-in stage's module does to subclass ``Stage``, so this module,
 which a node imports too, never imports the evaluation. A loss
 becomes a name ``attack.whitebox_loss`` and ``attack.transfer_loss`` take
 (:func:`fedrobust.attacks.register_loss`); an expression's text is checked
-and compiled as a searched loss is (:mod:`fedrobust.attacks.expression`).
+and compiled as a searched loss is (:mod:`fedrobust.attacks.expression`). A
+behaviour is what a malicious node does in a simulation
+(``deployment.malicious=[{node:1,behaviour:sign_flip}]``); its parameters are
+the fields of its ``Config`` dataclass (:mod:`fedrobust.behaviours`).
 
 :func:`load_plugins` is idempotent. The CLI and the ServerApp load every
-group; a ClientApp loads ``strategies`` only, so that a node never imports the
+group; a ClientApp loads ``strategies`` and ``behaviours`` only, so that a node never imports the
 evaluation code. A plug-in that fails to load raises :class:`PluginError`,
 one line naming the entry point and its distribution.
 """
@@ -39,7 +45,8 @@ from .errors import ConfigError, one_line
 
 __all__ = ["GROUPS", "PluginError", "add_group", "load_plugins", "where"]
 
-GROUPS = {"strategies": "fedrobust.strategies", "attacks": "fedrobust.attacks", "losses": "fedrobust.losses"}
+GROUPS = {"strategies": "fedrobust.strategies", "attacks": "fedrobust.attacks", "losses": "fedrobust.losses",
+          "behaviours": "fedrobust.behaviours"}
 
 _loaded: set[str] = set()  # groups already loaded in this process
 
@@ -86,10 +93,26 @@ def _add_loss(ep: EntryPoint, obj: object) -> None:
         raise PluginError(f"{where(ep)}: {one_line(exc)}") from None
 
 
+def _add_behaviour(ep: EntryPoint, cls: object) -> None:
+    from .behaviours import BUILT_IN, Behaviour, register_behaviour
+
+    if not (isinstance(cls, type) and issubclass(cls, Behaviour)):
+        raise PluginError(f"{where(ep)}: {cls!r} is not a fedrobust.behaviours.Behaviour subclass")
+    if cls.name != ep.name:
+        raise PluginError(f"{where(ep)}: the entry point's name must be the class's name, '{cls.name}'")
+    if ep.name in BUILT_IN:
+        raise PluginError(f"{where(ep)}: '{ep.name}' is a built-in behaviour")
+    try:
+        register_behaviour(cls, ep.name)
+    except ValueError as exc:
+        raise PluginError(f"{where(ep)}: {one_line(exc)}") from None
+
+
 # group -> what registers one of its plug-ins; the attack stages' is the stage registry's own, added by
 # fedrobust.evaluation.stages when it is imported (a plug-in stage imports it to subclass Stage), so that this
 # module, which a node imports, never imports the evaluation code
-_ADD: dict[str, Callable[[EntryPoint, object], None]] = {"strategies": _add_strategy, "losses": _add_loss}
+_ADD: dict[str, Callable[[EntryPoint, object], None]] = {"strategies": _add_strategy, "losses": _add_loss,
+                                                          "behaviours": _add_behaviour}
 
 
 def add_group(group: str, add: Callable[[EntryPoint, object], None]) -> None:

@@ -48,7 +48,7 @@ __all__ = ["TASK_VERSION", "decode_reply", "decode_task", "encode_reply", "encod
 
 _HISTORY = ("epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc")
 
-TASK_VERSION = 1
+TASK_VERSION = 2  # 2: shard.server_images
 _TOP = ("version", "round", "num-rounds", "model", "seed", "device", "threads", "progress", "strategy")
 _TRAIN = tuple(f.name for f in dataclasses.fields(TrainSettings))
 _SHARD = tuple(f.name for f in dataclasses.fields(ShardSpec))

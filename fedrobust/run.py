@@ -26,14 +26,15 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from .errors import ConfigError
+from .errors import ConfigError, OneLineFailure
 from .config import default_config
 from .atomic import atomic_open, save_torch, write_json, write_text
 from .data import ImageDataset, dataset_of
-from .ensemble import LogitAverageEnsemble
+from .ensemble import Ensemble
 from .interrupt import deferred
 from .node import MemberUpdate, build_member
 from .partition import class_counts_table
+from .poisoning import backdoor_figures, malicious_record
 from .redact import redact, redacted
 from .runs.images import held_out_images
 from .runs.members import INCOMPLETE
@@ -98,6 +99,15 @@ def preflight(cfg: DictConfig) -> None:
     try:
         shards_for(cfg, data)
     except PartitionError as exc:
+        raise ConfigError(str(exc)) from None
+    from .behaviours import check_malicious
+    from .partition import num_nodes
+
+    d = cfg.deployment
+    try:  # the classes and image size a backdoor's target and trigger must fit
+        check_malicious(OmegaConf.to_container(d.malicious, resolve=True), num_nodes(d.name, d.num_nodes),
+                        data.num_classes, tuple(data.x_train.shape[-2:]))
+    except ValueError as exc:
         raise ConfigError(str(exc)) from None
 
 
@@ -203,6 +213,40 @@ def _summary(results: dict) -> str:
     return "\n".join(lines)
 
 
+class ScreeningError(OneLineFailure):
+    """Screening rejected a member and ``engine.on_missing`` does not let the run finish without it."""
+
+
+def _screen(cfg: DictConfig, data: ImageDataset, members: list[MemberUpdate], models: list, missing: dict) -> list:
+    """With ``ensemble.screen``, each member's verdict on the server's images (:mod:`fedrobust.screening`); a
+    rejected member is dropped as a lost one is (``engine.on_missing``), recorded in ``missing``."""
+    if not cfg.ensemble.screen:
+        return []
+    from .screening import screen, server_images
+
+    _, x, y = server_images(cfg, data)
+    verdicts = screen(models, [u.member for u in members], [u.node for u in members], x, y,
+                      cfg.ensemble.min_accuracy, cfg.ensemble.max_scale_mads)
+    rejected = [v for v in verdicts if v.reason]
+    for v in verdicts:
+        log.info("screening member %d (node %d): accuracy %.4f, logit scale %.3g on the server's %d images%s",
+                 v.member, v.node, v.accuracy, v.logit_scale, len(y), f": REJECTED, {v.reason}" if v.reason else "")
+    if not rejected:
+        return verdicts
+    remaining = len(members) - len(rejected)
+    what = "; ".join(f"member {v.member} (node {v.node}) rejected by screening: {v.reason}" for v in rejected)
+    if cfg.engine.on_missing != "min_members":
+        raise ScreeningError(f"{what}; set engine.on_missing=min_members to finish without it")
+    if remaining < cfg.engine.min_members:
+        raise ScreeningError(f"{what}; {remaining} member(s) left, engine.min_members={cfg.engine.min_members}")
+    log.warning("%s; continuing with %d member(s) (engine.on_missing=min_members)", what, remaining)
+    missing.setdefault("members", []).extend(v.member for v in rejected)
+    missing.setdefault("rejected", []).extend({"member": v.member, "node": v.node, "reason": v.reason}
+                                              for v in rejected)
+    missing.setdefault("events", []).append(what)
+    return verdicts
+
+
 def finalize_run(cfg: DictConfig, run_dir: Path, members: list[MemberUpdate], *, data: ImageDataset | None = None,
                  missing: dict | None = None) -> dict:
     """Save members, assemble and score the ensemble, write results, TensorBoard and the summary."""
@@ -226,15 +270,27 @@ def finalize_run(cfg: DictConfig, run_dir: Path, members: list[MemberUpdate], *,
     # a study's trial, which never classifies a test image)
     images = held_out_images(cfg, data)
     x_held, y_held = images.tensors(data)
+    malicious = malicious_record(cfg, data.num_classes)
     models = []
-    member_rows = []
     for u in members:
-        save_torch(u.weights, run_dir / "members" / f"member_{u.member}.pt")
         model = build_member(cfg, data)
         model.load_state_dict(u.weights)
-        model.to(device).eval()
+        models.append(model.to(device).eval())
+    missing = dict(missing or {})
+    verdicts = _screen(cfg, data, members, models, missing)
+    rejected = {v.member for v in verdicts if v.reason}
+    member_rows = []
+    kept_models, kept_ids = [], []
+    cheats = {e["node"]: e["behaviour"] for e in (malicious or {}).get("nodes", [])}
+    for u, model in zip(members, models):
+        if u.member in rejected:  # kept for inspection, out of every ensemble
+            (run_dir / "rejected").mkdir(exist_ok=True)
+            save_torch(u.weights, run_dir / "rejected" / f"member_{u.member}.pt")
+            continue
+        save_torch(u.weights, run_dir / "members" / f"member_{u.member}.pt")
         _, acc = evaluate_model(model, x_held, y_held)
-        models.append(model)
+        kept_models.append(model)
+        kept_ids.append(u.member)
         member_rows.append({
             "member": u.member,
             "node": u.node,
@@ -248,8 +304,11 @@ def finalize_run(cfg: DictConfig, run_dir: Path, members: list[MemberUpdate], *,
             "epochs_trained": u.epochs_trained,
             "early_stopped": u.stopped,
             "trained_on": u.trained_on,
+            **({"simulated_behaviour": cheats[u.node]} if u.node in cheats else {}),
         })
-    ensemble = LogitAverageEnsemble(models).to(device)
+    models = kept_models
+    e = cfg.ensemble
+    ensemble = Ensemble(models, combine=e.combine, trim=e.trim).to(device)
     _, ens_acc = evaluate_model(ensemble, x_held, y_held)
     results = {
         "ensemble": {"clean_accuracy": ens_acc, "clean_accuracy_interval": interval_of(ens_acc, len(y_held)),
@@ -265,7 +324,24 @@ def finalize_run(cfg: DictConfig, run_dir: Path, members: list[MemberUpdate], *,
         "strategy_grad": cfg.strategy.get("grad"),
         "engine": cfg.engine.name,
         "seed": cfg.train.seed,
+        # how the server combined and screened the members (fedrobust.ensemble, fedrobust.screening)
+        "defence": {**OmegaConf.to_container(e, resolve=True), "server_images": cfg.deployment.server_images},
     }
+    if verdicts:
+        results["screening"] = {"server_images": cfg.deployment.server_images,
+                                "members": [v.as_dict() for v in verdicts],
+                                "rejected": [{"member": v.member, "node": v.node, "reason": v.reason}
+                                             for v in verdicts if v.reason]}
+    if malicious:
+        results["malicious"] = malicious
+        log.warning("%s: %s", malicious["note"], ", ".join(f"node {n['node']} ({n['behaviour']})"
+                                                           for n in malicious["nodes"]))
+        backdoors = backdoor_figures(cfg, data.num_classes, ensemble, models, kept_ids, x_held, y_held)
+        if backdoors:
+            results["backdoor"] = backdoors
+            for b in backdoors:
+                log.info("backdoor of node %d (target %d): attack success rate %.4f on %d triggered images",
+                         b["node"], b["target"], b["attack_success_rate"], b["num_images"])
     if missing:
         results["missing"] = missing
         nodes = f" of node(s) {missing['nodes']}" if missing.get("nodes") else ""

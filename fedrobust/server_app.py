@@ -28,5 +28,10 @@ def main(grid: Grid, context: Context) -> None:
     load_plugins()
     overrides = shlex.split(str(context.run_config.get("overrides", "")))
     cfg = load_config(overrides)
+    if cfg.deployment.malicious:
+        from .errors import ConfigError
+
+        raise ConfigError("deployment.malicious: cheating nodes are simulated by fedrobust train (engine=inline or "
+                          "simulation) only; a deployed run's ClientApp never cheats")
     run_dir = prepare_run_dir(cfg, str(context.run_config.get("run-dir", "")) or None)
     serve(grid, cfg, run_dir)

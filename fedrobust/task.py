@@ -54,6 +54,7 @@ class ShardSpec:
     num_nodes: int
     alpha: float  # Dirichlet concentration (distributed_dirichlet)
     partition_seed: int
+    server_images: int = 0  # training images the server keeps (drawn first; no node gets them)
 
 
 @dataclass(frozen=True)
@@ -98,7 +99,7 @@ def shard_spec(cfg: DictConfig) -> ShardSpec:
     return ShardSpec(data=str(d.name), root=None if d.root is None else str(d.root),
                      train_subset=None if subset is None else int(subset), val_fraction=float(d.val_fraction),
                      deployment=str(p.name), num_nodes=int(p.num_nodes), alpha=float(p.alpha),
-                     partition_seed=int(p.partition_seed))
+                     partition_seed=int(p.partition_seed), server_images=int(p.server_images))
 
 
 def node_task(cfg: DictConfig) -> NodeTask:
@@ -144,7 +145,7 @@ _TRAIN_TYPES = {"lr": float, "momentum": float, "weight_decay": float, "epochs":
                 "patience": int, "augment": bool, "crop_padding": int, "precision": str}
 _SHARD_TYPES = {"data": (str, False), "root": (str, True), "train_subset": (int, True), "val_fraction": (float, False),
                 "deployment": (str, False), "num_nodes": (int, False), "alpha": (float, False),
-                "partition_seed": (int, False)}
+                "partition_seed": (int, False), "server_images": (int, False)}
 _ARG_TYPES = (bool, int, float, str)
 
 
@@ -202,6 +203,7 @@ def check_task(task: NodeTask) -> None:
     _need(s.num_nodes >= 1, "shard.num_nodes", f"must be >= 1, got {s.num_nodes}")
     _need(0 < s.alpha < math.inf, "shard.alpha", f"must be > 0 and finite, got {s.alpha}")
     _need(s.partition_seed >= 0, "shard.partition_seed", f"must be >= 0, got {s.partition_seed}")
+    _need(s.server_images >= 0, "shard.server_images", f"must be >= 0, got {s.server_images}")
 
     _typed(task.strategy, str, "strategy")
     _need(task.strategy in STRATEGY_SCHEMAS, "strategy", f"unknown strategy '{task.strategy:.60}' (choose from "

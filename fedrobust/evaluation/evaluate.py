@@ -131,8 +131,11 @@ def _evaluation_key(run_dir: Path, cfg: DictConfig, images: Images) -> str:
               if k not in ("cache_dir", "loss_files")}
     for k in ("transfer_loss", "whitebox_loss"):  # a searched loss's expression, not its file's path
         attack[k] = loss_identity(attack[k])
+    rule = cfg.get("ensemble") or {}  # how the members combine changes every figure of the ensemble
+    combine = {"combine": rule.get("combine", "mean_logits"), "trim": rule.get("trim", 1)}
     return content_key({"members": members_digest(run_dir), "attack": attack, "data": cfg.data.name, "split": images.split,
-                        "indices": images.indices.tolist(), "version": 2})
+                        "indices": images.indices.tolist(), "version": 2,
+                        **({"ensemble": combine} if combine["combine"] != "mean_logits" else {})})
 
 
 def _rescore_clean(results: dict, run_dir: Path, target, data: ImageDataset, cfg: DictConfig, split: str,

@@ -18,7 +18,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ..data import dataset_of
-from ..ensemble import LogitAverageEnsemble
+from ..ensemble import Ensemble
 from ..errors import ConfigError
 from ..node import build_member
 
@@ -64,8 +64,10 @@ def load_member(path: Path, model: torch.nn.Module) -> torch.nn.Module:
 
 def load_ensemble(
     run_dir: str | Path, device: torch.device | str = "cpu", cfg: DictConfig | None = None
-) -> LogitAverageEnsemble:
-    """Rebuild a run's ensemble from its member checkpoints (and its config, unless ``cfg`` is given).
+) -> Ensemble:
+    """Rebuild a run's ensemble from its member checkpoints (and its config, unless ``cfg`` is given), combined
+    as ``ensemble.combine`` says (the mean of the logits for a run that predates the setting). Members the
+    server's screening rejected are not among them (they are under ``rejected/``).
 
     A checkpoint that is not a valid member raises :class:`CheckpointError`, naming the file.
     """
@@ -73,7 +75,8 @@ def load_ensemble(
     cfg = cfg if cfg is not None else OmegaConf.load(run_dir / "config.yaml")
     data = dataset_of(cfg)
     members = [load_member(path, build_member(cfg, data)) for path in member_files(run_dir)]
-    return LogitAverageEnsemble(members).to(device)
+    rule = cfg.get("ensemble") or {}
+    return Ensemble(members, combine=rule.get("combine", "mean_logits"), trim=rule.get("trim", 1)).to(device)
 
 
 def member_files(run_dir: Path) -> list[Path]:
