@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from conf import CONF_DIR  # noqa: E402
+from fedrobust.behaviours import BUILT_IN  # noqa: E402
 from fedrobust.config import SECTIONS, Config  # noqa: E402
 from fedrobust.lossearch.settings import LossSearchConfig  # noqa: E402
 from fedrobust.nas.settings import ArchSearchConfig  # noqa: E402
@@ -37,11 +38,13 @@ PAGE = ROOT / "docs" / "reference" / "configuration.md"
 INTRO = {
     "data": "Which data set, where it lives, how each node's shard is split and augmented.",
     "model": "The members' architecture: a hand-made model, or a searched one (`model=searched:PATH`).",
-    "deployment": "How many nodes there are, and how the training set is split between them.",
+    "deployment": "How many nodes there are, how the training set is split between them (and the images the "
+                  "server keeps), and which nodes cheat in a simulation.",
     "strategy": "How each member is trained: its loss. Each strategy has keys of its own (below).",
     "optimizer": "SGD, for every member.",
     "train": "Local training of each member.",
     "engine": "Where the nodes run, and what a run does when one does not answer.",
+    "ensemble": "How the server combines the members, and which members it screens out on its own images.",
     "attack": "The evaluation: which images, which attacks, their budgets and losses.",
     "tune": "A study (`fedrobust tune`): its trials, its sampler (NSGA-II by default), its multi-fidelity scheduler, "
             "the accuracy constraint, the search space.",
@@ -179,6 +182,12 @@ Each section's schema and checks live next to the code that reads it (the module
                 head.append(f"### `strategy={sname}`\n\n" + _table(sschema, "strategy.", skip=("name",)))
         else:
             head.append(_table(schema, f"{name}."))
+        if name == "deployment":
+            head.append("A `deployment.malicious` entry is `{node: N, behaviour: NAME, KEY: VALUE, ...}`, its other "
+                        "keys the behaviour's parameters (`fedrobust/behaviours.py`; plug-ins add theirs):\n")
+            for bname, cls in BUILT_IN.items():
+                fields = _table(cls.Config, "") if dataclasses.fields(cls.Config) else "No parameters.\n"
+                head.append(f"### `behaviour: {bname}`\n\n{(cls.__doc__ or '').strip()}\n\n" + fields)
         presets = _presets(name)
         if presets:
             head.append(presets)

@@ -40,14 +40,14 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("foundation", ["fedrobust", "fedrobust.errors", "fedrobust.lazy", "fedrobust.atomic", "fedrobust.interrupt",
                     "fedrobust.progress", "fedrobust.stats", "fedrobust.views", "fedrobust.redact",
                     "fedrobust.sessions", "fedrobust.rayhead", "fedrobust.rayinit", "fedrobust.augment",
-                    "fedrobust.idx", "fedrobust.ensemble", "conf",
+                    "fedrobust.idx", "fedrobust.ensemble", "fedrobust.ensemble_settings", "conf",
                     "fedrobust.models", "strategies", "fedrobust.evaluation", "fedrobust.tuning"]),
     # what trains and attacks a model, knowing nothing of runs; and each config section's schema, defaults
     # and checks (a *settings module next to the code that reads the section)
     ("core", ["fedrobust.data", "fedrobust.partition", "fedrobust.attacks", "fedrobust.attacks.*",
               "fedrobust.models.*", "fedrobust.nas", "fedrobust.nas.ops", "fedrobust.nas.genotype",
               "fedrobust.nas.network", "fedrobust.nas.supernet", "fedrobust.nas.penalty", "strategies.*",
-              "fedrobust.training", "fedrobust.data_settings", "fedrobust.deployment_settings",
+              "fedrobust.training", "fedrobust.data_settings", "fedrobust.deployment_settings", "fedrobust.behaviours",
               "fedrobust.training_settings", "fedrobust.engine_settings", "fedrobust.evaluation.settings",
               "fedrobust.tuning.settings"]),
     # the whole config: the sections composed, overrides, the plug-ins that add strategies, losses, stages
@@ -60,7 +60,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("runs", ["fedrobust.runs", "fedrobust.runs.*"]),
     # training a run: its directory, the server's rounds, the engines, deployment helpers, output folders
     ("training runs", ["fedrobust.run", "fedrobust.rounds", "fedrobust.engines", "fedrobust.simprocess",
-                       "fedrobust.deploy", "fedrobust.searchdir"]),
+                       "fedrobust.deploy", "fedrobust.searchdir", "fedrobust.screening", "fedrobust.poisoning"]),
     # the searches over a trained run: the attack loss (AutoLoss-AR) and the architecture (AdvRush)
     ("searches", ["fedrobust.lossearch", "fedrobust.lossearch.*", "fedrobust.nas.search", "fedrobust.nas.settings"]),
     # attacking a run; and every section's checks together (the attack section's need the stage registry)

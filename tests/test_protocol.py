@@ -97,7 +97,7 @@ MALFORMED = [
     (_set("task", "strategy", "nosuch"), "strategy: unknown strategy 'nosuch'"),
     (_set("task", "round", 1), "task.round: must be an int in [0, 1)"),
     (_set("task", "num-rounds", 50), "num-rounds: must be in [1, train.epochs=40]"),
-    (_set("task", "version", 2), "task.version: this node reads version 1"),
+    (_set("task", "version", 1), "task.version: this node reads version 2"),
     (_set("task", "device", "tpu"), "device: must be auto, cpu"),
     (_set("task", "threads", 0), "threads: must be >= 1"),
     (_set("task", "config", "{}"), "task.config: unknown field"),
