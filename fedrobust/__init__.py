@@ -1,7 +1,7 @@
 """fedrobust: robust federated ensembles.
 
 Flower clients train ensemble members on their own shards; the server
-assembles them into a :class:`LogitAverageEnsemble`.
+assembles them into an :class:`Ensemble` (by default a :class:`LogitAverageEnsemble`).
 
 The names below are imported on first use (PEP 562), so that the commands
 that need no torch (``fedrobust deploy``, ``--help``, a config error) answer
@@ -14,14 +14,14 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .ensemble import InvalidUpdateError, LogitAverageEnsemble
+    from .ensemble import Ensemble, InvalidUpdateError, LogitAverageEnsemble
     from .runs.members import load_ensemble
     from .training import train_member
 
-__all__ = ["InvalidUpdateError", "LogitAverageEnsemble", "load_ensemble", "train_member"]
+__all__ = ["Ensemble", "InvalidUpdateError", "LogitAverageEnsemble", "load_ensemble", "train_member"]
 __version__ = "0.1.0"
 
-_HOME = {"InvalidUpdateError": ".ensemble", "LogitAverageEnsemble": ".ensemble", "load_ensemble": ".runs.members",
+_HOME = {"Ensemble": ".ensemble", "InvalidUpdateError": ".ensemble", "LogitAverageEnsemble": ".ensemble", "load_ensemble": ".runs.members",
          "train_member": ".training"}
 
 

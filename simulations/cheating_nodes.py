@@ -25,7 +25,8 @@ The protocol, sized for about an hour on 2 cores:
   images; the seeds' spread is given beside it).
 
 Training cells run as Ray tasks two at a time (:func:`fedrobust.tuning.sweep.run_sweep`), each evaluated with the
-default rule; then every other defence is evaluated in this process on the same members (a rule's evaluation
+default rule; then every other defence is evaluated on the same members, a cell's defences in a process of
+its own, two cells at a time (a rule's evaluation
 goes to ``CELL/defence-RULE/``; screening builds ``CELL/defence-screening/`` with the members it keeps). A
 finished cell or defence is skipped, so the same command resumes an interrupted run. At the end it writes
 ``OUT/findings.md`` and ``OUT/cheating.png``; ``--docs DIR`` copies the figure there.
@@ -37,11 +38,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import shutil
 import statistics
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -128,6 +131,13 @@ def _screened_dir(cell_dir: Path, cfg, data) -> tuple[Path, list[dict[str, Any]]
     write_text(out / "config.yaml", OmegaConf.to_yaml(cfg))
     write_json(verdict_file, [v.as_dict() for v in verdicts])
     return out, [v.as_dict() for v in verdicts]
+
+
+def _one_thread() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    setup_logging()
 
 
 def evaluate_defences(cell: Cell, cell_dir: Path, extra: list[str]) -> list[dict[str, Any]]:
@@ -253,12 +263,17 @@ def main(argv: list[str] | None = None) -> int:
     run_sweep("cheating_nodes", todo, out, max_concurrent=args.max_concurrent, progress=sys.stderr.isatty())
     t_train = time.perf_counter() - t0
     rows = []
-    for cell in todo:
-        cell_dir = out.resolve() / "cells" / cell.name
-        if not (cell_dir / "results.json").is_file():
-            continue
-        rows += evaluate_defences(cell, cell_dir, overrides)
-        write_json(out / "rows.json", rows)
+    done = [(c, out.resolve() / "cells" / c.name) for c in todo if (out / "cells" / c.name / "results.json").is_file()]
+    # the defences of each cell in a process of its own, max_concurrent at a time, one torch thread each
+    with ProcessPoolExecutor(args.max_concurrent, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_one_thread) as pool:
+        try:
+            for got in pool.map(evaluate_defences, *zip(*done), [overrides] * len(done)):
+                rows += got
+                write_json(out / "rows.json", rows)
+        except BaseException:
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
     t_all = time.perf_counter() - t0
     honest = [r for r in rows if r["configuration"] == "scale-x1" and r["defence"] == "mean_logits"]
     lines = ["# Nodes that cheat: Fashion-MNIST, 5 nodes", "",
