@@ -16,7 +16,9 @@ rejects a member
   that a member is never rejected for a scale within 2x of the median's at
   the default 5 (a member that multiplies its logits by 100).
 
-A rejected member is dropped as a lost one is: ``engine.on_missing=fail``
+A member whose logits there are not finite (weights that pass the format
+checks can still divide by zero) is rejected too, and left out of the
+medians. A rejected member is dropped as a lost one is: ``engine.on_missing=fail``
 fails the run naming it, ``min_members`` finishes without it. The rules
 are written here: they read a member's outputs on the server's images,
 which parameter-level defences (Flower's FedMedian, Krum, Bulyan) do not
@@ -83,14 +85,18 @@ def screen(models: list[nn.Module], members: list[int], nodes: list[int], x: tor
     for model, m, n in zip(models, members, nodes):
         acc, scale = _figures(model, x, y)
         verdicts.append(Verdict(m, n, acc, scale))
-    accs = np.array([v.accuracy for v in verdicts])
-    logs = np.log(np.maximum([v.logit_scale for v in verdicts], 1e-12))
+    finite = [v for v in verdicts if math.isfinite(v.logit_scale)] or verdicts
+    accs = np.array([v.accuracy for v in finite])
+    logs = np.log(np.maximum([v.logit_scale if math.isfinite(v.logit_scale) else 1.0 for v in verdicts], 1e-12))
     floor = min_accuracy * float(np.median(accs))
-    centre = float(np.median(logs))
-    spread = max(1.4826 * float(np.median(np.abs(logs - centre))), MAD_FLOOR)
+    kept_logs = np.log(np.maximum([v.logit_scale for v in finite], 1e-12))
+    centre = float(np.median(kept_logs))
+    spread = max(1.4826 * float(np.median(np.abs(kept_logs - centre))), MAD_FLOOR)
     for v, log_scale in zip(verdicts, logs):
         ratio = math.exp(log_scale - centre)
-        if v.accuracy < floor:
+        if not math.isfinite(v.logit_scale):
+            v.reason = f"non-finite logits on the server's {len(y)} images"
+        elif v.accuracy < floor:
             v.reason = (f"accuracy {v.accuracy:.3f} on the server's {len(y)} images, below {min_accuracy:g} x the "
                         f"median member's {float(np.median(accs)):.3f}")
         elif abs(log_scale - centre) > max_scale_mads * spread:

@@ -34,7 +34,8 @@ def main(argv: list[str]) -> int:
         from .plugins import load_plugins
         from .run import setup_logging
 
-        load_plugins("strategies", "losses")  # the nodes' strategies; the evaluation runs in the parent
+        # the nodes' strategies and (simulated) behaviours; the evaluation runs in the parent
+        load_plugins("strategies", "losses", "behaviours")
         cfg = config_from_json(sys.stdin.read())
         setup_logging(run_dir)
         simulate_in_process(cfg, run_dir, num_cpus=cpus or None, temp_dir=temp_dir)

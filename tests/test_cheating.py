@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedrobust.behaviours import (Backdoor, BackdoorConfig, Behaviour, LabelFlip, Scale, Trigger, build_behaviour,
+from fedrobust.behaviours import (Backdoor, LabelFlip, Scale, Trigger, build_behaviour,
                                   check_malicious)
 from fedrobust.config import load_config
 from fedrobust.data import load_dataset
@@ -490,10 +490,6 @@ def test_a_rejected_member_fails_the_run_by_default_in_one_line(tmp_path):
     assert not list((run / "members").iterdir())
 
 
-@pytest.mark.xfail(strict=True, reason="library bug: fedrobust/evaluation/evaluate.py (member_ra loop, ~line 294) keys "
-                   "the members' robust accuracies by their position among the loaded members, not by member "
-                   "number: after screening drops members 1 and 3, results.json gets a row for rejected member 1 "
-                   "(holding member 2's figures), member 2 gets member 4's, and member 4 none")
 def test_evaluating_a_screened_run_attributes_robust_accuracies_to_the_kept_members(screened, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(screened, run)
@@ -503,6 +499,36 @@ def test_evaluating_a_screened_run_attributes_robust_accuracies_to_the_kept_memb
     rows = {row["member"]: row for row in _results(run)["members"]}
     assert sorted(rows) == [0, 2, 4]  # no row for a rejected member
     assert all("robust_accuracy" in rows[m] for m in (0, 2, 4))
+    # each row holds its own member's figures: member 4's transfer RA is the one of member_4.pt on its own
+    fates = np.load(run / "fates" / "transfer_pgd.npz")
+    if "members" in fates:  # per-image fates of each loaded member, in member order (0, 2, 4)
+        for k, m in enumerate((0, 2, 4)):
+            assert rows[m]["robust_accuracy"]["transfer_pgd"] == pytest.approx(float(fates["members"][k].mean()))
+
+
+def test_a_trim_that_screening_leaves_too_few_members_for_fails_in_one_line(tmp_path):
+    run = tmp_path / "run"
+    proc = fedrobust(*SCREENED, "engine.on_missing=min_members", "ensemble.combine=trimmed_mean_probs",
+                     "ensemble.trim=2", f"run_dir={run}", cwd=tmp_path)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    errors = _error_lines(proc.stderr)
+    assert len(errors) == 1 and "ensemble.trim=2" in errors[0] and "after screening" in errors[0], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and not (run / "results.json").exists()
+
+
+def test_a_member_with_non_finite_logits_is_rejected_and_left_out_of_the_medians():
+    from fedrobust.screening import screen
+
+    x, y = _server_batch()
+    broken = _Scaled(1.0)
+    broken.linear.weight.data[0, 1] = float("inf")  # finite everywhere else; inf * x gives inf, then NaN stds
+    models = [_Scaled(1.0), _Scaled(1.0), _Scaled(1.9), _Scaled(100.0), broken]
+    verdicts = screen(models, list(range(5)), list(range(5)), x, y, 0.5, 5.0)
+    assert [v.reason is None for v in verdicts] == [True, True, True, False, False]
+    assert "non-finite logits" in verdicts[4].reason
+    # the medians were taken without the broken member: the others' verdicts are those of screening them alone
+    alone = screen(models[:4], list(range(4)), list(range(4)), x, y, 0.5, 5.0)
+    assert [v.reason for v in verdicts[:4]] == [v.reason for v in alone]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -686,10 +712,6 @@ def test_a_plugin_behaviour_is_unknown_without_its_package_and_its_keys_are_type
         assert not run.exists()
 
 
-@pytest.mark.xfail(strict=True, reason="library bug: fedrobust/simprocess.py line 37 loads only the 'strategies' and "
-                   "'losses' plug-in groups, so the simulation child's config check (config_from_json -> "
-                   "check_malicious) does not know a plug-in behaviour the parent accepted: exit 2, "
-                   "'unknown behaviour', after the run directory was created")
 def test_a_plugin_behaviour_runs_on_the_simulation_engine(cheatplug, tmp_path):
     run = tmp_path / "run"
     overrides = [o for o in ZERO_OUT if o != "engine=inline"]
@@ -767,6 +789,15 @@ def test_every_attack_runs_against_the_median_and_the_vote_under_keys_of_their_o
             assert math.isfinite(a["robust_accuracy"]) and 0.0 <= a["robust_accuracy"] <= 1.0, (rule, name, a)
         assert all(math.isfinite(v) for v in r["ensemble"]["robust_accuracy"].values())
         assert math.isfinite(r["ensemble"]["clean_accuracy_sample"])
+        # the rule is recorded, and the clean accuracy on the whole test set is the rule's, not training's
+        assert r["evaluation"]["combine"] == r["ensemble"]["combine"] == r["defence"]["combine"] == rule
+        from fedrobust.runs.members import load_ensemble
+        from fedrobust.training import evaluate_model
+
+        cfg = _load_run(run, [f"ensemble.combine={rule}"])
+        with torch.no_grad():
+            want = evaluate_model(load_ensemble(run, "cpu", cfg), DIGITS.x_test, DIGITS.y_test)[1]
+        assert r["ensemble"]["clean_accuracy"] == pytest.approx(want, abs=1e-6)  # one image is 1/360
         keys[rule] = r["evaluation"]["key"]
     assert keys["median_probs"] != keys["majority_vote"]
     # the key is the one the rule gives, and every rule gives its own (so none is reused for another)

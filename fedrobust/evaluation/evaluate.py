@@ -47,7 +47,7 @@ from ..data import ImageDataset, dataset_of, to_float
 from ..progress import interactive, progress as progress_bar
 from ..runs.cache import content_key
 from ..runs.images import Images, evaluation_images, held_out_images
-from ..runs.members import check_complete, load_ensemble, member_files, members_digest
+from ..runs.members import check_complete, load_ensemble, member_numbers, members_digest
 from ..training import resolve_device
 from ..views import Board
 from ..stats import interval_of
@@ -147,7 +147,7 @@ def _rescore_clean(results: dict, run_dir: Path, target, data: ImageDataset, cfg
     x, y = whole.tensors(data)
     x, y = to_float(x).to(device), y.to(device)
     results["ensemble"]["clean_accuracy"] = accuracy(target, x, y)
-    numbers = [int(p.stem.split("_")[1]) for p in member_files(run_dir)]
+    numbers = member_numbers(run_dir)
     by_member = {m.get("member"): m for m in results.get("members", [])}
     for number, model in zip(numbers, target.members):
         if number in by_member:
@@ -214,6 +214,7 @@ def evaluate_run(run_dir: str | Path, cfg: DictConfig, data: ImageDataset | None
             return previous
     out.mkdir(parents=True, exist_ok=True)
     target = load_ensemble(run_dir, device, cfg)
+    numbers = member_numbers(run_dir)  # a screened run's members need not be 0..M-1
     write_json(out / "eval_sample.json", {"split": images.split, "seed": a.sample_seed,
                                           "indices": images.indices.tolist(), "images": images.describe()["text"]})
     num_members = len(target.members)
@@ -291,30 +292,35 @@ def evaluate_run(run_dir: str | Path, cfg: DictConfig, data: ImageDataset | None
         results["ensemble"].update(ensemble)
         by_member = {m["member"]: m for m in results.get("members", [])}
         n = len(images.indices)
-        for m, ras in enumerate(member_ra):
-            row = by_member.setdefault(m, {"member": m})
+        for k, ras in enumerate(member_ra):  # k: the position among the loaded members; numbers[k] its number
+            row = by_member.setdefault(numbers[k], {"member": numbers[k]})
             row["robust_accuracy"] = ras
             row["robust_accuracy_interval"] = {name: interval_of(ra, n) for name, ra in ras.items()}
-            if m < len(member_unions):
-                row["unions"] = member_unions[m]
+            if k < len(member_unions):
+                row["unions"] = member_unions[k]
         results["members"] = [by_member[k] for k in sorted(by_member)]
         results["evaluation"] = evaluation
         results["attack_config"] = OmegaConf.to_container(cfg.attack, resolve=True)
         # which images each figure was measured on: "evaluation" covers the sample's figures (clean and robust
         # accuracies on the sample, every attack, the members' robust accuracies, TSR, smoothness)
         results.setdefault("images", {})["evaluation"] = images.describe()
-        if results["images"].get("clean_accuracy", {}).get("split", images.split) != images.split:
+        rule = target.combine
+        evaluation["combine"] = rule  # how the members were combined for every figure of the ensemble here
+        if (results["images"].get("clean_accuracy", {}).get("split", images.split) != images.split
+                or results["ensemble"].get("combine", "mean_logits") != rule):
             _rescore_clean(results, run_dir, target, data, cfg, images.split, device)
+        results["ensemble"]["combine"] = rule
+        results.setdefault("defence", {})["combine"] = rule
         write_json(out / "results.json", results)
         partial_path.unlink(missing_ok=True)
         for stale in (out / FATES).glob("*.npz"):  # records of an earlier evaluation with other settings
             if stale.stem not in records and stale.stem != "clean":
                 stale.unlink(missing_ok=True)
-        _tensorboard(board, ensemble, member_ra, merged["histograms"])
+        _tensorboard(board, ensemble, member_ra, merged["histograms"], numbers)
     log.info("evaluation: RA_T (%s) %.4f, RA_Q (%s) %.4f, clean %.4f on the sample; %.1fs",
              a.transfer, ensemble["robust_accuracy"]["transfer"], a.query, ensemble["robust_accuracy"]["query"],
              ensemble["clean_accuracy_sample"], evaluation["total_seconds"])
-    log.info("\n%s", _table(ensemble, member_ra))
+    log.info("\n%s", _table(ensemble, member_ra, numbers))
     log.info("\n%s", _timing_table(evaluation["seconds"], reused))
     return results
 
@@ -331,9 +337,9 @@ def _ci(entry: dict) -> str:
     return f"[{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "-"
 
 
-def _table(ensemble: dict, member_ra: list[dict[str, float]]) -> str:
+def _table(ensemble: dict, member_ra: list[dict[str, float]], numbers: list[int]) -> str:
     names = list(ensemble["attacks"])
-    head = ["attack", "ensemble RA", "95% interval"] + [f"member {m}" for m in range(len(member_ra))]
+    head = ["attack", "ensemble RA", "95% interval"] + [f"member {numbers[k]}" for k in range(len(member_ra))]
     rows = [head]
     for n in names:
         e = ensemble["attacks"][n]
@@ -355,7 +361,8 @@ def _table(ensemble: dict, member_ra: list[dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
-def _tensorboard(board: Board, ensemble: dict, member_ra: list[dict[str, float]], histograms: dict[str, list[float]]) -> None:
+def _tensorboard(board: Board, ensemble: dict, member_ra: list[dict[str, float]], histograms: dict[str, list[float]],
+                 numbers: list[int]) -> None:
     tb = board.writer
     tb.add_scalar("robust_accuracy/transfer", ensemble["robust_accuracy"]["transfer"], 0)
     tb.add_scalar("robust_accuracy/query", ensemble["robust_accuracy"]["query"], 0)
@@ -364,9 +371,9 @@ def _tensorboard(board: Board, ensemble: dict, member_ra: list[dict[str, float]]
         tb.add_scalar(f"attack_asr/{name}", e["asr"], 0)
         if "queries_used" in e:
             tb.add_scalar(f"queries_used/{name}", e["queries_used"]["mean"], 0)
-    for m, ras in enumerate(member_ra):
+    for k, ras in enumerate(member_ra):
         for name, ra in ras.items():
-            tb.add_scalar(f"member_robust_accuracy/{name}_member{m}", ra, 0)
+            tb.add_scalar(f"member_robust_accuracy/{name}_member{numbers[k]}", ra, 0)
     for name, u in ensemble.get("unions", {}).items():
         tb.add_scalar(f"union_ra/{name}", u["robust_accuracy"], 0)
     if "tsr" in ensemble:

@@ -23,7 +23,7 @@ from ..errors import ConfigError
 from ..node import build_member
 
 __all__ = ["INCOMPLETE", "CheckpointError", "check_complete", "load_ensemble", "load_member", "member_files",
-           "members_digest"]
+           "member_numbers", "members_digest"]
 
 # the mark of a run directory whose training has not finished (interrupted, failed or still running)
 INCOMPLETE = "INCOMPLETE"
@@ -88,6 +88,11 @@ def member_files(run_dir: Path) -> list[Path]:
             raise CheckpointError(f"{p}: not a member checkpoint name (expected member_<number>.pt)") from None
 
     return sorted((Path(run_dir) / "members").glob("member_*.pt"), key=number)
+
+
+def member_numbers(run_dir: Path) -> list[int]:
+    """The member numbers of ``members/``, in member order (a screened run's need not be 0..M-1)."""
+    return [int(p.stem.split("_")[1]) for p in member_files(run_dir)]
 
 
 def members_digest(run_dir: Path) -> str:
