@@ -809,3 +809,17 @@ def test_every_attack_runs_against_the_median_and_the_vote_under_keys_of_their_o
         computed[rule] = _evaluation_key(tiny, cfg, evaluation_images(cfg, data))
     assert len(set(computed.values())) == 5
     assert computed["median_probs"] == keys["median_probs"] and computed["majority_vote"] == keys["majority_vote"]
+
+
+def test_a_deployed_run_refuses_cheating_nodes_before_it_writes_anything(tmp_path):
+    from flwr.app import Context, RecordDict
+
+    from fedrobust.errors import ConfigError
+    from fedrobust.server_app import main
+
+    run = tmp_path / "run"
+    ctx = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
+                  run_config={"overrides": "'deployment.malicious=[{node:1,behaviour:scale}]'", "run-dir": str(run)})
+    with pytest.raises(ConfigError, match="deployment.malicious: cheating nodes are simulated"):
+        main(None, ctx)
+    assert not run.exists()
