@@ -193,6 +193,11 @@ def _write_tensorboard(run_dir: Path, cfg: DictConfig, members: list[MemberUpdat
         for m in results["members"]:
             tb.add_scalar(f"member_clean_accuracy/member{m['member']}", m["clean_accuracy"], 0)
         tb.add_scalar("ensemble/clean_accuracy", results["ensemble"]["clean_accuracy"], 0)
+        for b in results.get("backdoor", []):  # simulated cheating nodes (fedrobust.poisoning)
+            tb.add_scalar(f"backdoor/attack_success_rate_node{b['node']}", b["attack_success_rate"], 0)
+        for v in results.get("screening", {}).get("members", []):
+            tb.add_scalar(f"screening/accuracy_member{v['member']}", v["accuracy"], 0)
+            tb.add_scalar(f"screening/logit_scale_member{v['member']}", v["logit_scale"], 0)
         tb.add_text("partition", "```\n" + table + "\n```", 0)
         tb.add_text("config", "```\n" + OmegaConf.to_yaml(redacted(cfg)) + "\n```", 0)
         add_figure(tb, "partition/class_counts", class_mix_figure({u.node: u.class_counts for u in members}))
