@@ -228,10 +228,10 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     labels = list(configurations())
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.2), sharey=False)
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.6), sharey=False, gridspec_kw={"width_ratios": [3, 1]})
     width = 0.8 / len(DEFENCES)
     for ax, key, title in ((axes[0], "ca", "clean accuracy"), (axes[1], "asr", "backdoor success rate")):
-        shown = labels if key == "ca" else [c for c in labels if c.startswith("backdoor") or c == "honest"]
+        shown = labels if key == "ca" else [c for c in labels if c.startswith("backdoor")]
         for j, d in enumerate(DEFENCES):
             means = []
             for c in shown:
@@ -239,10 +239,11 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
                 means.append(statistics.fmean(got) if got else float("nan"))
             ax.bar([i + (j - (len(DEFENCES) - 1) / 2) * width for i in range(len(shown))], means, width, label=d)
         ax.set_xticks(range(len(shown)), shown, rotation=35, ha="right", fontsize=8)
-        ax.set_title(f"Fashion-MNIST, 5 nodes: {title} (mean of 2 seeds)", fontsize=9)
+        ax.set_title(f"{title} (Fashion-MNIST, 5 nodes; mean of 2 seeds)" if key == "ca" else title, fontsize=9)
         ax.set_ylim(0, 1)
-    axes[0].legend(fontsize=7, ncol=2)
-    fig.tight_layout()
+    handles, names = axes[0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="lower center", ncol=len(DEFENCES), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
     save_figure(fig, path, dpi=110)
     plt.close(fig)
 
