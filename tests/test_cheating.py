@@ -1,8 +1,8 @@
 """Nodes that cheat (issue 42): the simulated behaviours, the ensemble's combination rules, the server's
 screening on images of its own, the backdoor figures, and a plug-in behaviour from an installed package.
 
-Unit checks run in this process on hand-made tensors and tiny models. Every run is an inline digits
-run of small MLPs, started from a shell (a subprocess, with ``OMP_NUM_THREADS=1``) where the test is
+Unit checks run in this process on hand-made tensors and tiny models. Every run is a digits run of small
+MLPs (inline, but one on the simulation engine: a plug-in behaviour must reach its ClientApp), started from a shell (a subprocess, with ``OMP_NUM_THREADS=1``) where the test is
 about what a user sees: the exit code, the one line on stderr, the run directory and its results.json.
 """
 
