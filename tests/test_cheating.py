@@ -499,6 +499,14 @@ def test_evaluating_a_screened_run_attributes_robust_accuracies_to_the_kept_memb
     rows = {row["member"]: row for row in _results(run)["members"]}
     assert sorted(rows) == [0, 2, 4]  # no row for a rejected member
     assert all("robust_accuracy" in rows[m] for m in (0, 2, 4))
+    # the report says how the members were combined, whom screening rejected and that the cheats were simulated
+    proc = fedrobust("report", str(run), cwd=tmp_path)
+    _ok(proc)
+    report = (run / "report.md").read_text()
+    assert "Members combined by `mean_logits`." in report
+    assert "Screening on the server's 200 images rejected member 1 (node 1): " in report
+    assert "member 3 (node 3): accuracy" in report
+    assert "**Simulated** cheating nodes: node 1 (scale), node 3 (free_rider)." in report
     # each row holds its own member's figures: member 4's transfer RA is the one of member_4.pt on its own
     fates = np.load(run / "fates" / "transfer_pgd.npz")
     if "members" in fates:  # per-image fates of each loaded member, in member order (0, 2, 4)

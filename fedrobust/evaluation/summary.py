@@ -54,6 +54,27 @@ def _markdown(head: list[str], rows: list[list[str]]) -> list[str]:
             *("| " + " | ".join(r) + " |" for r in rows)]
 
 
+def _defence_lines(results: dict) -> list[str]:
+    """How the members were combined and screened, and what simulated cheating nodes did (docs/cheating.md)."""
+    rule = results.get("evaluation", {}).get("combine") or results.get("ensemble", {}).get("combine")
+    screening, malicious = results.get("screening"), results.get("malicious")
+    if not (screening or malicious or (rule and rule != "mean_logits")):
+        return []
+    lines = ["", f"Members combined by `{rule or 'mean_logits'}`."]
+    if screening:
+        rejected = screening.get("rejected") or [m for m in screening.get("members", []) if not m.get("kept", True)]
+        lines.append(f"Screening on the server's {screening.get('server_images')} images rejected "
+                     + ("; ".join(f"member {r['member']} (node {r['node']}): {r['reason']}" for r in rejected)
+                        if rejected else "no member") + ".")
+    if malicious:
+        lines.append("**Simulated** cheating nodes: " + ", ".join(f"node {n['node']} ({n['behaviour']})"
+                                                                for n in malicious.get("nodes", [])) + ".")
+    for b in results.get("backdoor", []):
+        lines.append(f"Backdoor of node {b['node']} (target {b['target']}): attack success rate "
+                     f"{b['attack_success_rate']:.4f} {_ci(b.get('interval'))} on {b['num_images']} triggered images.")
+    return lines
+
+
 def run_report(run_dir: Path) -> str:
     """``RUN_DIR/report.md``: the run's figures with their intervals and unions; returns the Markdown."""
     run_dir = Path(run_dir)
@@ -83,6 +104,7 @@ def run_report(run_dir: Path) -> str:
                   "union over attacks can be formed. Run `fedrobust evaluate` on it again for the unions."]
     elif not records:
         lines += ["", "The per-image records (`fates/`) are missing; the unions above come from results.json."]
+    lines += _defence_lines(results)
     text = "\n".join(lines) + "\n"
     write_text(run_dir / "report.md", text)
     return text
