@@ -140,7 +140,7 @@ def _one_thread() -> None:
     setup_logging()
 
 
-def evaluate_defences(cell: Cell, cell_dir: Path, extra: list[str]) -> list[dict[str, Any]]:
+def evaluate_defences(cell: Cell, cell_dir: Path) -> list[dict[str, Any]]:
     """One row per defence of ``cell``: clean accuracy (whole test set), attack success rate, RA_T, RA_Q."""
     import torch
 
@@ -269,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     with ProcessPoolExecutor(args.max_concurrent, mp_context=multiprocessing.get_context("spawn"),
                              initializer=_one_thread) as pool:
         try:
-            for got in pool.map(evaluate_defences, *zip(*done), [overrides] * len(done)):
+            for got in pool.map(evaluate_defences, *zip(*done)):
                 rows += got
                 write_json(out / "rows.json", rows)
         except BaseException:
