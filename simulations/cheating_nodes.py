@@ -269,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     with ProcessPoolExecutor(args.max_concurrent, mp_context=multiprocessing.get_context("spawn"),
                              initializer=_one_thread) as pool:
         try:
-            for got in pool.map(evaluate_defences, *zip(*done)):
+            for got in pool.map(evaluate_defences, [c for c, _ in done], [d for _, d in done]):
                 rows += got
                 write_json(out / "rows.json", rows)
         except BaseException:
