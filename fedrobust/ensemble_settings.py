@@ -34,7 +34,7 @@ def check_ensemble(cfg: DictConfig) -> None:
     e = cfg.ensemble
     check(e.combine in COMBINE, "ensemble.combine", f"unknown rule '{e.combine}' (choose from {', '.join(COMBINE)})")
     check(e.trim >= 0, "ensemble.trim", f"must be >= 0, got {e.trim}")
-    n = cfg.deployment.num_nodes if cfg.deployment.name != "centralized" else 1
+    n = cfg.deployment.num_nodes  # members: one per node, or num_nodes on the one node (centralized, deep_ensemble)
     check(e.combine != "trimmed_mean_probs" or 2 * e.trim < n, "ensemble.trim",
           f"trimming {e.trim} member(s) from each side leaves none of the {n} member(s)")
     check(not e.screen or cfg.deployment.server_images > 0, "ensemble.screen",

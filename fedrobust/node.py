@@ -189,8 +189,9 @@ def train_node_round(
     x_va, y_va = data.x_train[shard.val], data.y_train[shard.val]
     class_counts = np.bincount(y_tr.numpy(), minlength=data.num_classes).tolist()  # the shard's, as partitioned
     if behaviour is not None:
-        x_tr, y_tr = behaviour.poison_data(x_tr, y_tr, train=True, seed=member_seed(task.seed, node))
-        x_va, y_va = behaviour.poison_data(x_va, y_va, train=False, seed=member_seed(task.seed, node))
+        seed = member_seed(task.seed, node)
+        x_tr, y_tr = behaviour.poison_data(x_tr, y_tr, train=True, seed=seed)
+        x_va, y_va = behaviour.poison_data(x_va, y_va, train=False, seed=seed)
     own = members_of_node(task, node)
     peer_models = []
     if strategy.needs_peers:

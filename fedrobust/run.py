@@ -313,11 +313,11 @@ def finalize_run(cfg: DictConfig, run_dir: Path, members: list[MemberUpdate], *,
         })
     models = kept_models
     e = cfg.ensemble
-    if e.combine == "trimmed_mean_probs" and len(models) <= 2 * e.trim:
-        raise ScreeningError(f"ensemble.trim={e.trim}: trimming {e.trim} member(s) from each side leaves none of the "
-                             f"{len(models)} member(s) left{' after screening' if rejected else ''}; lower "
-                             f"ensemble.trim or raise engine.min_members to at least {2 * e.trim + 1}")
-    ensemble = Ensemble(models, combine=e.combine, trim=e.trim).to(device)
+    try:
+        ensemble = Ensemble(models, combine=e.combine, trim=e.trim).to(device)
+    except ValueError as exc:  # a trim that leaves none of the members that screening or on_missing left
+        raise ScreeningError(f"ensemble.trim={e.trim}: {exc}{' after screening' if rejected else ''}; lower "
+                             f"ensemble.trim or raise engine.min_members to at least {2 * e.trim + 1}") from None
     _, ens_acc = evaluate_model(ensemble, x_held, y_held)
     results = {
         "ensemble": {"clean_accuracy": ens_acc, "clean_accuracy_interval": interval_of(ens_acc, len(y_held)),

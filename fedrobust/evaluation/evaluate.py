@@ -47,7 +47,7 @@ from ..data import ImageDataset, dataset_of, to_float
 from ..progress import interactive, progress as progress_bar
 from ..runs.cache import content_key
 from ..runs.images import Images, evaluation_images, held_out_images
-from ..runs.members import check_complete, load_ensemble, member_numbers, members_digest
+from ..runs.members import check_complete, ensemble_rule, load_ensemble, member_numbers, members_digest
 from ..training import resolve_device
 from ..views import Board
 from ..stats import interval_of
@@ -131,11 +131,10 @@ def _evaluation_key(run_dir: Path, cfg: DictConfig, images: Images) -> str:
               if k not in ("cache_dir", "loss_files")}
     for k in ("transfer_loss", "whitebox_loss"):  # a searched loss's expression, not its file's path
         attack[k] = loss_identity(attack[k])
-    rule = cfg.get("ensemble") or {}  # how the members combine changes every figure of the ensemble
-    combine = {"combine": rule.get("combine", "mean_logits"), "trim": rule.get("trim", 1)}
+    combine, trim = ensemble_rule(cfg)  # how the members combine changes every figure of the ensemble
     return content_key({"members": members_digest(run_dir), "attack": attack, "data": cfg.data.name, "split": images.split,
                         "indices": images.indices.tolist(), "version": 2,
-                        **({"ensemble": combine} if combine["combine"] != "mean_logits" else {})})
+                        **({"ensemble": {"combine": combine, "trim": trim}} if combine != "mean_logits" else {})})
 
 
 def _rescore_clean(results: dict, run_dir: Path, target, data: ImageDataset, cfg: DictConfig, split: str,

@@ -22,8 +22,8 @@ from ..ensemble import Ensemble
 from ..errors import ConfigError
 from ..node import build_member
 
-__all__ = ["INCOMPLETE", "CheckpointError", "check_complete", "load_ensemble", "load_member", "member_files",
-           "member_numbers", "members_digest"]
+__all__ = ["INCOMPLETE", "CheckpointError", "check_complete", "ensemble_rule", "load_ensemble", "load_member",
+           "member_files", "member_numbers", "members_digest"]
 
 # the mark of a run directory whose training has not finished (interrupted, failed or still running)
 INCOMPLETE = "INCOMPLETE"
@@ -75,8 +75,15 @@ def load_ensemble(
     cfg = cfg if cfg is not None else OmegaConf.load(run_dir / "config.yaml")
     data = dataset_of(cfg)
     members = [load_member(path, build_member(cfg, data)) for path in member_files(run_dir)]
+    combine, trim = ensemble_rule(cfg)
+    return Ensemble(members, combine=combine, trim=trim).to(device)
+
+
+def ensemble_rule(cfg: DictConfig) -> tuple[str, int]:
+    """How a run's members combine: ``ensemble.combine`` and ``ensemble.trim`` (the mean of the logits for a
+    run whose config predates the setting)."""
     rule = cfg.get("ensemble") or {}
-    return Ensemble(members, combine=rule.get("combine", "mean_logits"), trim=rule.get("trim", 1)).to(device)
+    return rule.get("combine", "mean_logits"), rule.get("trim", 1)
 
 
 def member_files(run_dir: Path) -> list[Path]:
