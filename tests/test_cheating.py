@@ -831,3 +831,12 @@ def test_a_deployed_run_refuses_cheating_nodes_before_it_writes_anything(tmp_pat
     with pytest.raises(ConfigError, match="deployment.malicious: cheating nodes are simulated"):
         main(None, ctx)
     assert not run.exists()
+
+
+@pytest.mark.parametrize("deployment", ["centralized", "deep_ensemble", "distributed_iid"])
+def test_the_trim_is_checked_against_the_members_every_deployment_trains(deployment):
+    from fedrobust.errors import ConfigError
+
+    load_config([f"deployment={deployment}", "deployment.num_nodes=3", "ensemble.combine=trimmed_mean_probs"])
+    with pytest.raises(ConfigError, match="leaves none of the 2 member"):
+        load_config([f"deployment={deployment}", "deployment.num_nodes=2", "ensemble.combine=trimmed_mean_probs"])
